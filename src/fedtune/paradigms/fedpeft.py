@@ -1,0 +1,267 @@
+"""FedLLM: federated PEFT (LoRA) with FedAvg and friends, FedProx, and the centralized baseline.
+
+Round r, as the server sees it (`serve`):
+  1. sample ``clients_per_round`` clients and send each the global adapter state;
+  2. each client loads it, trains ``local_steps`` steps on its own data, and
+     replies with its adapter state and ``num_examples`` (`FedPeftClient`);
+  3. validate every reply (keys, shapes, dtypes, finite values), drop the bad
+     ones, aggregate the rest with the strategy, and evaluate every k rounds.
+
+Bytes are the exact encoded sizes of the messages; client compute is measured
+by the client around its real training steps and reported in its reply.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from ..data.tasks import Example, collate
+from ..grid import Grid, is_error
+from ..losses import lm_loss, proximal_term
+from ..meter import ComputeMeter
+from ..progress import Bars
+from ..wire import Message, WireError, check, encoded_size, spec_of
+
+State = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def adapter_state(model) -> State:
+    """A detached copy of the model's trainable adapter state (PEFT key names)."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model, state: State) -> None:
+    """Copy `state` into the model's adapter; missing or unexpected keys are errors, never skipped."""
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise WireError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise WireError(f"adapter state has keys the model lacks: {unexpected[:3]}")
+
+
+@dataclass
+class TrainSettings:
+    """What a client needs to know to train locally (plain values, no config object)."""
+
+    local_steps: int | None
+    local_epochs: float | None
+    batch_size: int
+    lr: float
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    prox_mu: float = 0.0
+    count_flops: bool = True
+
+    def steps_for(self, num_examples: int) -> int:
+        if self.local_steps is not None:
+            return self.local_steps
+        return max(1, math.ceil(self.local_epochs * num_examples / self.batch_size))
+
+
+def make_optimizer(params: list[torch.Tensor], s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
+def batches(examples: list[Example], batch_size: int, steps: int, rng: random.Random):
+    """`steps` batches drawn by walking shuffled epochs of `examples` (a short last batch is skipped)."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < min(batch_size, len(examples)):
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+        take, order = order[:batch_size], order[batch_size:]
+        yield [examples[i] for i in take]
+
+
+class FedPeftClient:
+    """One client: its private examples and the shared model it trains on.
+
+    In simulation every client shares one `PeftModel` (one frozen base in memory);
+    only the adapter values are swapped in, so the model holds nothing between calls
+    that the next client could see.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        model,
+        examples: list[Example],
+        settings: TrainSettings,
+        *,
+        device: torch.device,
+        pad_id: int,
+        seed: int,
+        bars: Bars | None = None,
+        persistent_optimizer: bool = False,
+    ) -> None:
+        if not examples:
+            raise ValueError(f"client {node_id} has no training examples")
+        self.node_id = node_id
+        self.model = model
+        self.examples = examples
+        self.settings = settings
+        self.device = device
+        self.pad_id = pad_id
+        self.seed = seed
+        self.bars = bars or Bars(quiet=True)
+        self.persistent_optimizer = persistent_optimizer
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def __call__(self, msg: Message) -> Message:
+        rnd = int(msg.meta["round"])
+        load_adapter_state(self.model, {k: v.to(self.device) for k, v in msg.tensors.items()})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        anchor = [p.detach().clone() for p in params] if self.settings.prox_mu > 0 else None
+        if self._optimizer is None or not self.persistent_optimizer:
+            self._optimizer = make_optimizer(params, self.settings)
+        opt = self._optimizer
+        steps = self.settings.steps_for(len(self.examples))
+        # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
+        rng = random.Random(hash((self.seed, rnd, self.node_id)) & 0xFFFFFFFF)
+        torch.manual_seed(rng.getrandbits(62))
+        losses: list[float] = []
+        seen = 0
+        self.bars.start("steps", steps, info=f"client {self.node_id}")
+        self.model.train()
+        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops)
+        with meter:
+            for chunk in batches(self.examples, self.settings.batch_size, steps, rng):
+                batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+                loss, _ = lm_loss(self.model, batch)
+                total = loss + proximal_term(params, anchor, self.settings.prox_mu) if anchor is not None else loss
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if self.settings.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
+                opt.step()
+                losses.append(float(loss.detach()))
+                seen += len(chunk)
+                self.bars.advance("steps", info=f"client {self.node_id} loss {losses[-1]:.3f}")
+        self.model.eval()
+        return Message(
+            adapter_state(self.model),
+            {
+                "kind": "fit_res",
+                "round": rnd,
+                "src": self.node_id,
+                "num_examples": len(self.examples),
+                "examples_seen": seen,
+                "steps": len(losses),
+                "train_loss": sum(losses) / len(losses),
+                "train_loss_first": losses[0],
+                "train_loss_last": losses[-1],
+                "flops": meter.flops,
+                "peak_memory_bytes": meter.peak_memory_bytes,
+                "seconds": meter.seconds,
+            },
+        )
+
+
+# --------------------------------------------------------------------------- server side
+
+
+@dataclass
+class ServerHooks:
+    """What the round loop needs from the experiment around it, as plain callables."""
+
+    evaluate: Callable[[State], float]
+    log: Callable[[dict[str, Any]], None]
+    save: Callable[[State, int], None]
+    bars: Bars
+
+
+def serve(
+    grid: Grid,
+    global_state: State,
+    strategy,
+    *,
+    rounds: int,
+    clients_per_round: int,
+    seed: int,
+    eval_every: int,
+    hooks: ServerHooks,
+    min_replies: int = 1,
+    counts_bytes: bool = True,
+) -> tuple[State, list[dict[str, Any]]]:
+    """Run the FedLLM round loop and return the final global state and the evaluations.
+
+    Args:
+        grid: Where the clients are.
+        global_state: The initial adapter state (also the expected shape of every reply).
+        strategy: An object with ``aggregate(global_state, updates) -> state``.
+        rounds: Number of rounds.
+        clients_per_round: Clients sampled (uniformly, seeded) each round.
+        seed: Seed of the client sampling.
+        eval_every: Evaluate every N rounds, and after the last.
+        hooks: Evaluation, logging, checkpointing and progress.
+        min_replies: Fewer valid replies than this keep the previous global state.
+        counts_bytes: False for the centralized baseline, where nothing travels.
+    """
+    expect = spec_of(global_state)
+    nodes = grid.node_ids()
+    sampler = random.Random(seed)
+    evaluations: list[dict[str, Any]] = []
+    hooks.bars.start("rounds", rounds)
+    for rnd in range(1, rounds + 1):
+        chosen = sorted(sampler.sample(nodes, clients_per_round))
+        hooks.bars.start("clients", len(chosen), info=f"round {rnd}")
+        messages = [Message(global_state, {"kind": "fit_ins", "round": rnd, "dst": n}) for n in chosen]
+        down = [encoded_size(m) for m in messages]
+        replies = []
+        # One message at a time so the progress bar moves with each client; a
+        # networked runtime receives the whole list and runs them in parallel.
+        for m in messages:
+            replies.extend(grid.send_and_receive([m]))
+            hooks.bars.advance("clients")
+        updates = []
+        for node, msg_bytes, reply in zip(chosen, down, replies):
+            record: dict[str, Any] = {"type": "client", "round": rnd, "client": node}
+            record["bytes_down"] = msg_bytes if counts_bytes else 0
+            record["bytes_up"] = encoded_size(reply) if counts_bytes else 0
+            if is_error(reply):
+                record.update(status="failed", error=str(reply.meta.get("error", ""))[:500])
+            else:
+                try:
+                    check(reply, expect)
+                    n = float(reply.meta["num_examples"])
+                    if not n > 0:
+                        raise WireError(f"num_examples must be positive, got {n}")
+                except (WireError, KeyError, TypeError, ValueError) as err:
+                    record.update(status="rejected", error=str(err)[:500])
+                else:
+                    updates.append((reply.tensors, n))
+                    record["status"] = "ok"
+                    for key in ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "flops",
+                                "peak_memory_bytes", "seconds", "steps", "examples_seen"):
+                        if key in reply.meta:
+                            record[key] = reply.meta[key]
+            hooks.log(record)
+        aggregated = len(updates) >= min_replies
+        if aggregated:
+            global_state = strategy.aggregate(global_state, updates)
+        hooks.log({"type": "round", "round": rnd, "replies": len(updates), "failed": len(chosen) - len(updates),
+                   "aggregated": aggregated})
+        if rnd % eval_every == 0 or rnd == rounds:
+            score = hooks.evaluate(global_state)
+            evaluations.append({"round": rnd, "accuracy": score})
+            hooks.log({"type": "eval", "round": rnd, "accuracy": score})
+            hooks.bars.print(f"round {rnd}: accuracy {score:.4f} ({len(updates)}/{len(chosen)} clients)")
+        hooks.save(global_state, rnd)
+        hooks.bars.advance("rounds", info=f"acc {evaluations[-1]['accuracy']:.3f}" if evaluations else "")
+    return global_state, evaluations

@@ -1,0 +1,128 @@
+"""Run outputs a person can open: summary.json, plots/*.png, report.md, and the final table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+MB = 1e6
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``."""
+    with open(path / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accuracy, wall_time_s: float):
+    """Run totals computed from the per-client-round records."""
+    clients = [r for r in records if r.get("type") == "client"]
+    ok = [r for r in clients if r.get("status") == "ok"]
+    evals = [r for r in records if r.get("type") == "eval" and r.get("model") != "base"]
+    fed, data = config["federation"], config["data"]
+    metric = data.get("metric") or ("accuracy" if data["task"] == "classification" else "rouge_l")
+    return {
+        "name": config["name"],
+        "paradigm": fed["paradigm"],
+        "strategy": fed["strategy"],
+        "model": config["model"]["name"],
+        "metric": metric,
+        "rounds": fed["rounds"],
+        "num_clients": 1 if fed["paradigm"] == "centralized" else fed["num_clients"],
+        "clients_per_round": 1 if fed["paradigm"] == "centralized" else fed["clients_per_round"],
+        "base_accuracy": base_accuracy,
+        "accuracy": evals[-1]["accuracy"] if evals else None,
+        "accuracy_by_round": {str(r["round"]): r["accuracy"] for r in evals},
+        "bytes_up": sum(r.get("bytes_up", 0) for r in clients),
+        "bytes_down": sum(r.get("bytes_down", 0) for r in clients),
+        "client_flops": sum(r.get("flops", 0) for r in ok),
+        "client_peak_memory_bytes": max((r.get("peak_memory_bytes", 0) for r in ok), default=0),
+        "client_seconds": sum(r.get("seconds", 0.0) for r in ok),
+        "client_rounds": len(clients),
+        "failed_client_rounds": len(clients) - len(ok),
+        "wall_time_s": wall_time_s,
+    }
+
+
+def plot(records: list[dict[str, Any]], out: Path) -> None:
+    """accuracy.png (accuracy vs round) and communication.png (cumulative MB vs round)."""
+    out.mkdir(parents=True, exist_ok=True)
+    evals = [r for r in records if r.get("type") == "eval"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["round"] for r in evals], [r["accuracy"] for r in evals], marker="o")
+    ax.set(xlabel="round (0 = base model)", ylabel="accuracy", title="Global model accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    rounds = sorted({r["round"] for r in records if r.get("type") == "client"})
+    up = down = 0.0
+    cum_up, cum_down = [], []
+    for rnd in rounds:
+        rs = [r for r in records if r.get("type") == "client" and r["round"] == rnd]
+        up += sum(r.get("bytes_up", 0) for r in rs) / MB
+        down += sum(r.get("bytes_down", 0) for r in rs) / MB
+        cum_up.append(up)
+        cum_down.append(down)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(rounds, cum_up, marker="o", label="up (clients -> server)")
+    ax.plot(rounds, cum_down, marker="s", label="down (server -> clients)")
+    ax.set(xlabel="round", ylabel="cumulative MB", title="Communication")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "communication.png", dpi=120)
+    plt.close(fig)
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}"
+
+
+def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("paradigm", f"{s['paradigm']} ({s['strategy']})"),
+        ("base accuracy", _fmt(s["base_accuracy"])),
+        (f"final {s['metric']}", _fmt(s["accuracy"])),
+        ("MB up / down", f"{s['bytes_up'] / MB:.2f} / {s['bytes_down'] / MB:.2f}"),
+        ("client GFLOPs (total)", f"{s['client_flops'] / 1e9:.1f}"),
+        ("client peak memory", f"{s['client_peak_memory_bytes'] / 2**20:.0f} MiB"),
+        ("client time (total)", f"{s['client_seconds']:.1f} s"),
+        ("wall time", f"{s['wall_time_s']:.1f} s"),
+    ]
+
+
+def table(s: dict[str, Any]) -> Table:
+    t = Table(title=f"fedtune run: {s['name']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in summary_rows(s):
+        t.add_row(k, v)
+    return t
+
+
+def write_outputs(path: Path, config, base_accuracy, evaluations, wall_time_s: float, bars) -> dict[str, Any]:
+    """Write summary.json, plots/ and report.md for a finished run, print the table, return the summary."""
+    records = read_metrics(path)
+    s = summarize(records, config.to_dict(), base_accuracy, wall_time_s)
+    (path / "summary.json").write_text(json.dumps(s, indent=2))
+    plot(records, path / "plots")
+    lines = [f"# fedtune run `{s['name']}`", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(s)]
+    lines += ["", "![accuracy](plots/accuracy.png) ![communication](plots/communication.png)", "",
+              "Files: `config.resolved.yaml`, `metrics.jsonl` (one line per client-round and evaluation), "
+              "`summary.json`, `adapter/` (PEFT format).", ""]
+    (path / "report.md").write_text("\n".join(lines))
+    bars.print(table(s))
+    bars.print(f"run folder: {path}")
+    return s

@@ -1,0 +1,111 @@
+"""Server aggregation strategies.
+
+A strategy is a small object with explicit state and one method,
+``aggregate(global_state, updates) -> new_global_state``. Every strategy starts
+from the same example-weighted mean (`weighted_mean`); FedAvgM and FedAdam then
+treat ``global - mean`` as a pseudo-gradient for a server optimizer
+(Reddi et al., "Adaptive Federated Optimization", 2021).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
+    """Weighted mean of tensor dicts with identical keys, computed in float32.
+
+    Args:
+        states: One mapping name -> tensor per client.
+        weights: Non-negative weights (e.g. example counts), not all zero.
+    """
+    if not states:
+        raise ValueError("weighted_mean needs at least one state")
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"weights must be non-negative and not all zero, got {list(weights)}")
+    keys = set(states[0])
+    for s in states[1:]:
+        if set(s) != keys:
+            raise ValueError(f"states have different keys: {sorted(keys ^ set(s))}")
+    out: State = {}
+    for k in states[0]:
+        acc = torch.zeros_like(states[0][k], dtype=torch.float32)
+        for s, w in zip(states, weights):
+            acc.add_(s[k].to(acc.device, torch.float32), alpha=w / total)
+        out[k] = acc
+    return out
+
+
+Update = tuple[Mapping[str, torch.Tensor], float]  # (client state, number of examples)
+
+
+class FedAvg:
+    """FedAvg (McMahan et al., 2017): the new global state is the example-weighted mean."""
+
+    name = "fedavg"
+
+    def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
+        return {k: v.to(global_state[k].dtype) for k, v in mean.items()}
+
+
+class FedAvgM:
+    """FedAvg with server momentum (Hsu et al., 2019): v = beta * v + (w - mean); w -= lr * v."""
+
+    name = "fedavgm"
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+        self.server_lr = server_lr
+        self.momentum = momentum
+        self.velocity: State = {}
+
+    def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
+        new: State = {}
+        for k, w in global_state.items():
+            delta = w.float() - mean[k]
+            v = self.velocity.get(k)
+            v = delta if v is None else v.mul_(self.momentum).add_(delta)
+            self.velocity[k] = v
+            new[k] = (w.float() - self.server_lr * v).to(w.dtype)
+        return new
+
+
+class FedAdam:
+    """FedAdam (Reddi et al., 2021): Adam on the server with the pseudo-gradient mean - w."""
+
+    name = "fedadam"
+
+    def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        self.m: State = {}
+        self.v: State = {}
+
+    def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
+        new: State = {}
+        for k, w in global_state.items():
+            g = mean[k] - w.float()
+            m = self.m.get(k, torch.zeros_like(g)).mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+            v = self.v.get(k, torch.zeros_like(g)).mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            self.m[k], self.v[k] = m, v
+            new[k] = (w.float() + self.server_lr * m / (v.sqrt() + self.tau)).to(w.dtype)
+        return new
+
+
+def make_strategy(name: str, server_lr: float | None, momentum: float):
+    """Build a strategy from its config name (``federation.strategy``); ``server_lr=None`` picks its default."""
+    if name == "fedavg":
+        return FedAvg()
+    if name == "fedavgm":
+        return FedAvgM(server_lr=1.0 if server_lr is None else server_lr, momentum=momentum)
+    if name == "fedadam":
+        return FedAdam(server_lr=1e-3 if server_lr is None else server_lr, beta1=momentum)
+    raise ValueError(f"federation.strategy = {name!r} is not one of fedavg, fedavgm, fedadam")

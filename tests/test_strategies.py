@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune.strategies import FedAdam, FedAvg, FedAvgM, weighted_mean
+
+
+def states(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)} for _ in range(3)]
+
+
+def test_fedavg_equals_hand_computed_weighted_mean():
+    s = states()
+    n = [10.0, 30.0, 60.0]
+    out = FedAvg().aggregate({k: torch.zeros_like(v) for k, v in s[0].items()}, list(zip(s, n)))
+    for k in ("a", "b"):
+        # element by element, written out by hand
+        expected = (10 * s[0][k] + 30 * s[1][k] + 60 * s[2][k]) / 100
+        torch.testing.assert_close(out[k], expected)
+
+
+def test_weighted_mean_rejects_mismatch():
+    s = states()
+    with pytest.raises(ValueError, match="different keys"):
+        weighted_mean([s[0], {"a": s[1]["a"]}], [1, 1])
+    with pytest.raises(ValueError, match="not all zero"):
+        weighted_mean(s, [0, 0, 0])
+
+
+def test_fedavgm_with_zero_momentum_and_unit_lr_is_fedavg():
+    s = states()
+    g = {k: torch.ones_like(v) for k, v in s[0].items()}
+    a = FedAvg().aggregate(g, [(x, 1.0) for x in s])
+    b = FedAvgM(server_lr=1.0, momentum=0.0).aggregate(g, [(x, 1.0) for x in s])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_fedavgm_momentum_accumulates():
+    g = {"w": torch.zeros(2)}
+    target = {"w": torch.ones(2)}  # every client moves to 1
+    m = FedAvgM(server_lr=1.0, momentum=0.5)
+    g1 = m.aggregate(g, [(target, 1.0)])  # v = -1 -> w = 1
+    torch.testing.assert_close(g1["w"], torch.ones(2))
+    g2 = m.aggregate(g1, [(target, 1.0)])  # delta 0, v = -0.5 -> w = 1.5
+    torch.testing.assert_close(g2["w"], torch.full((2,), 1.5))
+
+
+def test_fedadam_first_step_moves_by_lr_in_sign_direction():
+    g = {"w": torch.zeros(3)}
+    upd = {"w": torch.tensor([2.0, -1.0, 0.5])}
+    out = FedAdam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-9).aggregate(g, [(upd, 1.0)])
+    # m = 0.1 g, v = 0.01 g^2 -> m / sqrt(v) = sign(g)
+    torch.testing.assert_close(out["w"], 0.1 * torch.sign(upd["w"]), atol=1e-6, rtol=1e-5)
