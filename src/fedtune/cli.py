@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+import warnings
 
 from . import __version__
 from . import config as cfg
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # peft asks transformers a deprecated question on every save; the warning says nothing to our users.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -320,14 +320,19 @@ def _unknown_key(key: str, allowed: list[str], path: str, where: str) -> ConfigE
     return ConfigError(f"{where}unknown config key {full!r}.{hint} Allowed keys here: {', '.join(sorted(allowed))}.")
 
 
-def from_dict(raw: dict[str, Any], lines: dict[str, str] | None = None) -> Config:
+def from_dict(
+    raw: dict[str, Any], lines: dict[str, str] | None = None, texts: dict[str, str] | None = None
+) -> Config:
     """Build a validated `Config` from a plain dict (e.g. parsed YAML).
 
     Args:
         raw: Nested mapping of sections and keys.
         lines: Optional map from dotted key to "file:line: " used to locate errors.
+        texts: Optional map from dotted key to the unparsed text of a ``--set`` value, used when the
+            YAML reading does not fit a text field (``--set data.prompt={text}`` is a YAML mapping).
     """
     lines = lines or {}
+    texts = texts or {}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -351,7 +356,12 @@ def from_dict(raw: dict[str, Any], lines: dict[str, str] | None = None) -> Confi
                 w = lines.get(path, where)
                 if k not in hints:
                     raise _unknown_key(str(k), list(hints), key, w)
-                sub[k] = _coerce(v, hints[k], path, w)
+                try:
+                    sub[k] = _coerce(v, hints[k], path, w)
+                except ConfigError:
+                    if path not in texts:
+                        raise
+                    sub[k] = _coerce(texts[path], hints[k], path, w)
             kwargs[key] = tp(**sub)
         else:
             kwargs[key] = _coerce(value, tp, key, where)
@@ -432,9 +442,12 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: not valid YAML: {err}") from None
         lines = _key_lines(text, str(p))
     raw = apply_overrides(raw, list(overrides or []))
+    texts: dict[str, str] = {}
     for item in overrides or []:
-        lines[item.partition("=")[0].strip()] = f"--set {item}: "
-    return from_dict(raw, lines)
+        key, _, text = item.partition("=")
+        lines[key.strip()] = f"--set {item}: "
+        texts[key.strip()] = text
+    return from_dict(raw, lines, texts)
 
 
 def to_yaml(config: Config) -> str:

@@ -160,7 +160,7 @@ def load_base(
             torch.manual_seed(1234)
             model = LlamaForCausalLM(cfg)
         model = model.to(torch_dtype)
-        model.config.name_or_path = TINY
+        model.config._name_or_path = TINY
     else:
         source = smollm2_dir() if name == SMOLLM2 else name
         if name != SMOLLM2 and not Path(name).exists() and name.count("/") != 1:
@@ -174,8 +174,8 @@ def load_base(
             )
         except OSError as err:
             raise ValueError(f"model.name = {name!r} could not be loaded: {err}") from None
-        if name == SMOLLM2:
-            model.config.name_or_path = SMOLLM2
+        # Recorded in adapter_config.json as the base to load the adapter onto.
+        model.config._name_or_path = str(source)
     model.to(dev)
     model.eval()
     for p in model.parameters():
@@ -191,5 +191,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def backbone(model: PreTrainedModel) -> torch.nn.Module:
-    """The transformer body (without the LM head) of a causal LM, for any architecture."""
+    """The transformer body (without the LM head) of a causal LM (or of a PEFT model wrapping one)."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel: LoRA layers live inside the wrapped model
+        model = model.get_base_model()
     return getattr(model, model.base_model_prefix)

@@ -1,0 +1,452 @@
+"""Messages on the wire: named tensors plus JSON metadata, encoded as safetensors.
+
+Every message exchanged between a client and the server is one safetensors
+payload. Tensor data goes in the safetensors body; the message metadata (round,
+client id, kind, example counts, metrics, ...) is stored as a single JSON string
+under ``__metadata__["fedtune"]`` in the safetensors header, because safetensors
+only allows a flat ``str -> str`` metadata map.
+
+Security model: nothing here uses pickle (or ``torch.load``). Decoding parses a
+length-prefixed JSON header and copies raw little-endian numbers, so a
+malicious peer can send wrong numbers but never code. ``decode`` additionally
+bounds the payload size and, given an ``expect`` spec, rejects payloads whose
+tensor names, dtypes or shapes differ from what the receiver asked for, or
+whose floating tensors hold NaN/Inf.
+
+``encoded_size`` reproduces the safetensors layout exactly so that traffic can
+be accounted for without serialising (and without copying tensors off a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import safetensors.torch
+import torch
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "Message",
+    "WireError",
+    "decode",
+    "encode",
+    "encoded_size",
+    "spec_of",
+]
+
+DEFAULT_MAX_BYTES: int = 4 * 1024**3
+"""Largest payload ``decode`` accepts unless told otherwise (4 GiB)."""
+
+META_KEY = "fedtune"
+"""Key under the safetensors ``__metadata__`` map that holds the message JSON."""
+
+# safetensors refuses headers longer than this (MAX_HEADER_SIZE in its Rust
+# crate); we check it ourselves so that encode and encoded_size agree.
+_MAX_HEADER_BYTES = 100_000_000
+
+# Length of the little-endian u64 that prefixes the JSON header.
+_PREFIX_BYTES = 8
+
+
+def _dtype_table() -> dict[torch.dtype, tuple[str, int]]:
+    """Map torch dtypes to (safetensors dtype code, layout rank).
+
+    safetensors lays tensors out sorted by its ``Dtype`` enum in *descending*
+    order (the enum is declared in increasing alignment), ties broken by name in
+    ascending byte order. The rank below is the position of each code in that
+    enum as shipped in safetensors 0.8 (verified against the installed build by
+    tests/test_wire.py). Only dtypes that ``safetensors.torch.load`` can read
+    back are listed: F8_E8M0 and F4 are writable but not loadable in 0.8.
+    """
+    ranked = [
+        ("bool", "BOOL"),
+        ("uint8", "U8"),
+        ("int8", "I8"),
+        ("float8_e5m2", "F8_E5M2"),
+        ("float8_e4m3fn", "F8_E4M3"),
+        ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+        ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+        ("int16", "I16"),
+        ("uint16", "U16"),
+        ("float16", "F16"),
+        ("bfloat16", "BF16"),
+        ("int32", "I32"),
+        ("uint32", "U32"),
+        ("float32", "F32"),
+        ("complex64", "C64"),
+        ("float64", "F64"),
+        ("int64", "I64"),
+        ("uint64", "U64"),
+    ]
+    table: dict[torch.dtype, tuple[str, int]] = {}
+    for rank, (torch_name, code) in enumerate(ranked):
+        # Older torch builds lack the unsigned and float8 dtypes.
+        dtype = getattr(torch, torch_name, None)
+        if isinstance(dtype, torch.dtype):
+            table[dtype] = (code, rank)
+    return table
+
+
+_DTYPES = _dtype_table()
+
+
+class WireError(ValueError):
+    """A message could not be encoded, or a received payload was rejected."""
+
+
+@dataclass
+class Message:
+    """Named tensors plus JSON-able metadata, the unit of client/server traffic.
+
+    Attributes:
+        tensors: Tensor name to tensor. Any device; any dtype safetensors can
+            read back (all but float8_e8m0fnu and float4_e2m1fn_x2).
+        meta: JSON-able metadata (str keys; str/int/float/bool/None, lists and
+            dicts thereof). Tuples come back as lists after a round trip.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str | None:
+        """The message kind (``meta["kind"]``), or None when unset."""
+        return self.meta.get("kind")
+
+
+def spec_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Build a ``decode(expect=...)`` spec from reference tensors.
+
+    Args:
+        tensors: Reference tensors, e.g. the receiver's own copy of the state
+            that the peer is supposed to send back.
+
+    Returns:
+        Name to ``(shape, dtype)``.
+    """
+    return {name: (tuple(int(d) for d in t.shape), t.dtype) for name, t in tensors.items()}
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message to safetensors bytes.
+
+    Tensors are detached, moved to the CPU and made contiguous (the message
+    itself is not modified). Tensors sharing storage are copied so that
+    safetensors accepts them.
+
+    Args:
+        msg: The message to encode.
+
+    Returns:
+        The payload; ``len(encode(msg)) == encoded_size(msg)``.
+
+    Raises:
+        WireError: A tensor name, tensor or metadata value cannot be encoded.
+    """
+    meta_json = _meta_json(msg.meta)
+    header, data_len = _header(msg.tensors, meta_json)
+    cpu_tensors = _to_cpu_unshared(msg.tensors)
+    data = safetensors.torch.save(cpu_tensors, metadata={META_KEY: meta_json})
+    # encoded_size depends on reproducing safetensors' header byte for byte;
+    # if a safetensors upgrade changes the layout this trips immediately.
+    assert len(data) == _PREFIX_BYTES + len(header) + data_len, "safetensors layout changed"
+    assert data[_PREFIX_BYTES : _PREFIX_BYTES + len(header)] == header, "safetensors header changed"
+    return data
+
+
+def encoded_size(msg: Message) -> int:
+    """Exact byte length of ``encode(msg)``, without serialising anything.
+
+    Only shapes, dtypes, names and metadata are read, so this is cheap for
+    large messages and never copies tensors off an accelerator.
+
+    Args:
+        msg: The message to measure.
+
+    Returns:
+        ``len(encode(msg))``.
+
+    Raises:
+        WireError: The message cannot be encoded (same checks as ``encode``).
+    """
+    header, data_len = _header(msg.tensors, _meta_json(msg.meta))
+    return _PREFIX_BYTES + len(header) + data_len
+
+
+def decode(
+    data: bytes,
+    *,
+    expect: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    allow_extra: bool = False,
+) -> Message:
+    """Parse and validate a payload received from a peer.
+
+    Checks, in order: payload size, safetensors validity, metadata validity,
+    then (with ``expect``) the tensor name set, each tensor's dtype and shape,
+    and that every floating/complex tensor is finite.
+
+    Args:
+        data: The received payload.
+        expect: Required tensors as name to ``(shape, dtype)``, e.g. from
+            ``spec_of``. None skips the tensor checks.
+        max_bytes: Payloads longer than this are rejected before parsing.
+        allow_extra: Accept (and return) tensors that ``expect`` does not name.
+
+    Returns:
+        The decoded message; tensors are on the CPU and own writable memory.
+
+    Raises:
+        WireError: The payload is oversized, malformed, or does not match
+            ``expect``.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"payload must be bytes, got {type(data).__name__}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise WireError(f"max_bytes must be a positive int, got {max_bytes!r}")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:
+        raise WireError(
+            f"payload is {size} bytes, over the limit of {max_bytes} bytes; "
+            "pass a larger max_bytes if this peer legitimately sends messages this big"
+        )
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises several types (incl. KeyError for unknown dtypes)
+        raise WireError(f"payload is not valid safetensors ({type(exc).__name__}: {exc})") from exc
+    meta = _read_meta(data)
+    if expect is not None:
+        _check_tensors(tensors, expect, allow_extra)
+    return Message(tensors=tensors, meta=meta)
+
+
+def check(
+    msg: Message,
+    expect: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    allow_extra: bool = False,
+) -> Message:
+    """Validate an already-decoded message against ``expect`` (names, dtypes, shapes, finite values).
+
+    ``decode(..., expect=...)`` runs the same checks; servers call this directly
+    so that a runtime which hands messages over without bytes is validated too.
+
+    Raises:
+        WireError: The message does not match ``expect``.
+    """
+    _check_tensors(msg.tensors, expect, allow_extra)
+    return msg
+
+
+# --------------------------------------------------------------------------- #
+# Encoding helpers
+# --------------------------------------------------------------------------- #
+
+
+def _meta_json(meta: Any) -> str:
+    """Validate metadata and serialise it to compact JSON."""
+    if not isinstance(meta, dict):
+        raise WireError(f"Message.meta must be a dict, got {type(meta).__name__}")
+    _check_jsonable(meta, "meta")
+    # ensure_ascii=False keeps the header compact and readable; NaN/Inf are
+    # allowed (Python's json reads them back) because a diverged loss is a
+    # legitimate metric to report.
+    text = json.dumps(meta, ensure_ascii=False, separators=(",", ":"))
+    _check_utf8(text, "Message.meta")
+    return text
+
+
+def _check_jsonable(value: Any, path: str) -> None:
+    """Raise WireError naming the first value that JSON would mangle or reject."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                # json.dumps would silently turn 1 into "1"; refuse rather than
+                # let the round trip change the data.
+                raise WireError(f"{path} has a non-str key {key!r}; metadata dict keys must be str")
+            _check_jsonable(item, f"{path}[{key!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_jsonable(item, f"{path}[{i}]")
+        return
+    raise WireError(
+        f"{path} has type {type(value).__name__}, which is not JSON-able; convert it to "
+        "str/int/float/bool/None or a list/dict of those (e.g. float(x) for numpy scalars, "
+        "send tensors in Message.tensors)"
+    )
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise WireError(f"{what} contains a character that is not valid UTF-8 ({exc.reason}): {text!r:.80}") from exc
+
+
+def _json_str(text: str) -> str:
+    """JSON string literal exactly as serde_json (used by safetensors) writes it.
+
+    Both Python's json (ensure_ascii=False) and serde_json escape only '"',
+    '\\' and U+0000..U+001F (\\b \\t \\n \\f \\r short forms, else a lowercase
+    \\u00xx) and write every other code point as raw UTF-8.
+    """
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, str]]:
+    """Validate tensors and return (name, tensor, dtype code) in safetensors order."""
+    if not isinstance(tensors, Mapping):
+        raise WireError(f"Message.tensors must be a dict of name -> tensor, got {type(tensors).__name__}")
+    rows = []
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise WireError(f"tensor names must be str, got {name!r}")
+        if name == "__metadata__":
+            raise WireError("tensor name '__metadata__' is reserved by safetensors; rename the tensor")
+        _check_utf8(name, "tensor name")
+        if not isinstance(t, torch.Tensor):
+            raise WireError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        if t.layout != torch.strided:
+            raise WireError(f"tensor {name!r} has layout {t.layout}; call .to_dense() before sending")
+        if t.dtype not in _DTYPES:
+            supported = ", ".join(str(d) for d in _DTYPES)
+            raise WireError(f"tensor {name!r} has dtype {t.dtype}, which the wire cannot carry; use one of {supported}")
+        code, rank = _DTYPES[t.dtype]
+        rows.append((rank, name, t, code))
+    # Descending dtype rank, then ascending name. Python compares str by code
+    # point, which is the same order as Rust's byte-wise UTF-8 comparison.
+    rows.sort(key=lambda r: (-r[0], r[1]))
+    return [(name, t, code) for _, name, t, code in rows]
+
+
+def _header(tensors: Mapping[str, torch.Tensor], meta_json: str) -> tuple[bytes, int]:
+    """Rebuild the padded safetensors JSON header; return it and the data length."""
+    parts = ['{"__metadata__":{', _json_str(META_KEY), ":", _json_str(meta_json), "}"]
+    offset = 0
+    for name, t, code in _layout(tensors):
+        nbytes = t.numel() * t.element_size()
+        shape = ",".join(str(int(d)) for d in t.shape)
+        parts.append(
+            f',{_json_str(name)}:{{"dtype":"{code}","shape":[{shape}],"data_offsets":[{offset},{offset + nbytes}]}}'
+        )
+        offset += nbytes
+    parts.append("}")
+    header = "".join(parts).encode("utf-8")
+    # safetensors pads the header with spaces so tensor data starts 8-aligned.
+    header += b" " * (-len(header) % _PREFIX_BYTES)
+    if len(header) > _MAX_HEADER_BYTES:
+        raise WireError(
+            f"safetensors header would be {len(header)} bytes, over safetensors' limit of "
+            f"{_MAX_HEADER_BYTES}; send fewer tensors or less metadata per message"
+        )
+    return header, offset
+
+
+def _to_cpu_unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, dense, contiguous CPU tensors that share no storage."""
+    out: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for name, t in tensors.items():
+        if t.device.type == "meta":
+            raise WireError(f"tensor {name!r} is on the meta device and has no data to send")
+        # resolve_conj/neg: lazy conjugate/negative views would otherwise be
+        # written as their un-negated underlying memory.
+        c = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+        if c.numel() > 0:
+            ptr = c.untyped_storage().data_ptr()
+            if ptr in seen_storage:
+                # safetensors refuses tensors that alias each other (tied
+                # weights, views of one buffer); copy so each owns its bytes.
+                c = c.clone()
+                ptr = c.untyped_storage().data_ptr()
+            seen_storage.add(ptr)
+        out[name] = c
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Decoding helpers
+# --------------------------------------------------------------------------- #
+
+
+def _read_meta(data: bytes) -> dict[str, Any]:
+    """Extract the fedtune metadata from an already-validated safetensors payload."""
+    n = int.from_bytes(data[:_PREFIX_BYTES], "little")
+    try:
+        header = json.loads(data[_PREFIX_BYTES : _PREFIX_BYTES + n])
+    except Exception as exc:  # RecursionError for absurd nesting, ValueError otherwise
+        raise WireError(f"safetensors header is not valid JSON ({type(exc).__name__}: {exc})") from exc
+    st_meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(st_meta, dict) or not isinstance(st_meta.get(META_KEY), str):
+        raise WireError(
+            f"payload is safetensors but not a fedtune message: header lacks __metadata__[{META_KEY!r}]"
+        )
+    try:
+        meta = json.loads(st_meta[META_KEY])
+    except Exception as exc:
+        raise WireError(f"message metadata is not valid JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise WireError(f"message metadata must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _summarise(problems: list[str], limit: int = 5) -> str:
+    shown = "; ".join(problems[:limit])
+    more = len(problems) - limit
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+def _check_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    expect: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    allow_extra: bool,
+) -> None:
+    """Raise WireError unless tensors match the expected names, dtypes, shapes, finiteness."""
+    missing = sorted(set(expect) - set(tensors))
+    extra = sorted(set(tensors) - set(expect))
+    if missing or (extra and not allow_extra):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} expected tensor(s): {_summarise([repr(n) for n in missing])}")
+        if extra and not allow_extra:
+            parts.append(
+                f"{len(extra)} unexpected tensor(s): {_summarise([repr(n) for n in extra])} "
+                "(pass allow_extra=True to accept them)"
+            )
+        raise WireError("received tensors do not match the expected set: " + "; ".join(parts))
+
+    problems = []
+    for name in sorted(expect):
+        shape, dtype = expect[name]
+        got = tensors[name]
+        if got.dtype != dtype:
+            problems.append(f"tensor {name!r}: expected dtype {dtype}, received {got.dtype}")
+        elif tuple(got.shape) != tuple(shape):
+            problems.append(f"tensor {name!r}: expected shape {tuple(shape)}, received {tuple(got.shape)}")
+    if problems:
+        raise WireError("received tensors do not match the expected spec: " + _summarise(problems))
+
+    for name in sorted(tensors):
+        bad = _count_nonfinite(tensors[name])
+        if bad:
+            problems.append(f"tensor {name!r} holds {bad} NaN/Inf value(s) out of {tensors[name].numel()}")
+    if problems:
+        raise WireError("received non-finite numbers: " + _summarise(problems))
+
+
+def _count_nonfinite(t: torch.Tensor) -> int:
+    if not (t.dtype.is_floating_point or t.dtype.is_complex) or t.numel() == 0:
+        return 0
+    if t.element_size() == 1:
+        # isfinite has no kernel for most float8 types; float32 holds them exactly.
+        t = t.to(torch.float32)
+    return int((~torch.isfinite(t)).sum().item())
+

@@ -1,0 +1,136 @@
+"""The FedLLM round loop on tiny-llama: aggregation, bad replies, FedProx."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune import config as cfg
+from fedtune.experiment import attach_lora, prepare_data
+from fedtune.paradigms import fedpeft
+from fedtune.progress import Bars
+from fedtune.runtime.local import LocalGrid
+from fedtune.strategies import FedAvg
+from fedtune.wire import Message
+
+SMALL = ["model.name=tiny-llama", "data.demo_train_size=60", "data.demo_test_size=12", "federation.num_clients=3",
+         "federation.clients_per_round=3", "federation.rounds=1", "train.local_steps=2", "train.batch_size=4",
+         "train.lr=0.01", "eval.base=false"]
+
+
+@pytest.fixture()
+def setup(tiny):
+    base, tok = tiny
+    c = cfg.load(None, SMALL)
+    data = prepare_data(c, tok, Bars(quiet=True))
+    model = attach_lora(base, c.peft, c.seed)
+    yield c, model, tok, data
+    model.unload()
+
+
+def make_client(i, model, tok, data, mu=0.0):
+    s = fedpeft.TrainSettings(local_steps=2, local_epochs=None, batch_size=4, lr=0.01, prox_mu=mu, count_flops=False)
+    return fedpeft.FedPeftClient(i, model, [data.train[j] for j in data.parts[i]], s, device=torch.device("cpu"),
+                                 pad_id=tok.pad_token_id, seed=0)
+
+
+def hooks(log):
+    return fedpeft.ServerHooks(evaluate=lambda s: 0.0, log=log.append, save=lambda s, r: None, bars=Bars(quiet=True))
+
+
+def test_round_aggregate_is_weighted_mean_and_bad_replies_are_skipped(setup):
+    c, model, tok, data = setup
+    init = fedpeft.adapter_state(model)
+    good = {i: make_client(i, model, tok, data) for i in (0, 1)}
+    # Independent computation: what each good client returns for round 1, and the weighted mean by hand.
+    ref = {i: app(Message(init, {"round": 1, "dst": i})) for i, app in good.items()}
+    n = {i: ref[i].meta["num_examples"] for i in good}
+    expected = {k: (n[0] * ref[0].tensors[k] + n[1] * ref[1].tensors[k]) / (n[0] + n[1]) for k in init}
+
+    def nan_client(msg):
+        return Message({k: torch.full_like(v, float("nan")) for k, v in msg.tensors.items()},
+                       {"num_examples": 1000})
+
+    def wrong_shape(msg):
+        return Message({k: v[..., :1].clone() for k, v in msg.tensors.items()}, {"num_examples": 1000})
+
+    def crashing(msg):
+        raise RuntimeError("out of memory on the client")
+
+    def oversize(msg):
+        t = dict(msg.tensors)
+        t["padding"] = torch.zeros(200_000)
+        return Message(t, {"num_examples": 1000})
+
+    apps = {0: good[0], 1: good[1], 2: nan_client, 3: wrong_shape, 4: crashing, 5: oversize}
+    limit = 2 * max(len(v.numpy().tobytes()) for v in init.values()) * len(init)
+    grid = LocalGrid(apps, serialize=True, max_bytes=limit)
+    log: list[dict] = []
+    final, _ = fedpeft.serve(grid, init, FedAvg(), rounds=1, clients_per_round=6, seed=0, eval_every=1,
+                             hooks=hooks(log), min_replies=1)
+    for k in init:
+        torch.testing.assert_close(final[k], expected[k], rtol=1e-6, atol=1e-7)
+    status = {r["client"]: r["status"] for r in log if r["type"] == "client"}
+    assert status == {0: "ok", 1: "ok", 2: "rejected", 3: "rejected", 4: "failed", 5: "failed"}
+    errors = {r["client"]: r.get("error", "") for r in log if r["type"] == "client"}
+    assert "NaN/Inf" in errors[2] and "shape" in errors[3] and "out of memory" in errors[4]
+    assert "over the limit" in errors[5]
+    assert [r for r in log if r["type"] == "round"][0]["replies"] == 2
+
+
+def test_too_few_replies_keep_the_previous_global_state(setup):
+    c, model, tok, data = setup
+    init = fedpeft.adapter_state(model)
+
+    def crashing(msg):
+        raise RuntimeError("boom")
+
+    log: list[dict] = []
+    final, _ = fedpeft.serve(LocalGrid({0: crashing, 1: make_client(1, model, tok, data)}), init, FedAvg(),
+                             rounds=1, clients_per_round=2, seed=0, eval_every=1, hooks=hooks(log), min_replies=2)
+    for k in init:
+        assert torch.equal(final[k], init[k])
+    assert log[-2]["aggregated"] is False
+
+
+def test_bytes_are_the_exact_encoded_sizes(setup):
+    from fedtune.wire import encode
+
+    c, model, tok, data = setup
+    init = fedpeft.adapter_state(model)
+    log: list[dict] = []
+    app = make_client(0, model, tok, data)
+    seen = []
+
+    def recording(msg):
+        reply = app(msg)
+        seen.append((msg, reply))
+        return reply
+
+    fedpeft.serve(LocalGrid({0: recording}, serialize=False), init, FedAvg(), rounds=1, clients_per_round=1, seed=0,
+                  eval_every=1, hooks=hooks(log))
+    rec = [r for r in log if r["type"] == "client"][0]
+    msg, reply = seen[0]
+    assert rec["bytes_down"] == len(encode(msg))
+    assert rec["bytes_up"] == len(encode(reply))
+    # LoRA state is the bulk of it: 4 bytes per float32 value plus a header
+    values = sum(v.numel() for v in init.values())
+    assert 4 * values < rec["bytes_up"] < 4 * values + 20_000
+
+
+def test_fedprox_with_mu_zero_equals_fedavg_and_mu_pulls_towards_global(setup):
+    c, model, tok, data = setup
+    init = fedpeft.adapter_state(model)
+    msg = Message(init, {"round": 1, "dst": 0})
+    plain = make_client(0, model, tok, data, mu=0.0)(msg).tensors
+    prox0 = make_client(0, model, tok, data, mu=0.0)(msg).tensors
+    strong = make_client(0, model, tok, data, mu=100.0)(msg).tensors
+    for k in init:
+        assert torch.equal(plain[k], prox0[k])
+    dist = lambda s: sum(float(((s[k] - init[k]) ** 2).sum()) for k in init)  # noqa: E731
+    assert 0 < dist(strong) < dist(plain)
+
+
+def test_local_epochs_sets_the_number_of_steps():
+    s = fedpeft.TrainSettings(local_steps=None, local_epochs=2.0, batch_size=8, lr=1e-3)
+    assert s.steps_for(20) == 5  # ceil(2 * 20 / 8)
