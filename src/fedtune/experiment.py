@@ -52,7 +52,8 @@ def _load(d: cfg.DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
         return make_demo_task(seed=seed, n_train=d.demo_train_size, n_test=d.demo_test_size)
     records = load_records(d.source, split=d.split)
     if d.test_source:
-        test = load_records(d.test_source, split=d.test_split or "test")
+        default_split = "test" if d.test_source.startswith("hf:") else None
+        test = load_records(d.test_source, split=d.test_split or default_split)
         return records, test
     # Hold out a seeded random fraction: the same seed always gives the same test set.
     order = list(range(len(records)))

@@ -39,8 +39,8 @@ MEMORY_METHODS: dict[str, str] = {
     ),
     "vmhwm": (
         "peak resident set size of the whole process during the block (VmHWM from /proc/self/status, "
-        "reset at block start by writing 5 to /proc/self/clear_refs); includes everything the process "
-        "holds, e.g. model weights loaded before the block"
+        "reset at block start by writing 5 to /proc/self/clear_refs, after glibc's malloc_trim returns freed "
+        "heap to the OS); includes everything the process holds, e.g. model weights loaded before the block"
     ),
     "ru_maxrss": (
         "peak resident set size of the whole process since it started (getrusage ru_maxrss); it cannot "
@@ -134,8 +134,30 @@ def _status_kib(field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so a block's peak RSS starts from the live footprint.
+
+    Without this, memory freed by earlier work (an evaluation pass, another client)
+    stays resident in malloc's free lists and inflates every later block's peak.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _reset_hwm() -> bool:
     """Reset the process's peak RSS to its current RSS; False where not allowed."""
+    _trim_heap()
     try:
         with open(_CLEAR_REFS, "w") as f:
             f.write("5")
