@@ -150,7 +150,15 @@ def load_base(
     if key in _CACHE:
         return _CACHE[key]
     torch_dtype = DTYPES[dtype]
-    tokenizer = load_tokenizer(name)
+    if name not in (SMOLLM2, TINY) and not Path(name).exists() and name.count("/") != 1:
+        raise ValueError(
+            f"model.name = {name!r} is neither a known name ({SMOLLM2}, {TINY}), a local directory, "
+            "nor a Hugging Face id of the form org/name."
+        )
+    try:
+        tokenizer = load_tokenizer(name)
+    except OSError as err:
+        raise ValueError(f"model.name = {name!r}: its tokenizer could not be loaded: {err}") from None
     if name == TINY:
         # Fixed init seed: every process builds the very same "pretrained" tiny model,
         # so a saved adapter reloads onto identical base weights.
@@ -163,11 +171,6 @@ def load_base(
         model.config._name_or_path = TINY
     else:
         source = smollm2_dir() if name == SMOLLM2 else name
-        if name != SMOLLM2 and not Path(name).exists() and name.count("/") != 1:
-            raise ValueError(
-                f"model.name = {name!r} is neither a known name ({SMOLLM2}, {TINY}), a local directory, "
-                "nor a Hugging Face id of the form org/name."
-            )
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype, attn_implementation=attn_implementation
