@@ -24,13 +24,13 @@ from .data.demo import DEMO_LABELS, DEMO_PROMPT, make_demo_task
 from .data.partition import label_histogram, partition_indices, skew
 from .data.sources import load_records, require_fields
 from .data.tasks import ClassificationTask, Example, GenerationTask
+from .context import RunContext
 from .evaluate import evaluate
 from .models import linear_module_names, load_base, resolve_device
 from .paradigms import fedpeft
 from .progress import Bars
 from .report import write_outputs
 from .runtime.local import LocalGrid
-from .strategies import make_strategy
 
 
 # --------------------------------------------------------------------------- data
@@ -209,18 +209,20 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
         model.unload()
 
 
+PARADIGMS = {"fedpeft": fedpeft, "fedprox": fedpeft, "centralized": fedpeft}
+
+
 def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, path: Path, started: float):
-    f, t = c.federation, c.train
     folder = RunFolder(path)
     resolved = cfg.to_yaml(c) + f"# fedtune {__version__}, git commit {git_commit()}\n"
     (path / "config.resolved.yaml").write_text(resolved)
-    pad_id = tokenizer.pad_token_id
 
     def score() -> float:
         return evaluate(model, data.task, data.test[: c.eval.max_examples], batch_size=c.eval.batch_size,
-                        device=device, pad_id=pad_id)
+                        device=device, pad_id=tokenizer.pad_token_id)
 
-    init_state = fedpeft.adapter_state(model)
+    ctx = RunContext(config=c, model=model, tokenizer=tokenizer, data=data, device=device, bars=bars,
+                     log=folder.log, score=score, path=path)
     base_accuracy = None
     if c.eval.base:
         with model.disable_adapter():
@@ -228,44 +230,13 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         folder.log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
         bars.print(f"base model: accuracy {base_accuracy:.4f}")
 
-    settings = fedpeft.TrainSettings(
-        local_steps=t.local_steps, local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
-        optimizer=t.optimizer, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        prox_mu=f.prox_mu if f.paradigm == "fedprox" else 0.0, count_flops=t.count_flops,
-    )
-    centralized = f.paradigm == "centralized"
-    if centralized:
-        # Same budget as the federation: per round, the steps (or examples) all sampled clients would take.
-        share = f.clients_per_round / f.num_clients
-        settings.local_steps = t.local_steps * f.clients_per_round if t.local_steps else None
-        settings.local_epochs = t.local_epochs * share if t.local_epochs else None
-    apps = {
-        i: fedpeft.FedPeftClient(i, model, [data.train[j] for j in part], settings, device=device, pad_id=pad_id,
-                                 seed=c.seed, bars=bars, persistent_optimizer=centralized)
-        for i, part in enumerate(data.parts)
-    }
-    grid = LocalGrid(apps, serialize=f.serialize)
-    strategy = make_strategy(f.strategy, f.server_lr, f.server_momentum)
-
-    def evaluate_state(state):
-        fedpeft.load_adapter_state(model, state)
-        return score()
-
-    def save(state, rnd: int) -> None:
-        fedpeft.load_adapter_state(model, state)
-        model.save_pretrained(path / "adapter")
-
-    hooks = fedpeft.ServerHooks(evaluate=evaluate_state, log=folder.log, save=save, bars=bars)
+    paradigm = PARADIGMS[c.federation.paradigm]
+    # The only place a runtime meets a paradigm: the paradigm makes client apps and a server loop,
+    # the runtime carries the messages between them.
+    grid = LocalGrid(paradigm.make_clients(ctx), serialize=c.federation.serialize)
     try:
         with bars.live():
-            final_state, evaluations = fedpeft.serve(
-                grid, init_state, strategy, rounds=f.rounds,
-                clients_per_round=1 if centralized else f.clients_per_round, seed=c.seed,
-                eval_every=c.eval.every, hooks=hooks, min_replies=1 if centralized else f.min_replies,
-                counts_bytes=not centralized,
-            )
+            evaluations = paradigm.run_server(ctx, grid)
     finally:
         folder.close()
-    fedpeft.load_adapter_state(model, final_state)
-    summary = write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
-    return summary
+    return write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)

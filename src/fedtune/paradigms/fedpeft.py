@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+from ..context import RunContext
 from ..data.tasks import Example, collate
 from ..grid import Grid, is_error
 from ..losses import lm_loss, proximal_term
 from ..meter import ComputeMeter
 from ..progress import Bars
+from ..strategies import make_strategy
 from ..wire import Message, WireError, check, encoded_size, spec_of
 
 State = dict[str, torch.Tensor]
@@ -265,3 +267,56 @@ def serve(
         hooks.save(global_state, rnd)
         hooks.bars.advance("rounds", info=f"acc {evaluations[-1]['accuracy']:.3f}" if evaluations else "")
     return global_state, evaluations
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def settings_from(ctx: RunContext) -> TrainSettings:
+    c = ctx.config
+    f, t = c.federation, c.train
+    s = TrainSettings(
+        local_steps=t.local_steps, local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+        optimizer=t.optimizer, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        prox_mu=f.prox_mu if f.paradigm == "fedprox" else 0.0, count_flops=t.count_flops,
+    )
+    if f.paradigm == "centralized":
+        # Same budget as the federation: per round, the steps (or examples) all sampled clients would take.
+        s.local_steps = t.local_steps * f.clients_per_round if t.local_steps else None
+        s.local_epochs = t.local_epochs * f.clients_per_round / f.num_clients if t.local_epochs else None
+    return s
+
+
+def make_clients(ctx: RunContext) -> dict[int, FedPeftClient]:
+    """One client app per partition (a single one holding all data for the centralized baseline)."""
+    settings = settings_from(ctx)
+    centralized = ctx.config.federation.paradigm == "centralized"
+    return {
+        i: FedPeftClient(i, ctx.model, ctx.client_examples(i), settings, device=ctx.device, pad_id=ctx.pad_id,
+                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized)
+        for i in range(len(ctx.data.parts))
+    }
+
+
+def run_server(ctx: RunContext, grid: Grid) -> list[dict[str, Any]]:
+    """The server side of a whole run; leaves the final global adapter in ``ctx.model`` and on disk."""
+    f = ctx.config.federation
+    centralized = f.paradigm == "centralized"
+
+    def evaluate_state(state: State) -> float:
+        load_adapter_state(ctx.model, state)
+        return ctx.score()
+
+    def save(state: State, rnd: int) -> None:
+        load_adapter_state(ctx.model, state)
+        ctx.save_adapter()
+
+    hooks = ServerHooks(evaluate=evaluate_state, log=ctx.log, save=save, bars=ctx.bars)
+    final, evaluations = serve(
+        grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum),
+        rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
+        eval_every=ctx.config.eval.every, hooks=hooks, min_replies=1 if centralized else f.min_replies,
+        counts_bytes=not centralized,
+    )
+    load_adapter_state(ctx.model, final)
+    return evaluations
