@@ -25,7 +25,7 @@ class ConfigError(ValueError):
     """A user mistake in a config file or an override."""
 
 
-PARADIGMS = ("fedpeft", "fedprox", "centralized")
+PARADIGMS = ("fedpeft", "fedprox", "centralized", "kd", "split")
 STRATEGIES = ("fedavg", "fedavgm", "fedadam")
 PARTITIONS = ("iid", "dirichlet", "by_field", "quantity")
 TASKS = ("classification", "generation")
@@ -88,8 +88,8 @@ class DataConfig:
 
 @dataclass
 class FederationConfig:
-    paradigm: Literal["fedpeft", "fedprox", "centralized"] = "fedpeft"
-    """`fedpeft` (LoRA + FedAvg), `fedprox` (adds the proximal term `prox_mu` on clients), `centralized` (all data on one client, same step budget)."""
+    paradigm: Literal["fedpeft", "fedprox", "centralized", "kd", "split"] = "fedpeft"
+    """`fedpeft` (LoRA + FedAvg), `fedprox` (adds the proximal term `prox_mu` on clients), `centralized` (all data on one client, same step budget), `kd` (logits on a public set, see the kd section), `split` (model cut at split.cut_layer, see the split section)."""
     num_clients: int = 10
     clients_per_round: int = 5
     rounds: int = 5
@@ -132,6 +132,37 @@ class PeftConfig:
 
 
 @dataclass
+class KDConfig:
+    public_source: str | None = None
+    """File of public (unlabeled) prompts known to server and clients; when unset, `public_fraction` of the training rows is held back from every client and its labels dropped."""
+    public_fraction: float = 0.1
+    public_size: int | None = 200
+    """At most this many public prompts (null: all)."""
+    top_k: int = 8
+    """Generation tasks: logits travel as the top-k token ids and fp16 values per position."""
+    full_logits: bool = False
+    """Generation tasks: send full-vocabulary logits instead of top-k (to show the cost of not compressing)."""
+    temperature: float = 1.0
+    """Softmax temperature of the soft labels and the distillation loss."""
+    distill_steps: int = 4
+    """Client steps distilling toward the server's soft labels each round (before private training)."""
+    server_steps: int = 10
+    """Server steps distilling the aggregated soft labels into the global model each round."""
+    client_model: str | None = None
+    """A different (e.g. smaller) client model with the same tokenizer; default: the server's model."""
+
+
+@dataclass
+class SplitConfig:
+    cut_layer: int | None = None
+    """Clients hold the embeddings and blocks [0, c); the server blocks [c, L), the norm and the head (default L // 2)."""
+    u_shaped: bool = False
+    """Keep the head and the labels on the client: the server returns its top activations and receives their gradients."""
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the activations and gradients on the wire."""
+
+
+@dataclass
 class EvalConfig:
     every: int = 1
     """Evaluate the global model every N rounds (and always after the last)."""
@@ -151,6 +182,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -226,6 +259,19 @@ def validate(c: Config) -> None:
     if d.task == "classification" and d.source != "demo" and not d.label_words:
         _fail("data.label_words", d.label_words, "a list of label words or a mapping raw label -> word",
               "Classification on your own data needs the words the model should answer with.")
+    k = c.kd
+    for path, v in [("kd.top_k", k.top_k), ("kd.distill_steps", k.distill_steps + 1), ("kd.server_steps", k.server_steps + 1)]:
+        if v < 1:
+            _fail(path, v, "a positive integer (steps may be 0)")
+    if k.public_size is not None and k.public_size < 1:
+        _fail("kd.public_size", k.public_size, "a positive integer or null",
+              "An empty public set leaves nothing to distil on.")
+    if not 0 < k.public_fraction < 1:
+        _fail("kd.public_fraction", k.public_fraction, "a number strictly between 0 and 1")
+    if not k.temperature > 0:
+        _fail("kd.temperature", k.temperature, "a positive number")
+    if c.split.cut_layer is not None and c.split.cut_layer < 1:
+        _fail("split.cut_layer", c.split.cut_layer, "an integer with 1 <= cut_layer < number of layers")
     if e.max_examples is not None and e.max_examples < 1:
         _fail("eval.max_examples", e.max_examples, "a positive integer or null")
 

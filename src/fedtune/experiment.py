@@ -6,11 +6,12 @@ This file wires the layers together (data -> model -> paradigm over a runtime
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from .data.tasks import ClassificationTask, Example, GenerationTask
 from .context import RunContext
 from .evaluate import evaluate
 from .models import linear_module_names, load_base, resolve_device
-from .paradigms import fedpeft
 from .progress import Bars
 from .report import write_outputs
 from .runtime.local import LocalGrid
@@ -45,6 +45,7 @@ class Prepared:
     test: list[Example]
     parts: list[list[int]]
     keys: list[str]  # the value each train example was partitioned on
+    public: list[Example] = field(default_factory=list)  # KD: unlabeled prompts known to everyone
 
 
 def _load(d: cfg.DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -99,6 +100,10 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
     require_fields(train_rows, needed, d.source)
     require_fields(test_rows, needed, d.test_source or d.source)
 
+    public: list[Example] = []
+    if c.federation.paradigm == "kd":
+        train_rows, public = _public_set(c, task, train_rows)
+
     def encode(rows: list[dict], source: str) -> list[Example]:
         return [task.encode(r, target_field, where=f"{source} row {i + 1}") for i, r in enumerate(rows)]
 
@@ -118,7 +123,29 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
         bars.print(label_histogram(parts, keys))
         bars.print(f"partition {d.partition}: {len(train)} train examples over {num_clients} clients, "
                    f"skew {skew(parts, keys):.3f} (0 = IID); {len(test)} test examples")
-    return Prepared(task, train, test, parts, keys)
+    return Prepared(task, train, test, parts, keys, public)
+
+
+def _public_set(c: cfg.Config, task, train_rows: list[dict]) -> tuple[list[dict], list[Example]]:
+    """KD's public prompts: a separate file, or a seeded fraction of the training rows held back (labels dropped)."""
+    k = c.kd
+    if k.public_source:
+        rows = load_records(k.public_source)
+        require_fields(rows, task.fields, k.public_source)
+    else:
+        order = list(range(len(train_rows)))
+        random.Random(c.seed + 1).shuffle(order)
+        held = set(order[: int(len(train_rows) * k.public_fraction)])
+        rows = [train_rows[i] for i in sorted(held)]
+        train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+    if k.public_size:
+        rows = rows[: k.public_size]
+    if not rows:
+        raise ValueError(
+            f"the KD public set is empty ({k.public_source or f'kd.public_fraction = {k.public_fraction}'}): "
+            "give kd.public_source a file with rows, or raise kd.public_fraction."
+        )
+    return train_rows, [task.encode_prompt({f: r[f] for f in task.fields}) for r in rows]
 
 
 # --------------------------------------------------------------------------- model
@@ -209,7 +236,8 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
         model.unload()
 
 
-PARADIGMS = {"fedpeft": fedpeft, "fedprox": fedpeft, "centralized": fedpeft}
+# federation.paradigm -> module under fedtune.paradigms (each has make_clients and run_server)
+PARADIGMS = {"fedpeft": "fedpeft", "fedprox": "fedpeft", "centralized": "fedpeft", "kd": "kd", "split": "split"}
 
 
 def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, path: Path, started: float):
@@ -230,7 +258,7 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         folder.log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
         bars.print(f"base model: accuracy {base_accuracy:.4f}")
 
-    paradigm = PARADIGMS[c.federation.paradigm]
+    paradigm = importlib.import_module(f"fedtune.paradigms.{PARADIGMS[c.federation.paradigm]}")
     # The only place a runtime meets a paradigm: the paradigm makes client apps and a server loop,
     # the runtime carries the messages between them.
     grid = LocalGrid(paradigm.make_clients(ctx), serialize=c.federation.serialize)

@@ -45,6 +45,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
         "client_flops": sum(r.get("flops", 0) for r in ok),
         "client_peak_memory_bytes": max((r.get("peak_memory_bytes", 0) for r in ok), default=0),
         "client_seconds": sum(r.get("seconds", 0.0) for r in ok),
+        "server_flops": sum(r.get("flops", 0) for r in records if r.get("type") == "server"),
         "client_rounds": len(clients),
         "failed_client_rounds": len(clients) - len(ok),
         "wall_time_s": wall_time_s,

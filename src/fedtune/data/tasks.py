@@ -66,6 +66,10 @@ class Task:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
 
+    def encode_prompt(self, record: dict[str, Any]) -> Example:
+        """The prompt alone, with no target (a public, unlabeled example for distillation)."""
+        return Example(self._ids(self.prompt_text(record))[-self.max_length :], [])
+
     def _fit(self, prompt_ids: list[int], target_ids: list[int]) -> tuple[list[int], list[int]]:
         # Keep the end of the prompt: the question and the answer position matter more than its start.
         room = self.max_length - len(target_ids)
