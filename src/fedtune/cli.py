@@ -60,6 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
     r.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     r.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+    cp = sub.add_parser(
+        "compare",
+        help="run the same experiment under several frameworks (and a sweep) and compare them",
+        description="Run CONFIG under each framework with the same model, data, partition, seed and round "
+        "budget (optionally over a sweep of one or two keys) and write comparison.json, comparison.md and "
+        "plots/ (accuracy per round, accuracy vs communication, client compute vs accuracy).",
+        epilog="Example: fedtune compare examples/quickstart-tiny.yaml --paradigms fedpeft,split "
+        "--sweep peft.r=4,8 --out runs/cmp",
+    )
+    cp.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
+    cp.add_argument("--paradigms", default="fedpeft,kd,split",
+                    help="comma-separated frameworks (default fedpeft,kd,split; also fedprox, centralized)")
+    cp.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                    help="sweep one config key over values (repeat for a second key), e.g. peft.r=4,8,16")
+    cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one config value for every run (repeatable)")
+    cp.add_argument("--out", default="runs/compare", help="comparison folder (default runs/compare)")
+    cp.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    cp.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
 
 
@@ -77,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
             config = cfg.load(args.config, args.overrides)
             run(config, out=args.out, quiet=args.quiet)
+        elif args.command == "compare":
+            from .compare import compare
+
+            compare(args.config, overrides=args.overrides, paradigms=[p.strip() for p in args.paradigms.split(",")],
+                    sweep=args.sweep, out=args.out, quiet=args.quiet)
         return 0
     except (ValueError, FileNotFoundError) as err:
         if getattr(args, "debug", False):
