@@ -9,6 +9,7 @@ import transformers
 
 from fedtune import meter as meter_mod
 from fedtune.meter import ComputeMeter
+from fedtune.models import tiny_llama_config
 
 MiB = 1024**2
 CUDA = torch.cuda.is_available()
@@ -16,14 +17,7 @@ CUDA = torch.cuda.is_available()
 
 def _tiny_llama(attn: str, device: str = "cpu") -> transformers.PreTrainedModel:
     # Grouped-query attention like SmolLM2: 4 query heads share 2 key/value heads.
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    )
+    cfg = tiny_llama_config(vocab_size=256)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(device)
 
