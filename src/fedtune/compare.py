@@ -45,7 +45,7 @@ def plan(config_path: str | None, overrides: list[str], paradigms: list[str], sw
         if p not in cfg.PARADIGMS:
             raise cfg.ConfigError(f"--paradigms: {p!r} is not one of {', '.join(cfg.PARADIGMS)}.")
     runs = []
-    grids = [[(k, v) for v in vs] for k, vs in sweep] or [[]]
+    grids = [[(k, v) for v in vs] for k, vs in sweep]  # no sweep: product() yields one empty point
     for point in itertools.product(*grids):
         for p in paradigms:
             sets = [f"federation.paradigm={p}"] + [f"{k}={json.dumps(v)}" for k, v in point]

@@ -261,8 +261,8 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
     paradigm = importlib.import_module(f"fedtune.paradigms.{PARADIGMS[c.federation.paradigm]}")
     # The only place a runtime meets a paradigm: the paradigm makes client apps and a server loop,
     # the runtime carries the messages between them.
-    grid = LocalGrid(paradigm.make_clients(ctx), serialize=c.federation.serialize)
     try:
+        grid = LocalGrid(paradigm.make_clients(ctx), serialize=c.federation.serialize)
         with bars.live():
             evaluations = paradigm.run_server(ctx, grid)
     finally:

@@ -1,0 +1,554 @@
+"""KD-FedLLM: federated knowledge distillation on a public set of unlabeled prompts.
+
+Round r, as the server sees it (`serve`):
+  1. sample ``clients_per_round`` clients and send each the soft labels aggregated in the
+     previous round (nothing in round 1);
+  2. each client, on its own persistent LoRA adapter (clients never receive weights), distils
+     toward the soft labels for ``kd.distill_steps`` steps, trains ``train.local_steps`` steps on
+     its private data (the FedLLM loss), then replies with its compressed logits on the public set
+     and ``num_examples`` (`KDClient`);
+  3. validate every reply, turn the logits into probabilities at temperature ``kd.temperature``,
+     take their example-weighted mean (`distill.aggregate_dense` / `distill.aggregate_topk`),
+     distil that into the global adapter for ``kd.server_steps`` steps, keep it as the next
+     round's soft labels, and evaluate every k rounds.
+
+What travels (`PublicSet`), one row per "position":
+  * classification: the logits of the label words' first tokens at the last prompt position,
+    one row per public prompt: ``logits`` (P, labels) float16.
+  * generation: the next-token logits at every position of every public prompt *after the prefix
+    all public prompts share* (the chat template's system turn and the fixed part of the prompt
+    template: a causal model's logits there are the same for every prompt, so they carry nothing).
+    Prompt i of length n_i contributes positions ``min(c, n_i - 1) .. n_i - 1``, c being the length
+    of the common prefix; the last one predicts the first response token. Rows are prompt by
+    prompt, position by position. Top-k: ``ids`` (N, k) int32 and ``values`` (N, k) float16; with
+    ``kd.full_logits``: ``logits`` (N, vocab) float16.
+  * down (from round 2): ``probs`` float16 of the same rows, plus for top-k the ``ids`` (int32) of
+    the union of the clients' top-k, padded with probability 0 to the widest row.
+A client's top-k stands for ``softmax(values / T)`` over its k ids: it gives probability 0 to every
+other id (the mass outside its top-k is dropped and the rest renormalized). Bytes are the exact
+encoded sizes of these messages; they grow with the public set and k, not with the model.
+
+Clients may hold a different model (``kd.client_model``) with the same tokenizer; logits are
+compared over the tokenizer's ids ``0 .. len(tokenizer) - 1`` (embedding rows past it are padding).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import distill
+from ..context import RunContext
+from ..data.tasks import Example, collate
+from ..experiment import attach_lora
+from ..grid import Grid, is_error
+from ..losses import hidden_states, label_scores, lm_loss
+from ..meter import ComputeMeter
+from ..models import load_base, load_tokenizer
+from ..progress import Bars
+from ..wire import Message, WireError, check, encoded_size, spec_of
+from .fedpeft import (
+    ServerHooks,
+    State,
+    TrainSettings,
+    adapter_state,
+    batches,
+    load_adapter_state,
+    make_optimizer,
+    settings_from,
+)
+
+SoftLabels = dict[str, torch.Tensor]  # "probs" (rows, width) float32, plus "ids" (rows, width) int64 for top-k
+
+
+# --------------------------------------------------------------------------- the public set
+
+
+def distill_spans(public: list[Example]) -> list[tuple[int, int]]:
+    """For each public prompt, the positions ``[start, end)`` whose next-token logits travel (generation).
+
+    Positions inside the prefix that all public prompts share are skipped (their logits do not depend on
+    the prompt); every prompt keeps at least its last position, which predicts the first response token.
+    """
+    first = public[0].prompt_ids
+    common = len(first)
+    for e in public[1:]:
+        n = 0
+        for a, b in zip(first, e.prompt_ids):
+            if a != b:
+                break
+            n += 1
+        common = min(common, n)
+    return [(min(common, len(e.prompt_ids) - 1), len(e.prompt_ids)) for e in public]
+
+
+@dataclass
+class PublicSet:
+    """The public prompts and the logits KD computes and exchanges on them (shared by server and clients).
+
+    Attributes:
+        examples: The prompts (no targets).
+        mode: ``labels`` (classification), ``topk`` or ``full`` (generation).
+        label_ids: ``labels``: the label words' first token ids.
+        spans: ``topk``/``full``: per prompt, the positions that travel (`distill_spans`).
+        vocab: Logits are compared over ids ``0 .. vocab - 1`` (the tokenizer's length).
+        top_k: ``topk``: ids kept per position.
+        temperature: Of the soft labels and of the loss.
+        batch_size: Prompts per forward pass and per distillation step.
+        pad_id: Padding token.
+    """
+
+    examples: list[Example]
+    mode: str
+    label_ids: list[int]
+    spans: list[tuple[int, int]]
+    vocab: int
+    top_k: int
+    temperature: float
+    batch_size: int
+    pad_id: int
+
+    def __post_init__(self) -> None:
+        sizes = [1] * len(self.examples) if self.mode == "labels" else [e - s for s, e in self.spans]
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + n)
+
+    @property
+    def rows(self) -> int:
+        """Rows of every logits tensor: prompts (classification) or positions (generation)."""
+        return self.offsets[-1]
+
+    @property
+    def width(self) -> int:
+        return {"labels": len(self.label_ids), "topk": self.top_k, "full": self.vocab}[self.mode]
+
+    def rows_of(self, idx: list[int]) -> torch.Tensor:
+        """The rows that belong to prompts `idx`, in the order `student_logits` returns them."""
+        return torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+
+    def student_logits(self, model, idx: list[int], device: torch.device) -> torch.Tensor:
+        """Logits of prompts `idx` (float32, differentiable): (rows, labels) or (rows, vocab)."""
+        batch = {k: v.to(device) for k, v in collate([self.examples[i] for i in idx], self.pad_id,
+                                                     with_target=False).items()}
+        if self.mode == "labels":
+            return label_scores(model, batch, self.label_ids)
+        h = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        b = torch.cat([torch.full((self.spans[i][1] - self.spans[i][0],), j) for j, i in enumerate(idx)])
+        t = torch.cat([torch.arange(*self.spans[i]) for i in idx])
+        # The LM head runs only on the positions that travel (as in losses.lm_loss_from_hidden).
+        return model.get_output_embeddings()(h[b.to(device), t.to(device)]).float()[:, : self.vocab]
+
+    @torch.no_grad()
+    def reply_tensors(self, model, device: torch.device) -> dict[str, torch.Tensor]:
+        """What a client sends up: its compressed logits on the whole public set."""
+        was_training = model.training
+        model.eval()
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for start in range(0, len(self.examples), self.batch_size):
+            logits = self.student_logits(model, list(range(start, min(start + self.batch_size,
+                                                                       len(self.examples)))), device)
+            parts.append(distill.topk_compress(logits, self.top_k) if self.mode == "topk" else (logits.half(),))
+        model.train(was_training)
+        if self.mode == "topk":
+            return {"ids": torch.cat([p[0] for p in parts]), "values": torch.cat([p[1] for p in parts])}
+        return {"logits": torch.cat([p[0] for p in parts])}
+
+    def reply_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The names, shapes and dtypes a client's reply must have."""
+        if self.mode == "topk":
+            return {"ids": ((self.rows, self.top_k), torch.int32), "values": ((self.rows, self.top_k), torch.float16)}
+        return {"logits": ((self.rows, self.width), torch.float16)}
+
+    def check_reply(self, reply: Message) -> None:
+        """Names, shapes, dtypes, finite values (`wire.check`) and, for top-k, ids inside the vocabulary."""
+        check(reply, self.reply_spec())
+        if self.mode == "topk":
+            ids = reply.tensors["ids"]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
+                raise WireError(f"top-k ids must lie in [0, {self.vocab}), got [{int(ids.min())}, {int(ids.max())}]")
+
+    def soft_labels(self, updates: list[tuple[dict[str, torch.Tensor], float]], device: torch.device) -> SoftLabels:
+        """Example-weighted mean of the clients' probabilities at temperature T (float32, on `device`)."""
+        weights = [n for _, n in updates]
+        T = self.temperature
+        if self.mode == "topk":
+            ids, probs = distill.aggregate_topk(
+                [(t["ids"].to(device), distill.probs(t["values"].to(device), T)) for t, _ in updates], weights)
+            return {"ids": ids, "probs": probs}
+        return {"probs": distill.aggregate_dense([distill.probs(t["logits"].to(device), T) for t, _ in updates],
+                                                 weights)}
+
+    def to_wire(self, labels: SoftLabels) -> dict[str, torch.Tensor]:
+        """The compact form sent down: float16 probabilities (and int32 ids for top-k)."""
+        out = {"probs": labels["probs"].half()}
+        if "ids" in labels:
+            out["ids"] = labels["ids"].to(torch.int32)
+        return out
+
+    def from_wire(self, tensors: dict[str, torch.Tensor], device: torch.device) -> SoftLabels:
+        """Validate soft labels received from the server and make them float32 distributions again."""
+        width = None if self.mode == "topk" else self.width  # a top-k union is as wide as it is
+        probs = tensors.get("probs")
+        if probs is None or probs.dim() != 2 or probs.shape[0] != self.rows or width not in (None, probs.shape[1]):
+            raise WireError(f"soft labels must be 'probs' of shape ({self.rows}, {width or 'U'}), got "
+                            f"{None if probs is None else tuple(probs.shape)}")
+        check(Message(tensors), spec_of(tensors))  # finite values
+        if not bool((probs >= 0).all()) or not bool((probs.float().sum(-1) > 0).all()):
+            raise WireError("soft labels must be non-negative with a positive total in every row")
+        out = {"probs": distill.normalize(probs.to(device))}
+        if self.mode == "topk":
+            ids = tensors.get("ids")
+            if ids is None or ids.shape != probs.shape or ids.is_floating_point():
+                raise WireError(f"top-k soft labels need integer 'ids' of shape {tuple(probs.shape)}")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
+                raise WireError(f"soft-label ids must lie in [0, {self.vocab})")
+            out["ids"] = ids.to(device).long()
+        return out
+
+    def loss(self, model, idx: list[int], labels: SoftLabels, device: torch.device) -> torch.Tensor:
+        """Distillation loss of `model` toward `labels` on prompts `idx`."""
+        student = self.student_logits(model, idx, device)
+        rows = self.rows_of(idx).to(device)
+        if self.mode == "topk":
+            return distill.sparse_distill_loss(student, labels["ids"][rows], labels["probs"][rows], self.temperature)
+        return distill.distill_loss(student, labels["probs"][rows], self.temperature)
+
+
+def make_public_set(
+    examples: list[Example], task, *, vocab: int, pad_id: int, top_k: int, full_logits: bool, temperature: float,
+    batch_size: int,
+) -> PublicSet:
+    """Build the `PublicSet` of a task, failing fast on settings that cannot work."""
+    if not examples:
+        raise ValueError("the KD public set is empty: give kd.public_source a file with rows, or raise "
+                         "kd.public_fraction.")
+    if top_k > vocab:
+        raise ValueError(f"kd.top_k = {top_k} is larger than the vocabulary ({vocab} tokens): choose "
+                         f"kd.top_k <= {vocab} (a few dozen at most is the point of compressing).")
+    if task.kind == "classification":
+        return PublicSet(examples, "labels", list(task.first_token_ids), [], vocab, top_k, temperature, batch_size,
+                         pad_id)
+    return PublicSet(examples, "full" if full_logits else "topk", [], distill_spans(examples), vocab, top_k,
+                     temperature, batch_size, pad_id)
+
+
+def public_set_from(ctx: RunContext) -> PublicSet:
+    k = ctx.config.kd
+    return make_public_set(ctx.data.public, ctx.data.task, vocab=len(ctx.tokenizer), pad_id=ctx.pad_id,
+                           top_k=k.top_k, full_logits=k.full_logits, temperature=k.temperature,
+                           batch_size=ctx.config.train.batch_size)
+
+
+# --------------------------------------------------------------------------- training steps
+
+
+def _step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer, max_grad_norm) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+
+
+def distil(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
+           device: torch.device, max_grad_norm, on_step: Callable[[float], None] | None = None) -> list[float]:
+    """`steps` optimizer steps of the distillation loss on batches of public prompts; returns the losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    model.train()
+    for idx in batches(list(range(len(public.examples))), public.batch_size, steps, rng):
+        loss = public.loss(model, idx, labels, device)
+        _step(loss, params, opt, max_grad_norm)
+        losses.append(float(loss.detach()))
+        if on_step:
+            on_step(losses[-1])
+    return losses
+
+
+# --------------------------------------------------------------------------- client side
+
+
+class KDClient:
+    """One client: its private examples, its own adapter state (kept on the CPU between rounds), the public set.
+
+    In simulation all clients share one `PeftModel` and swap their adapter state in and out;
+    no weights ever travel.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        model,
+        examples: list[Example],
+        public: PublicSet,
+        settings: TrainSettings,
+        init_state: State,
+        *,
+        distill_steps: int,
+        device: torch.device,
+        pad_id: int,
+        seed: int,
+        bars: Bars | None = None,
+    ) -> None:
+        if not examples:
+            raise ValueError(f"client {node_id} has no training examples")
+        self.node_id = node_id
+        self.model = model
+        self.examples = examples
+        self.public = public
+        self.settings = settings
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in init_state.items()}
+        self.distill_steps = distill_steps
+        self.device = device
+        self.pad_id = pad_id
+        self.seed = seed
+        self.bars = bars or Bars(quiet=True)
+
+    def __call__(self, msg: Message) -> Message:
+        rnd = int(msg.meta["round"])
+        labels = self.public.from_wire(msg.tensors, self.device) if msg.tensors else None
+        load_adapter_state(self.model, {k: v.to(self.device) for k, v in self.state.items()})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, self.settings)
+        # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
+        rng = random.Random(hash((self.seed, rnd, self.node_id)) & 0xFFFFFFFF)
+        torch.manual_seed(rng.getrandbits(62))
+        k_steps = self.distill_steps if labels is not None else 0
+        steps = self.settings.steps_for(len(self.examples))
+        info = f"client {self.node_id}"
+        self.bars.start("steps", k_steps + steps, info=info)
+        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops)
+        with meter:
+            kd_losses: list[float] = []
+            if labels is not None:
+                kd_losses = distil(self.model, opt, self.public, labels, k_steps, rng, device=self.device,
+                                   max_grad_norm=self.settings.max_grad_norm,
+                                   on_step=lambda v: self.bars.advance("steps", info=f"{info} KL {v:.3f}"))
+            losses: list[float] = []
+            seen = 0
+            self.model.train()
+            for chunk in batches(self.examples, self.settings.batch_size, steps, rng):
+                batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+                loss, _ = lm_loss(self.model, batch)
+                _step(loss, params, opt, self.settings.max_grad_norm)
+                losses.append(float(loss.detach()))
+                seen += len(chunk)
+                self.bars.advance("steps", info=f"{info} loss {losses[-1]:.3f}")
+            tensors = self.public.reply_tensors(self.model, self.device)
+        self.model.eval()
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state(self.model).items()}
+        return Message(
+            tensors,
+            {
+                "kind": "kd_res",
+                "round": rnd,
+                "src": self.node_id,
+                "num_examples": len(self.examples),
+                "examples_seen": seen,
+                "steps": len(losses),
+                "distill_steps": len(kd_losses),
+                "distill_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None,
+                "train_loss": sum(losses) / len(losses),
+                "train_loss_first": losses[0],
+                "train_loss_last": losses[-1],
+                "flops": meter.flops,
+                "peak_memory_bytes": meter.peak_memory_bytes,
+                "seconds": meter.seconds,
+            },
+        )
+
+
+# --------------------------------------------------------------------------- server side
+
+
+def serve(
+    grid: Grid,
+    public: PublicSet,
+    model,
+    global_state: State,
+    settings: TrainSettings,
+    *,
+    server_steps: int,
+    rounds: int,
+    clients_per_round: int,
+    seed: int,
+    eval_every: int,
+    device: torch.device,
+    hooks: ServerHooks,
+    min_replies: int = 1,
+) -> tuple[State, list[dict[str, Any]]]:
+    """Run the KD-FedLLM round loop and return the final global adapter state and the evaluations.
+
+    Args:
+        grid: Where the clients are.
+        public: The public set and what travels on it.
+        model: The server's model; its adapter is the global one (loaded from `global_state` when used).
+        global_state: The initial global adapter state.
+        settings: Optimizer settings of the server's distillation (lr, optimizer, clipping, FLOP counting).
+        server_steps: Distillation steps into the global adapter per round.
+        rounds: Number of rounds.
+        clients_per_round: Clients sampled (uniformly, seeded) each round.
+        seed: Seed of the client sampling and of the server's batches.
+        eval_every: Evaluate every N rounds, and after the last.
+        device: Where the server computes.
+        hooks: Evaluation, logging, checkpointing and progress.
+        min_replies: Fewer valid replies than this keep the previous soft labels and skip the server's distillation.
+    """
+    nodes = grid.node_ids()
+    sampler = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, settings)  # the server trains one adapter all run long: its optimizer persists
+    labels: SoftLabels | None = None
+    evaluations: list[dict[str, Any]] = []
+    hooks.bars.start("rounds", rounds)
+    for rnd in range(1, rounds + 1):
+        chosen = sorted(sampler.sample(nodes, clients_per_round))
+        hooks.bars.start("clients", len(chosen), info=f"round {rnd}")
+        down_tensors = public.to_wire(labels) if labels is not None else {}
+        messages = [Message(down_tensors, {"kind": "kd_ins", "round": rnd, "dst": n}) for n in chosen]
+        down = [encoded_size(m) for m in messages]
+        replies = []
+        for m in messages:
+            replies.extend(grid.send_and_receive([m]))
+            hooks.bars.advance("clients")
+        updates = []
+        for node, msg_bytes, reply in zip(chosen, down, replies):
+            record: dict[str, Any] = {"type": "client", "round": rnd, "client": node, "bytes_down": msg_bytes,
+                                      "bytes_up": encoded_size(reply)}
+            if is_error(reply):
+                record.update(status="failed", error=str(reply.meta.get("error", ""))[:500])
+            else:
+                try:
+                    public.check_reply(reply)
+                    n = float(reply.meta["num_examples"])
+                    if not n > 0:
+                        raise WireError(f"num_examples must be positive, got {n}")
+                except (WireError, KeyError, TypeError, ValueError) as err:
+                    record.update(status="rejected", error=str(err)[:500])
+                else:
+                    updates.append((reply.tensors, n))
+                    record["status"] = "ok"
+                    for key in ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "distill_loss",
+                                "flops", "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen"):
+                        if key in reply.meta:
+                            record[key] = reply.meta[key]
+            hooks.log(record)
+
+        aggregated = len(updates) >= min_replies
+        kd_losses: list[float] = []
+        meter = ComputeMeter(device, count_flops=settings.count_flops)
+        with meter:
+            if aggregated:
+                labels = public.soft_labels(updates, device)
+                load_adapter_state(model, global_state)
+                rng = random.Random(hash((seed, rnd, -1)) & 0xFFFFFFFF)
+                kd_losses = distil(model, opt, public, labels, server_steps, rng, device=device,
+                                   max_grad_norm=settings.max_grad_norm)
+                model.eval()
+                global_state = adapter_state(model)
+        hooks.log({"type": "server", "round": rnd, "flops": meter.flops, "seconds": meter.seconds,
+                   "peak_memory_bytes": meter.peak_memory_bytes, "steps": len(kd_losses),
+                   "distill_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None})
+        hooks.log({"type": "round", "round": rnd, "replies": len(updates), "failed": len(chosen) - len(updates),
+                   "aggregated": aggregated})
+        if rnd % eval_every == 0 or rnd == rounds:
+            score = hooks.evaluate(global_state)
+            evaluations.append({"round": rnd, "accuracy": score})
+            hooks.log({"type": "eval", "round": rnd, "accuracy": score})
+            hooks.bars.print(f"round {rnd}: accuracy {score:.4f} ({len(updates)}/{len(chosen)} clients)")
+        hooks.save(global_state, rnd)
+        hooks.bars.advance("rounds", info=f"acc {evaluations[-1]['accuracy']:.3f}" if evaluations else "")
+    return global_state, evaluations
+
+
+# --------------------------------------------------------------------------- wiring
+
+# Client PeftModels built by make_clients for kd.client_model, unloaded by run_server (bases are cached per process).
+_CLIENT_MODELS: dict[int, tuple[RunContext, Any]] = {}
+
+
+def client_model(ctx: RunContext):
+    """The model the clients train: ``ctx.model``, or ``kd.client_model`` with a fresh LoRA when it is another model."""
+    c = ctx.config
+    name = c.kd.client_model
+    if name is None or name == c.model.name:
+        return ctx.model
+    if id(ctx) in _CLIENT_MODELS:
+        return _CLIENT_MODELS[id(ctx)][1]
+    try:
+        tokenizer = load_tokenizer(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"kd.client_model = {name!r}: its tokenizer could not be loaded: {err}") from None
+    ours, theirs = ctx.tokenizer.get_vocab(), tokenizer.get_vocab()
+    if ours != theirs:
+        differ = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+        raise ValueError(
+            f"kd.client_model = {name!r} has a different tokenizer from model.name = {c.model.name!r} "
+            f"({len(theirs)} vs {len(ours)} tokens; e.g. {differ}): KD exchanges logits indexed by token id, so "
+            "clients need a model with the same vocabulary. Choose a client model of the same family, or unset "
+            "kd.client_model."
+        )
+    try:
+        base, _ = load_base(name, dtype=c.model.dtype, device=ctx.device,
+                            attn_implementation=c.model.attn_implementation)
+    except ValueError as err:
+        raise ValueError(f"kd.client_model = {name!r} could not be loaded: {err}") from None
+    if base.get_output_embeddings().weight.shape[0] < len(ctx.tokenizer):
+        raise ValueError(f"kd.client_model = {name!r} has fewer output logits than its tokenizer has tokens.")
+    model = attach_lora(base, c.peft, c.seed)
+    _CLIENT_MODELS[id(ctx)] = (ctx, model)
+    return model
+
+
+def release_client_model(ctx: RunContext) -> None:
+    """Unload the client PeftModel that `client_model` built for this run, if any (leaves the cached base clean)."""
+    entry = _CLIENT_MODELS.pop(id(ctx), None)
+    if entry is not None:
+        entry[1].unload()
+
+
+def make_clients(ctx: RunContext) -> dict[int, KDClient]:
+    """One client app per partition, each starting from the same fresh adapter of the client model."""
+    public = public_set_from(ctx)
+    model = client_model(ctx)
+    try:
+        init, settings, steps = adapter_state(model), settings_from(ctx), ctx.config.kd.distill_steps
+        return {
+            i: KDClient(i, model, ctx.client_examples(i), public, settings, init, distill_steps=steps,
+                        device=ctx.device, pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars)
+            for i in range(len(ctx.data.parts))
+        }
+    except Exception:
+        release_client_model(ctx)
+        raise
+
+
+def run_server(ctx: RunContext, grid: Grid) -> list[dict[str, Any]]:
+    """The server side of a whole run; leaves the final global adapter in ``ctx.model`` and on disk."""
+    c, f = ctx.config, ctx.config.federation
+    try:
+        public = public_set_from(ctx)
+
+        def evaluate_state(state: State) -> float:
+            load_adapter_state(ctx.model, state)
+            return ctx.score()
+
+        def save(state: State, rnd: int) -> None:
+            load_adapter_state(ctx.model, state)
+            ctx.save_adapter()
+
+        hooks = ServerHooks(evaluate=evaluate_state, log=ctx.log, save=save, bars=ctx.bars)
+        final, evaluations = serve(
+            grid, public, ctx.model, adapter_state(ctx.model), settings_from(ctx), server_steps=c.kd.server_steps,
+            rounds=f.rounds, clients_per_round=f.clients_per_round, seed=c.seed, eval_every=c.eval.every,
+            device=ctx.device, hooks=hooks, min_replies=f.min_replies,
+        )
+        load_adapter_state(ctx.model, final)
+    finally:
+        release_client_model(ctx)
+    return evaluations

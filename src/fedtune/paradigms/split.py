@@ -1,0 +1,449 @@
+"""Split-FedLLM (SplitFed): the model is cut after block c; clients train the bottom, the main server the top.
+
+Two server roles, as in SplitFed (Thapa et al., 2022): the *fed server* runs the
+rounds and averages the clients' bottom adapters; the *main server*
+(`fedtune.split_model.MainServer`) holds blocks [c, L), the norm and the LM head,
+and trains their adapter on every client's activations.
+
+Round r, as the fed server sees it (`serve`), one sampled client at a time:
+  1. send the client the global bottom adapter (``split_fit_ins``); it loads it, runs its
+     bottom part on its first batch and replies with the activations at the cut (``split_act``);
+  2. each step: the main server runs the top on them, computes the loss, backpropagates and steps its
+     optimizer; the fed server sends the gradient at the cut back (``split_grad``), which also asks for
+     the next batch's activations; the client backpropagates it, steps, and replies with them. The last
+     ``split_grad`` asks for the client's adapter instead (``fit_res``).
+     U-shaped: the client keeps the norm, the head and the labels; the server returns its top
+     activations (``split_top``) and the client replies with their gradient and the loss
+     (``split_top_grad``): one more round trip per step;
+  3. FedAvg the valid bottom adapters (weighted by num_examples); evaluate and save the combined
+     adapter (global bottom + the main server's top).
+
+Messages (all Grid messages, so a networked runtime carries them unchanged):
+
+  kind            dir   tensors                                          meta
+  split_fit_ins   down  the global bottom adapter (PEFT keys)            round, cut_layer, u_shaped, wire_dtype
+  split_act       up    activations (b, s, hidden) in the wire dtype,    round, step, steps, num_examples
+                        attention_mask (b, s) bool,
+                        labels (b, s) int32 (not when U-shaped)
+  split_top       down  top_activations (b, s, hidden)   (U-shaped)      round, step
+  split_top_grad  up    top_grad (b, s, hidden)          (U-shaped)      round, step, loss
+  split_grad      down  grad (b, s, hidden): gradient at the cut         round, step, last
+  fit_res         up    the client's bottom adapter                      num_examples, steps, flops, ...
+
+Every server->client message also carries ``dst``. Activations and gradients
+travel in ``split.wire_dtype``; the computation runs in the model's dtype.
+
+A client that fails or sends an invalid message ends its round there: its bottom
+adapter is not aggregated, so the global bottom state is untouched, while the
+main server keeps the steps it already took on that client's valid batches (they
+were ordinary training steps; undoing them would need a copy of the top state
+and optimizer per client). Bytes are the exact encoded sizes of every message
+exchanged, including those of a failed round up to the failure.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from ..context import RunContext
+from ..data.tasks import IGNORE, Example, collate
+from ..grid import Grid, is_error
+from ..meter import ComputeMeter
+from ..models import DTYPES, backbone
+from ..split_model import CLIENT, Cut, MainServer, bottom_forward, compute_dtype, head_loss
+from ..strategies import make_strategy
+from ..wire import Message, WireError, check, encoded_size, spec_of
+from .fedpeft import (ServerHooks, State, TrainSettings, adapter_state, batches, load_adapter_state, make_optimizer,
+                      settings_from)
+
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def load_part(model, cut: Cut, side: str, state: State) -> None:
+    """Copy one side's adapter state into the model; its key set must be exactly that side's keys."""
+    expected = set(cut.part(get_peft_model_state_dict(model), side))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise WireError(f"{side} adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise WireError(f"adapter state has keys the model lacks: {unexpected[:3]}")
+
+
+# --------------------------------------------------------------------------- client side
+
+
+@dataclass
+class _Round:
+    """What a client keeps between the messages of one round."""
+
+    rnd: int
+    steps: int
+    batches: Iterator[list[Example]]
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    step: int = 0  # batches sent so far
+    seen: int = 0
+    cut_out: torch.Tensor | None = None  # activations at the cut, still attached to the bottom's graph
+    labels: torch.Tensor | None = None  # U-shaped: the labels stay here
+    flops: int = 0
+    seconds: float = 0.0
+    peak: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class SplitClient:
+    """One client: its private examples and the bottom part of the shared model.
+
+    In simulation every client and the main server share one `PeftModel`; the
+    client owns the adapter of the embeddings and blocks [0, c) (U-shaped: also
+    the norm and the head) and loads the global bottom state into it at the start
+    of each round. Its compute is metered around its own work only.
+    """
+
+    def __init__(self, node_id: int, model, examples: list[Example], settings: TrainSettings, *, cut: Cut,
+                 wire_dtype: torch.dtype, device: torch.device, pad_id: int, seed: int) -> None:
+        if not examples:
+            raise ValueError(f"client {node_id} has no training examples")
+        self.node_id = node_id
+        self.model = model
+        self.examples = examples
+        self.settings = settings
+        self.cut = cut
+        self.wire_dtype = wire_dtype
+        self.device = device
+        self.pad_id = pad_id
+        self.seed = seed
+        self._round: _Round | None = None
+
+    def __call__(self, msg: Message) -> Message:
+        if msg.kind == "split_fit_ins":
+            return self._start(msg)
+        r = self._round
+        if r is None or msg.meta.get("round") != r.rnd:
+            raise ValueError(f"client {self.node_id} got {msg.kind!r} for round {msg.meta.get('round')} "
+                             f"outside a round it is training")
+        if msg.kind == "split_top" and self.cut.u_shaped:
+            return self._head(msg)
+        if msg.kind == "split_grad":
+            self._backward(msg)
+            return self._finish() if msg.meta.get("last") else self._forward()
+        raise ValueError(f"client {self.node_id} cannot handle a {msg.kind!r} message")
+
+    def _start(self, msg: Message) -> Message:
+        rnd = int(msg.meta["round"])
+        mine = {"cut_layer": self.cut.layer, "u_shaped": self.cut.u_shaped, "wire_dtype": DTYPE_NAMES[self.wire_dtype]}
+        theirs = {k: msg.meta.get(k) for k in mine}
+        if theirs != mine:
+            raise ValueError(f"client {self.node_id} is configured for {mine} but the server uses {theirs}")
+        load_part(self.model, self.cut, CLIENT, {k: v.to(self.device) for k, v in msg.tensors.items()})
+        params = self.cut.params(self.model, CLIENT)
+        steps = self.settings.steps_for(len(self.examples))
+        # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
+        rng = random.Random(hash((self.seed, rnd, self.node_id)) & 0xFFFFFFFF)
+        torch.manual_seed(rng.getrandbits(62))
+        self._round = _Round(rnd, steps, batches(self.examples, self.settings.batch_size, steps, rng),
+                             make_optimizer(params, self.settings), params)
+        self.model.train()
+        return self._forward()
+
+    def _forward(self) -> Message:
+        """Bottom part on the next batch; the reply carries the activations at the cut."""
+        r = self._round
+        with self._metered():
+            chunk = next(r.batches)
+            batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+            r.optimizer.zero_grad(set_to_none=True)
+            r.cut_out = bottom_forward(self.model, self.cut.layer, batch["input_ids"], batch["attention_mask"])
+            tensors = {"activations": r.cut_out.detach().to(self.wire_dtype),
+                       "attention_mask": batch["attention_mask"].bool()}
+        r.step += 1
+        r.seen += len(chunk)
+        if self.cut.u_shaped:
+            r.labels = batch["labels"]
+        else:
+            tensors["labels"] = batch["labels"].to(torch.int32)
+        return Message(tensors, {"kind": "split_act", "round": r.rnd, "step": r.step, "steps": r.steps,
+                                 "num_examples": len(self.examples)})
+
+    def _head(self, msg: Message) -> Message:
+        """U-shaped: norm, head and loss on the server's top activations; reply with their gradient."""
+        r = self._round
+        check(msg, {"top_activations": (tuple(r.cut_out.shape), self.wire_dtype)})
+        with self._metered():
+            top = msg.tensors["top_activations"].to(self.device, compute_dtype(self.model)).detach()
+            top.requires_grad_(True)
+            loss = head_loss(self.model, top, r.labels)
+            loss.backward()  # the head's own adapter gradients wait in .grad for this step's optimizer step
+            grad = top.grad.to(self.wire_dtype)
+        r.losses.append(float(loss.detach()))
+        return Message({"top_grad": grad}, {"kind": "split_top_grad", "round": r.rnd, "step": r.step,
+                                            "loss": r.losses[-1]})
+
+    def _backward(self, msg: Message) -> None:
+        """Backpropagate the gradient at the cut through the bottom part and step."""
+        r = self._round
+        if r.cut_out is None:
+            raise ValueError(f"client {self.node_id} got a gradient but has no activations waiting for one")
+        check(msg, {"grad": (tuple(r.cut_out.shape), self.wire_dtype)})
+        with self._metered():
+            r.cut_out.backward(msg.tensors["grad"].to(self.device, r.cut_out.dtype))
+            if self.settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(r.params, self.settings.max_grad_norm)
+            r.optimizer.step()
+        r.cut_out = None
+
+    def _finish(self) -> Message:
+        r = self._round
+        self._round = None
+        self.model.eval()
+        meta: dict[str, Any] = {
+            "kind": "fit_res", "round": r.rnd, "num_examples": len(self.examples), "examples_seen": r.seen,
+            "steps": r.step, "flops": r.flops, "peak_memory_bytes": r.peak, "seconds": r.seconds,
+        }
+        return Message(self.cut.part(adapter_state(self.model), CLIENT), meta)
+
+    @contextmanager
+    def _metered(self):
+        """ComputeMeter around one piece of the client's own work, added to the round's totals."""
+        r = self._round
+        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops)
+        with meter:
+            yield
+        r.flops += meter.flops or 0
+        r.seconds += meter.seconds
+        r.peak = max(r.peak, meter.peak_memory_bytes)
+
+
+# --------------------------------------------------------------------------- fed server side
+
+
+@dataclass
+class Activations:
+    """What the fed server accepts as a client's cut-layer activations."""
+
+    dtype: torch.dtype  # the wire dtype
+    hidden_size: int
+    vocab_size: int
+
+
+class _ClientFailed(Exception):
+    """The runtime reported the client as failed (it raised, timed out, or its payload could not be decoded)."""
+
+
+def _meta_number(msg: Message, key: str, *, integer: bool = False) -> float:
+    value = msg.meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise WireError(f"{msg.kind} meta {key!r} must be a finite number, got {value!r}")
+    if integer and (int(value) != value or value < 1):
+        raise WireError(f"{msg.kind} meta {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def read_activations(msg: Message, step: int, want: Activations, *, with_labels: bool):
+    """Validate a ``split_act`` reply; returns (activations, attention_mask, labels or None)."""
+    if msg.meta.get("step") != step:
+        raise WireError(f"expected the activations of step {step}, got step {msg.meta.get('step')!r}")
+    act = msg.tensors.get("activations")
+    if act is None or act.dim() != 3 or act.shape[-1] != want.hidden_size or act.numel() == 0:
+        shape = None if act is None else tuple(act.shape)
+        raise WireError(f"activations must have shape (batch, seq, {want.hidden_size}), got {shape}")
+    b, s = act.shape[:2]
+    spec = {"activations": ((b, s, want.hidden_size), want.dtype), "attention_mask": ((b, s), torch.bool)}
+    if with_labels:
+        spec["labels"] = ((b, s), torch.int32)
+    check(msg, spec)
+    labels = msg.tensors.get("labels")
+    if labels is not None:
+        if not ((labels == IGNORE) | ((labels >= 0) & (labels < want.vocab_size))).all():
+            raise WireError(f"labels must be token ids in [0, {want.vocab_size}) or {IGNORE}")
+        if not (labels[:, 1:] != IGNORE).any():
+            raise WireError("a training batch has no target tokens: data.max_length is too short for the prompts.")
+    return act, msg.tensors["attention_mask"], labels
+
+
+def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServer, want: Activations,
+                 bars=None) -> tuple[dict[str, Any], tuple[State, float] | None]:
+    """One client's round of split training, driven by the fed server.
+
+    Returns the client record for ``metrics.jsonl`` and the client's (bottom adapter,
+    num_examples), or None when the client failed or sent an invalid message.
+    """
+    u_shaped = main.cut.u_shaped
+    record: dict[str, Any] = {"type": "client", "round": rnd, "client": node}
+    down = up = 0
+    losses: list[float] = []
+    route = {"round": rnd, "dst": node}
+
+    def exchange(msg: Message, kind: str) -> Message:
+        nonlocal down, up
+        down += encoded_size(msg)
+        reply = grid.send_and_receive([msg])[0]
+        up += encoded_size(reply)
+        if is_error(reply):
+            raise _ClientFailed(str(reply.meta.get("error", "")))
+        if reply.kind != kind:
+            raise WireError(f"expected a {kind!r} reply, got {reply.kind!r}")
+        return reply
+
+    update = None
+    try:
+        reply = exchange(Message(bottom, {"kind": "split_fit_ins", **route, "cut_layer": main.cut.layer,
+                                          "u_shaped": u_shaped, "wire_dtype": DTYPE_NAMES[want.dtype]}), "split_act")
+        steps = int(_meta_number(reply, "steps", integer=True))
+        if bars is not None:
+            bars.start("steps", steps, info=f"client {node}")
+        for step in range(1, steps + 1):
+            act, mask, labels = read_activations(reply, step, want, with_labels=not u_shaped)
+            if u_shaped:
+                top = main.forward(act, mask)
+                back = exchange(Message({"top_activations": top}, {"kind": "split_top", **route, "step": step}),
+                                "split_top_grad")
+                check(back, spec_of({"top_grad": top}))
+                loss = _meta_number(back, "loss")
+                grad = main.backward(back.tensors["top_grad"])
+            else:
+                grad, loss = main.forward_backward(act, mask, labels)
+            losses.append(loss)
+            last = step == steps
+            reply = exchange(Message({"grad": grad}, {"kind": "split_grad", **route, "step": step, "last": last}),
+                             "fit_res" if last else "split_act")
+            if bars is not None:
+                bars.advance("steps", info=f"client {node} loss {loss:.3f}")
+        check(reply, spec_of(bottom))
+        n = _meta_number(reply, "num_examples", integer=True)
+    except _ClientFailed as err:
+        record.update(status="failed", error=str(err)[:500])
+    except WireError as err:
+        record.update(status="rejected", error=str(err)[:500])
+    else:
+        update = (reply.tensors, float(n))
+        record["status"] = "ok"
+        for key in ("num_examples", "flops", "peak_memory_bytes", "seconds", "steps", "examples_seen"):
+            if key in reply.meta:
+                record[key] = reply.meta[key]
+    finally:
+        main.abandon()
+    record.update(bytes_down=down, bytes_up=up, server_steps=len(losses))
+    if losses:
+        record.update(train_loss=sum(losses) / len(losses), train_loss_first=losses[0], train_loss_last=losses[-1])
+    return record, update
+
+
+def serve(
+    grid: Grid,
+    bottom: State,
+    main: MainServer,
+    strategy,
+    want: Activations,
+    *,
+    rounds: int,
+    clients_per_round: int,
+    seed: int,
+    eval_every: int,
+    hooks: ServerHooks,
+    min_replies: int = 1,
+) -> tuple[State, list[dict[str, Any]]]:
+    """Run the Split-FedLLM round loop; return the final global bottom state and the evaluations.
+
+    Args:
+        grid: Where the clients are.
+        bottom: The initial global bottom adapter state (also the expected shape of every returned one).
+        main: The main server (top part and its optimizer).
+        strategy: ``aggregate(state, updates) -> state`` for the bottom adapters (FedAvg by default).
+        want: The activations' wire dtype, hidden size and vocabulary size, to validate what clients send.
+        rounds: Number of rounds.
+        clients_per_round: Clients sampled (uniformly, seeded) each round; trained one after another.
+        seed: Seed of the client sampling.
+        eval_every: Evaluate every N rounds, and after the last.
+        hooks: Evaluation and checkpointing of a bottom state combined with the server's top, logging, progress.
+        min_replies: Fewer valid client adapters than this keep the previous global bottom state.
+    """
+    nodes = grid.node_ids()
+    sampler = random.Random(seed)
+    evaluations: list[dict[str, Any]] = []
+    hooks.bars.start("rounds", rounds)
+    for rnd in range(1, rounds + 1):
+        chosen = sorted(sampler.sample(nodes, clients_per_round))
+        hooks.bars.start("clients", len(chosen), info=f"round {rnd}")
+        updates = []
+        for node in chosen:
+            record, update = train_client(grid, node, rnd, bottom, main, want, hooks.bars)
+            hooks.log(record)
+            if update is not None:
+                updates.append(update)
+            hooks.bars.advance("clients")
+        flops, seconds = main.take_compute()
+        hooks.log({"type": "server", "round": rnd, "flops": flops, "seconds": seconds})
+        aggregated = len(updates) >= min_replies
+        if aggregated:
+            bottom = strategy.aggregate(bottom, updates)
+        hooks.log({"type": "round", "round": rnd, "replies": len(updates), "failed": len(chosen) - len(updates),
+                   "aggregated": aggregated})
+        if rnd % eval_every == 0 or rnd == rounds:
+            score = hooks.evaluate(bottom)
+            evaluations.append({"round": rnd, "accuracy": score})
+            hooks.log({"type": "eval", "round": rnd, "accuracy": score})
+            hooks.bars.print(f"round {rnd}: accuracy {score:.4f} ({len(updates)}/{len(chosen)} clients)")
+        hooks.save(bottom, rnd)
+        hooks.bars.advance("rounds", info=f"acc {evaluations[-1]['accuracy']:.3f}" if evaluations else "")
+    return bottom, evaluations
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def make_cut(ctx: RunContext) -> Cut:
+    """The cut that ``split.cut_layer`` and ``split.u_shaped`` describe (ValueError when out of range)."""
+    return Cut(ctx.model, ctx.config.split.cut_layer, u_shaped=ctx.config.split.u_shaped)
+
+
+def make_clients(ctx: RunContext) -> dict[int, SplitClient]:
+    """One split client app per partition."""
+    cut, settings = make_cut(ctx), settings_from(ctx)
+    wire_dtype = DTYPES[ctx.config.split.wire_dtype]
+    return {
+        i: SplitClient(i, ctx.model, ctx.client_examples(i), settings, cut=cut, wire_dtype=wire_dtype,
+                       device=ctx.device, pad_id=ctx.pad_id, seed=ctx.config.seed)
+        for i in range(len(ctx.data.parts))
+    }
+
+
+def run_server(ctx: RunContext, grid: Grid) -> list[dict[str, Any]]:
+    """Fed server and main server of a whole run; leaves the final combined adapter in ``ctx.model`` and on disk."""
+    c, f = ctx.config, ctx.config.federation
+    cut = make_cut(ctx)
+    main = MainServer(ctx.model, cut, settings_from(ctx), device=ctx.device, count_flops=c.train.count_flops)
+    body = backbone(ctx.model).config
+    want = Activations(DTYPES[c.split.wire_dtype], body.hidden_size, body.vocab_size)
+
+    def combine(bottom: State) -> None:
+        # Unsplit inference through the combined adapter equals split inference.
+        load_adapter_state(ctx.model, {**bottom, **main.state()})
+
+    def evaluate_state(bottom: State) -> float:
+        combine(bottom)
+        return ctx.score()
+
+    def save(bottom: State, rnd: int) -> None:
+        combine(bottom)
+        ctx.save_adapter()
+
+    hooks = ServerHooks(evaluate=evaluate_state, log=ctx.log, save=save, bars=ctx.bars)
+    final, evaluations = serve(
+        grid, cut.part(adapter_state(ctx.model), CLIENT), main, make_strategy(f.strategy, f.server_lr,
+                                                                              f.server_momentum), want,
+        rounds=f.rounds, clients_per_round=f.clients_per_round, seed=c.seed, eval_every=c.eval.every, hooks=hooks,
+        min_replies=f.min_replies,
+    )
+    combine(final)
+    return evaluations
