@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: env
-	$(VENV)/bin/fedtune run examples/demo.yaml --out runs/demo
+	$(VENV)/bin/fedtune compare examples/demo.yaml --out runs/demo
 
 test: env
 	$(PY) -m pytest -q --durations=10

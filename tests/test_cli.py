@@ -64,7 +64,8 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_logits_and_accuracy(quic
     from safetensors.torch import load_file
 
     from fedtune.evaluate import evaluate
-    from fedtune.experiment import attach_lora, prepare_data
+    from fedtune.experiment import prepare_data
+    from fedtune.models import attach_lora
     from fedtune.progress import Bars
 
     base, tok = tiny

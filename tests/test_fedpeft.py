@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedtune import config as cfg
-from fedtune.experiment import attach_lora, prepare_data
+from fedtune.experiment import prepare_data
+from fedtune.models import attach_lora
 from fedtune.paradigms import fedpeft
 from fedtune.progress import Bars
 from fedtune.runtime.local import LocalGrid

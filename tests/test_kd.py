@@ -17,7 +17,8 @@ from fedtune import config as cfg
 from fedtune.context import RunContext
 from fedtune.data.tasks import GenerationTask
 from fedtune.evaluate import evaluate
-from fedtune.experiment import attach_lora, prepare_data
+from fedtune.experiment import prepare_data
+from fedtune.models import attach_lora
 from fedtune.paradigms import fedpeft, kd
 from fedtune.progress import Bars
 from fedtune.runtime.local import LocalGrid

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedtune import config as cfg
-from fedtune.experiment import attach_lora
+from fedtune.models import attach_lora
 from fedtune.models import SMOLLM2, load_base, smollm2_dir, smollm2_gguf_path
 
 

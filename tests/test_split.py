@@ -14,7 +14,8 @@ import fedtune
 from conftest import EXAMPLES
 from fedtune import config as cfg
 from fedtune.data.tasks import Example, collate
-from fedtune.experiment import attach_lora, prepare_data
+from fedtune.experiment import prepare_data
+from fedtune.models import attach_lora
 from fedtune.losses import lm_loss
 from fedtune.paradigms import fedpeft, split
 from fedtune.progress import Bars

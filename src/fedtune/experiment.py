@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from . import __version__
 from . import config as cfg
@@ -27,7 +26,7 @@ from .data.sources import load_records, require_fields
 from .data.tasks import ClassificationTask, Example, GenerationTask
 from .context import RunContext
 from .evaluate import evaluate
-from .models import linear_module_names, load_base, resolve_device
+from .models import attach_lora, load_base, resolve_device
 from .progress import Bars
 from .report import write_outputs
 from .runtime.local import LocalGrid
@@ -100,10 +99,6 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
     require_fields(train_rows, needed, d.source)
     require_fields(test_rows, needed, d.test_source or d.source)
 
-    public: list[Example] = []
-    if c.federation.paradigm == "kd":
-        train_rows, public = _public_set(c, task, train_rows)
-
     def encode(rows: list[dict], source: str) -> list[Example]:
         return [task.encode(r, target_field, where=f"{source} row {i + 1}") for i, r in enumerate(rows)]
 
@@ -119,16 +114,26 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
         n=len(train),
         alpha=d.alpha,
     )
+    public: list[Example] = []
+    if c.federation.paradigm == "kd":
+        held, public = _public_set(c, task, train_rows)
+        # Held back after partitioning, so KD's clients keep the partition the other frameworks get.
+        parts = [[i for i in part if i not in held] for part in parts]
     if num_clients > 1:
         bars.print(label_histogram(parts, keys))
-        bars.print(f"partition {d.partition}: {len(train)} train examples over {num_clients} clients, "
+        bars.print(f"partition {d.partition}: {sum(map(len, parts))} train examples over {num_clients} clients, "
                    f"skew {skew(parts, keys):.3f} (0 = IID); {len(test)} test examples")
     return Prepared(task, train, test, parts, keys, public)
 
 
-def _public_set(c: cfg.Config, task, train_rows: list[dict]) -> tuple[list[dict], list[Example]]:
-    """KD's public prompts: a separate file, or a seeded fraction of the training rows held back (labels dropped)."""
+def _public_set(c: cfg.Config, task, train_rows: list[dict]) -> tuple[set[int], list[Example]]:
+    """KD's public prompts, and the training rows they take from the clients.
+
+    Either a separate file (nothing taken), or a seeded ``kd.public_fraction`` of the training
+    rows, held back from every client with their labels dropped.
+    """
     k = c.kd
+    held: set[int] = set()
     if k.public_source:
         rows = load_records(k.public_source)
         require_fields(rows, task.fields, k.public_source)
@@ -136,8 +141,9 @@ def _public_set(c: cfg.Config, task, train_rows: list[dict]) -> tuple[list[dict]
         order = list(range(len(train_rows)))
         random.Random(c.seed + 1).shuffle(order)
         held = set(order[: int(len(train_rows) * k.public_fraction)])
+        if k.public_size:
+            held = set(sorted(held)[: k.public_size])
         rows = [train_rows[i] for i in sorted(held)]
-        train_rows = [r for i, r in enumerate(train_rows) if i not in held]
     if k.public_size:
         rows = rows[: k.public_size]
     if not rows:
@@ -145,30 +151,7 @@ def _public_set(c: cfg.Config, task, train_rows: list[dict]) -> tuple[list[dict]
             f"the KD public set is empty ({k.public_source or f'kd.public_fraction = {k.public_fraction}'}): "
             "give kd.public_source a file with rows, or raise kd.public_fraction."
         )
-    return train_rows, [task.encode_prompt({f: r[f] for f in task.fields}) for r in rows]
-
-
-# --------------------------------------------------------------------------- model
-
-
-def attach_lora(model, p: cfg.PeftConfig, seed: int):
-    """Wrap the frozen base with a fresh LoRA adapter (seeded initialisation)."""
-    available = linear_module_names(model)
-    missing = [t for t in p.target_modules if t not in available]
-    if missing:
-        import difflib
-
-        hints = {m: difflib.get_close_matches(m, available, n=1) for m in missing}
-        hint = "; ".join(f"{m!r}: did you mean {h[0]!r}?" for m, h in hints.items() if h)
-        raise ValueError(
-            f"peft.target_modules = {p.target_modules} names modules this model does not have: {missing}. "
-            f"Its linear layers are {available}. {hint}".strip()
-        )
-    lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules),
-                      task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_peft_model(model, lora)
+    return held, [task.encode_prompt({f: r[f] for f in task.fields}) for r in rows]
 
 
 # --------------------------------------------------------------------------- run folder

@@ -16,6 +16,7 @@ The base is frozen (``requires_grad=False``) and loaded once per process.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
@@ -198,3 +200,27 @@ def backbone(model: PreTrainedModel) -> torch.nn.Module:
     if hasattr(model, "get_base_model"):  # peft.PeftModel: LoRA layers live inside the wrapped model
         model = model.get_base_model()
     return getattr(model, model.base_model_prefix)
+
+
+def attach_lora(model: PreTrainedModel, p, seed: int):
+    """Wrap the frozen base with a fresh LoRA adapter (seeded initialisation).
+
+    Args:
+        model: The frozen base.
+        p: A `fedtune.config.PeftConfig` (r, alpha, dropout, target_modules).
+        seed: Seed of the adapter initialisation.
+    """
+    available = linear_module_names(model)
+    missing = [t for t in p.target_modules if t not in available]
+    if missing:
+        hints = {m: difflib.get_close_matches(m, available, n=1) for m in missing}
+        hint = "; ".join(f"{m!r}: did you mean {h[0]!r}?" for m, h in hints.items() if h)
+        raise ValueError(
+            f"peft.target_modules = {p.target_modules} names modules this model does not have: {missing}. "
+            f"Its linear layers are {available}. {hint}".strip()
+        )
+    lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules),
+                      task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora)

@@ -53,7 +53,7 @@ class FedAvg:
 
     def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
         mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
-        return {k: v.to(global_state[k].dtype) for k, v in mean.items()}
+        return {k: v.to(global_state[k].device, global_state[k].dtype) for k, v in mean.items()}
 
 
 class FedAvgM:
@@ -70,7 +70,7 @@ class FedAvgM:
         mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
         new: State = {}
         for k, w in global_state.items():
-            delta = w.float() - mean[k]
+            delta = w.float() - mean[k].to(w.device)
             v = self.velocity.get(k)
             v = delta if v is None else v.mul_(self.momentum).add_(delta)
             self.velocity[k] = v
@@ -92,7 +92,7 @@ class FedAdam:
         mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
         new: State = {}
         for k, w in global_state.items():
-            g = mean[k] - w.float()
+            g = mean[k].to(w.device) - w.float()
             m = self.m.get(k, torch.zeros_like(g)).mul_(self.beta1).add_(g, alpha=1 - self.beta1)
             v = self.v.get(k, torch.zeros_like(g)).mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
             self.m[k], self.v[k] = m, v

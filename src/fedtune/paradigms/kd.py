@@ -44,11 +44,10 @@ import torch
 from .. import distill
 from ..context import RunContext
 from ..data.tasks import Example, collate
-from ..experiment import attach_lora
 from ..grid import Grid, is_error
 from ..losses import hidden_states, label_scores, lm_loss
 from ..meter import ComputeMeter
-from ..models import load_base, load_tokenizer
+from ..models import attach_lora, load_base, load_tokenizer
 from ..progress import Bars
 from ..wire import Message, WireError, check, encoded_size, spec_of
 from .fedpeft import (
