@@ -17,6 +17,7 @@ windows, SmolLM2).
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -28,6 +29,27 @@ from .models import backbone
 from .paradigms.fedpeft import State, TrainSettings, adapter_state, make_optimizer
 
 CLIENT, SERVER = "client", "server"
+
+_MASK_PARAMS = set(inspect.signature(create_causal_mask).parameters)
+
+
+def _causal_mask(config, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+    """`create_causal_mask` without a cache, across transformers 5.x spellings of its arguments.
+
+    5.24 takes ``inputs_embeds`` and ``cache``; earlier 5.x releases take ``input_embeds``,
+    ``past_key_values`` and ``cache_position``. Only the names this version knows are passed.
+    """
+    offered = {
+        "config": config,
+        "inputs_embeds": hidden,
+        "input_embeds": hidden,
+        "attention_mask": attention_mask,
+        "cache": None,
+        "past_key_values": None,
+        "cache_position": torch.arange(hidden.shape[1], device=hidden.device),
+        "position_ids": position_ids,
+    }
+    return create_causal_mask(**{k: v for k, v in offered.items() if k in _MASK_PARAMS})
 
 
 # --------------------------------------------------------------------------- the cut
@@ -107,8 +129,7 @@ def run_blocks(model, hidden: torch.Tensor, attention_mask: torch.Tensor, start:
     # LlamaModel.forward without a cache: positions 0..seq-1 (right padding), then one mask and one
     # (cos, sin) pair shared by every block.
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    mask = create_causal_mask(config=body.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                              position_ids=position_ids)
+    mask = _causal_mask(body.config, hidden, attention_mask, position_ids)
     position_embeddings = body.rotary_emb(hidden, position_ids=position_ids)
     for layer in body.layers[start:stop]:
         hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
