@@ -71,6 +71,7 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "client_peak_memory_bytes": s["client_peak_memory_bytes"],
         "wall_time_s": s["wall_time_s"],
         "rounds": s["rounds"],
+        "failed_client_rounds": s.get("failed_client_rounds", 0),
     }
 
 
@@ -84,6 +85,7 @@ COLUMNS = [
     ("client peak MiB", "client_peak_memory_bytes", "mib"),
     ("server GFLOPs/round", "server_gflops_per_round", "{:.1f}"),
     ("wall s", "wall_time_s", "{:.0f}"),
+    ("failed", "failed_client_rounds", "{}"),
 ]
 
 
