@@ -187,6 +187,39 @@ class ServerHooks:
     save: Callable[[State, int], None]
     bars: Bars
 
+    def end_round(self, rnd: int, rounds: int, eval_every: int, state: State, evaluations: list[dict[str, Any]],
+                  replies: int, sampled: int) -> None:
+        """Evaluate (every `eval_every` rounds and after the last), checkpoint, and move the round bar."""
+        if rnd % eval_every == 0 or rnd == rounds:
+            score = self.evaluate(state)
+            evaluations.append({"round": rnd, "accuracy": score})
+            self.log({"type": "eval", "round": rnd, "accuracy": score})
+            self.bars.print(f"round {rnd}: accuracy {score:.4f} ({replies}/{sampled} clients)")
+        self.save(state, rnd)
+        self.bars.advance("rounds", info=f"acc {evaluations[-1]['accuracy']:.3f}" if evaluations else "")
+
+
+REPORTED = ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "distill_loss", "flops",
+            "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen")
+
+
+def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[dict[str, Any], tuple | None]:
+    """Sort a client's reply into ok / rejected / failed.
+
+    Returns the fields for its metrics record and, when it is usable, the update
+    ``(tensors, num_examples)``; `validate` raises `WireError` for a malformed reply.
+    """
+    if is_error(reply):
+        return {"status": "failed", "error": str(reply.meta.get("error", ""))[:500]}, None
+    try:
+        validate(reply)
+        n = float(reply.meta["num_examples"])
+        if not n > 0:
+            raise WireError(f"num_examples must be positive, got {n}")
+    except (WireError, KeyError, TypeError, ValueError) as err:
+        return {"status": "rejected", "error": str(err)[:500]}, None
+    return {"status": "ok", **{k: reply.meta[k] for k in REPORTED if k in reply.meta}}, (reply.tensors, n)
+
 
 def serve(
     grid: Grid,
@@ -233,39 +266,18 @@ def serve(
             hooks.bars.advance("clients")
         updates = []
         for node, msg_bytes, reply in zip(chosen, down, replies):
-            record: dict[str, Any] = {"type": "client", "round": rnd, "client": node}
-            record["bytes_down"] = msg_bytes if counts_bytes else 0
-            record["bytes_up"] = encoded_size(reply) if counts_bytes else 0
-            if is_error(reply):
-                record.update(status="failed", error=str(reply.meta.get("error", ""))[:500])
-            else:
-                try:
-                    check(reply, expect)
-                    n = float(reply.meta["num_examples"])
-                    if not n > 0:
-                        raise WireError(f"num_examples must be positive, got {n}")
-                except (WireError, KeyError, TypeError, ValueError) as err:
-                    record.update(status="rejected", error=str(err)[:500])
-                else:
-                    updates.append((reply.tensors, n))
-                    record["status"] = "ok"
-                    for key in ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "flops",
-                                "peak_memory_bytes", "seconds", "steps", "examples_seen"):
-                        if key in reply.meta:
-                            record[key] = reply.meta[key]
-            hooks.log(record)
+            fields, update = screen_reply(reply, lambda r: check(r, expect))
+            hooks.log({"type": "client", "round": rnd, "client": node,
+                       "bytes_down": msg_bytes if counts_bytes else 0,
+                       "bytes_up": encoded_size(reply) if counts_bytes else 0, **fields})
+            if update is not None:
+                updates.append(update)
         aggregated = len(updates) >= min_replies
         if aggregated:
             global_state = strategy.aggregate(global_state, updates)
         hooks.log({"type": "round", "round": rnd, "replies": len(updates), "failed": len(chosen) - len(updates),
                    "aggregated": aggregated})
-        if rnd % eval_every == 0 or rnd == rounds:
-            score = hooks.evaluate(global_state)
-            evaluations.append({"round": rnd, "accuracy": score})
-            hooks.log({"type": "eval", "round": rnd, "accuracy": score})
-            hooks.bars.print(f"round {rnd}: accuracy {score:.4f} ({len(updates)}/{len(chosen)} clients)")
-        hooks.save(global_state, rnd)
-        hooks.bars.advance("rounds", info=f"acc {evaluations[-1]['accuracy']:.3f}" if evaluations else "")
+        hooks.end_round(rnd, rounds, eval_every, global_state, evaluations, len(updates), len(chosen))
     return global_state, evaluations
 
 

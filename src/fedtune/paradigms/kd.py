@@ -44,13 +44,14 @@ import torch
 from .. import distill
 from ..context import RunContext
 from ..data.tasks import Example, collate
-from ..grid import Grid, is_error
+from ..grid import Grid
 from ..losses import hidden_states, label_scores, lm_loss
 from ..meter import ComputeMeter
 from ..models import attach_lora, load_base, load_tokenizer
 from ..progress import Bars
 from ..wire import Message, WireError, check, encoded_size, spec_of
 from .fedpeft import (
+    screen_reply,
     ServerHooks,
     State,
     TrainSettings,
@@ -417,26 +418,11 @@ def serve(
             hooks.bars.advance("clients")
         updates = []
         for node, msg_bytes, reply in zip(chosen, down, replies):
-            record: dict[str, Any] = {"type": "client", "round": rnd, "client": node, "bytes_down": msg_bytes,
-                                      "bytes_up": encoded_size(reply)}
-            if is_error(reply):
-                record.update(status="failed", error=str(reply.meta.get("error", ""))[:500])
-            else:
-                try:
-                    public.check_reply(reply)
-                    n = float(reply.meta["num_examples"])
-                    if not n > 0:
-                        raise WireError(f"num_examples must be positive, got {n}")
-                except (WireError, KeyError, TypeError, ValueError) as err:
-                    record.update(status="rejected", error=str(err)[:500])
-                else:
-                    updates.append((reply.tensors, n))
-                    record["status"] = "ok"
-                    for key in ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "distill_loss",
-                                "flops", "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen"):
-                        if key in reply.meta:
-                            record[key] = reply.meta[key]
-            hooks.log(record)
+            fields, update = screen_reply(reply, public.check_reply)
+            hooks.log({"type": "client", "round": rnd, "client": node, "bytes_down": msg_bytes,
+                       "bytes_up": encoded_size(reply), **fields})
+            if update is not None:
+                updates.append(update)
 
         aggregated = len(updates) >= min_replies
         kd_losses: list[float] = []
@@ -455,13 +441,7 @@ def serve(
                    "distill_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None})
         hooks.log({"type": "round", "round": rnd, "replies": len(updates), "failed": len(chosen) - len(updates),
                    "aggregated": aggregated})
-        if rnd % eval_every == 0 or rnd == rounds:
-            score = hooks.evaluate(global_state)
-            evaluations.append({"round": rnd, "accuracy": score})
-            hooks.log({"type": "eval", "round": rnd, "accuracy": score})
-            hooks.bars.print(f"round {rnd}: accuracy {score:.4f} ({len(updates)}/{len(chosen)} clients)")
-        hooks.save(global_state, rnd)
-        hooks.bars.advance("rounds", info=f"acc {evaluations[-1]['accuracy']:.3f}" if evaluations else "")
+        hooks.end_round(rnd, rounds, eval_every, global_state, evaluations, len(updates), len(chosen))
     return global_state, evaluations
 
 

@@ -389,13 +389,7 @@ def serve(
             bottom = strategy.aggregate(bottom, updates)
         hooks.log({"type": "round", "round": rnd, "replies": len(updates), "failed": len(chosen) - len(updates),
                    "aggregated": aggregated})
-        if rnd % eval_every == 0 or rnd == rounds:
-            score = hooks.evaluate(bottom)
-            evaluations.append({"round": rnd, "accuracy": score})
-            hooks.log({"type": "eval", "round": rnd, "accuracy": score})
-            hooks.bars.print(f"round {rnd}: accuracy {score:.4f} ({len(updates)}/{len(chosen)} clients)")
-        hooks.save(bottom, rnd)
-        hooks.bars.advance("rounds", info=f"acc {evaluations[-1]['accuracy']:.3f}" if evaluations else "")
+        hooks.end_round(rnd, rounds, eval_every, bottom, evaluations, len(updates), len(chosen))
     return bottom, evaluations
 
 
