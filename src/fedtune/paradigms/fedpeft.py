@@ -42,12 +42,16 @@ def adapter_state(model) -> State:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def load_adapter_state(model, state: State) -> None:
-    """Copy `state` into the model's adapter; missing or unexpected keys are errors, never skipped."""
-    expected = set(get_peft_model_state_dict(model))
+def load_adapter_state(model, state: State, expected: set[str] | None = None, what: str = "adapter") -> None:
+    """Copy `state` into the model's adapter; missing or unexpected keys are errors, never skipped.
+
+    ``expected`` narrows the keys `state` must have to part of the adapter (split learning loads one side).
+    """
+    if expected is None:
+        expected = set(get_peft_model_state_dict(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise WireError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise WireError(f"{what} state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict
 
 from ..context import RunContext
 from ..data.tasks import IGNORE, Example, collate
@@ -69,14 +69,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 def load_part(model, cut: Cut, side: str, state: State) -> None:
     """Copy one side's adapter state into the model; its key set must be exactly that side's keys."""
-    expected = set(cut.part(get_peft_model_state_dict(model), side))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise WireError(f"{side} adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise WireError(f"adapter state has keys the model lacks: {unexpected[:3]}")
+    load_adapter_state(model, state, expected=set(cut.part(get_peft_model_state_dict(model), side)),
+                       what=f"{side} adapter")
 
 
 # --------------------------------------------------------------------------- client side
