@@ -191,9 +191,29 @@ class ServerHooks:
     save: Callable[[State, int], None]
     bars: Bars
 
+    @classmethod
+    def for_model(cls, ctx: RunContext, load: Callable[[State], None] | None = None) -> "ServerHooks":
+        """Hooks that evaluate and save a global state by loading it into ``ctx.model`` first.
+
+        ``load`` defaults to `load_adapter_state`; split learning passes one that adds the server's part.
+        """
+        put = load or (lambda state: load_adapter_state(ctx.model, state))
+
+        def evaluate(state: State) -> float:
+            put(state)
+            return ctx.score()
+
+        def save(state: State, rnd: int) -> None:
+            put(state)
+            ctx.save_adapter()
+
+        return cls(evaluate=evaluate, log=ctx.log, save=save, bars=ctx.bars)
+
     def end_round(self, rnd: int, rounds: int, eval_every: int, state: State, evaluations: list[dict[str, Any]],
-                  replies: int, sampled: int) -> None:
-        """Evaluate (every `eval_every` rounds and after the last), checkpoint, and move the round bar."""
+                  replies: int, sampled: int, aggregated: bool) -> None:
+        """Log the round, evaluate (every `eval_every` rounds and after the last), checkpoint, move the bar."""
+        self.log({"type": "round", "round": rnd, "replies": replies, "failed": sampled - replies,
+                  "aggregated": aggregated})
         if rnd % eval_every == 0 or rnd == rounds:
             score = self.evaluate(state)
             evaluations.append({"round": rnd, "accuracy": score})
@@ -279,9 +299,7 @@ def serve(
         aggregated = len(updates) >= min_replies
         if aggregated:
             global_state = strategy.aggregate(global_state, updates)
-        hooks.log({"type": "round", "round": rnd, "replies": len(updates), "failed": len(chosen) - len(updates),
-                   "aggregated": aggregated})
-        hooks.end_round(rnd, rounds, eval_every, global_state, evaluations, len(updates), len(chosen))
+        hooks.end_round(rnd, rounds, eval_every, global_state, evaluations, len(updates), len(chosen), aggregated)
     return global_state, evaluations
 
 
@@ -319,15 +337,7 @@ def run_server(ctx: RunContext, grid: Grid) -> list[dict[str, Any]]:
     f = ctx.config.federation
     centralized = f.paradigm == "centralized"
 
-    def evaluate_state(state: State) -> float:
-        load_adapter_state(ctx.model, state)
-        return ctx.score()
-
-    def save(state: State, rnd: int) -> None:
-        load_adapter_state(ctx.model, state)
-        ctx.save_adapter()
-
-    hooks = ServerHooks(evaluate=evaluate_state, log=ctx.log, save=save, bars=ctx.bars)
+    hooks = ServerHooks.for_model(ctx)
     final, evaluations = serve(
         grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,

@@ -439,9 +439,7 @@ def serve(
         hooks.log({"type": "server", "round": rnd, "flops": meter.flops, "seconds": meter.seconds,
                    "peak_memory_bytes": meter.peak_memory_bytes, "steps": len(kd_losses),
                    "distill_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None})
-        hooks.log({"type": "round", "round": rnd, "replies": len(updates), "failed": len(chosen) - len(updates),
-                   "aggregated": aggregated})
-        hooks.end_round(rnd, rounds, eval_every, global_state, evaluations, len(updates), len(chosen))
+        hooks.end_round(rnd, rounds, eval_every, global_state, evaluations, len(updates), len(chosen), aggregated)
     return global_state, evaluations
 
 
@@ -513,15 +511,7 @@ def run_server(ctx: RunContext, grid: Grid) -> list[dict[str, Any]]:
     try:
         public = public_set_from(ctx)
 
-        def evaluate_state(state: State) -> float:
-            load_adapter_state(ctx.model, state)
-            return ctx.score()
-
-        def save(state: State, rnd: int) -> None:
-            load_adapter_state(ctx.model, state)
-            ctx.save_adapter()
-
-        hooks = ServerHooks(evaluate=evaluate_state, log=ctx.log, save=save, bars=ctx.bars)
+        hooks = ServerHooks.for_model(ctx)
         final, evaluations = serve(
             grid, public, ctx.model, adapter_state(ctx.model), settings_from(ctx), server_steps=c.kd.server_steps,
             rounds=f.rounds, clients_per_round=f.clients_per_round, seed=c.seed, eval_every=c.eval.every,

@@ -381,9 +381,7 @@ def serve(
         aggregated = len(updates) >= min_replies
         if aggregated:
             bottom = strategy.aggregate(bottom, updates)
-        hooks.log({"type": "round", "round": rnd, "replies": len(updates), "failed": len(chosen) - len(updates),
-                   "aggregated": aggregated})
-        hooks.end_round(rnd, rounds, eval_every, bottom, evaluations, len(updates), len(chosen))
+        hooks.end_round(rnd, rounds, eval_every, bottom, evaluations, len(updates), len(chosen), aggregated)
     return bottom, evaluations
 
 
@@ -418,15 +416,7 @@ def run_server(ctx: RunContext, grid: Grid) -> list[dict[str, Any]]:
         # Unsplit inference through the combined adapter equals split inference.
         load_adapter_state(ctx.model, {**bottom, **main.state()})
 
-    def evaluate_state(bottom: State) -> float:
-        combine(bottom)
-        return ctx.score()
-
-    def save(bottom: State, rnd: int) -> None:
-        combine(bottom)
-        ctx.save_adapter()
-
-    hooks = ServerHooks(evaluate=evaluate_state, log=ctx.log, save=save, bars=ctx.bars)
+    hooks = ServerHooks.for_model(ctx, load=combine)
     final, evaluations = serve(
         grid, cut.part(adapter_state(ctx.model), CLIENT), main, make_strategy(f.strategy, f.server_lr,
                                                                               f.server_momentum), want,
