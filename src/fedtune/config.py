@@ -163,6 +163,20 @@ class SplitConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    world_size: int = 1
+    """Processes (one per GPU) that share each round's clients through torch.distributed; 1 = one process."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend when world_size > 1: auto = nccl on GPUs, gloo on CPUs."""
+    batch_clients: int = 1
+    """FedLLM: train up to this many clients' adapters in one forward/backward over the shared base (1 = one after another)."""
+    checkpoint: bool = True
+    """Save the server state (global adapter, strategy, sampler, evaluations) after every round, to resume a restarted server."""
+    split_server: str | None = None
+    """Split learning over a network: host:port of the main-server gRPC service (`fedtune split-server`); null = in process."""
+
+
+@dataclass
 class EvalConfig:
     every: int = 1
     """Evaluate the global model every N rounds (and always after the last)."""
@@ -184,6 +198,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -218,6 +233,8 @@ def validate(c: Config) -> None:
         ("data.max_new_tokens", d.max_new_tokens),
         ("data.demo_train_size", d.demo_train_size),
         ("data.demo_test_size", d.demo_test_size),
+        ("runtime.world_size", c.runtime.world_size),
+        ("runtime.batch_clients", c.runtime.batch_clients),
     ]:
         if v < 1:
             _fail(path, v, "it must be a positive integer")
