@@ -11,6 +11,7 @@ import json
 import random
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from .data.sources import load_records, require_fields
 from .data.tasks import ClassificationTask, Example, GenerationTask
 from .context import RunContext
 from .evaluate import evaluate
+from .grid import Grid
 from .models import attach_lora, load_base, resolve_device
 from .progress import Bars
 from .report import write_outputs
@@ -188,19 +190,35 @@ def default_out(name: str) -> Path:
 # --------------------------------------------------------------------------- run
 
 
-def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+GridFactory = Callable[[RunContext, Any], Grid]
+"""Makes the grid a run's server talks through, from the context and the paradigm module."""
+
+
+def local_grid(ctx: RunContext, paradigm) -> Grid:
+    """The default runtime: every client app of the paradigm in this process."""
+    return LocalGrid(paradigm.make_clients(ctx), serialize=ctx.config.federation.serialize)
+
+
+def load(config: cfg.Config | dict | str | Path) -> cfg.Config:
+    """A `Config` from a `Config`, a plain dict of sections, or the path of a YAML file."""
+    if isinstance(config, (str, Path)):
+        return cfg.load(config)
+    if isinstance(config, dict):
+        return cfg.from_dict(config)
+    return config
+
+
+def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, quiet: bool = False, *,
+        grid_factory: GridFactory = local_grid) -> dict[str, Any]:
     """Run one experiment and return its summary (the same dict written to ``summary.json``).
 
     Args:
         config: A `Config`, a plain dict of sections, or the path of a YAML file.
         out: The run folder (default ``runs/<name>-<timestamp>``).
         quiet: No progress bars or tables.
+        grid_factory: The runtime: makes the grid the server talks through (default: `local_grid`).
     """
-    if isinstance(config, (str, Path)):
-        config = cfg.load(config)
-    elif isinstance(config, dict):
-        config = cfg.from_dict(config)
-    c = config
+    c = load(config)
     started = time.perf_counter()
     bars = Bars(quiet=quiet)
     device = resolve_device(c.model.device)
@@ -213,7 +231,7 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
     model = attach_lora(base, c.peft, c.seed)
     try:
         return _run_federation(c, model, tokenizer, data, device, bars, Path(out) if out else default_out(c.name),
-                               started)
+                               started, grid_factory)
     finally:
         # Leave the cached base as we found it, so another run in this process starts clean.
         model.unload()
@@ -223,7 +241,12 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
 PARADIGMS = {"fedpeft": "fedpeft", "fedprox": "fedpeft", "centralized": "fedpeft", "kd": "kd", "split": "split"}
 
 
-def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, path: Path, started: float):
+def paradigm_module(c: cfg.Config):
+    return importlib.import_module(f"fedtune.paradigms.{PARADIGMS[c.federation.paradigm]}")
+
+
+def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, path: Path, started: float,
+                    grid_factory: GridFactory = local_grid):
     folder = RunFolder(path)
     resolved = cfg.to_yaml(c) + f"# fedtune {__version__}, git commit {git_commit()}\n"
     (path / "config.resolved.yaml").write_text(resolved)
@@ -241,11 +264,11 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         folder.log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
         bars.print(f"base model: accuracy {base_accuracy:.4f}")
 
-    paradigm = importlib.import_module(f"fedtune.paradigms.{PARADIGMS[c.federation.paradigm]}")
+    paradigm = paradigm_module(c)
     # The only place a runtime meets a paradigm: the paradigm makes client apps and a server loop,
     # the runtime carries the messages between them.
     try:
-        grid = LocalGrid(paradigm.make_clients(ctx), serialize=c.federation.serialize)
+        grid = grid_factory(ctx, paradigm)
         with bars.live():
             evaluations = paradigm.run_server(ctx, grid)
     finally:
