@@ -48,11 +48,11 @@ class Bars:
         else:
             self._tasks[name] = self._progress.add_task(name, total=total, info=info)
 
-    def advance(self, name: str, info: str | None = None) -> None:
+    def advance(self, name: str, info: str | None = None, by: int = 1) -> None:
         if self._progress is None or name not in self._tasks:
             return
         kw = {"info": info} if info is not None else {}
-        self._progress.update(self._tasks[name], advance=1, **kw)
+        self._progress.update(self._tasks[name], advance=by, **kw)
 
     def print(self, *args) -> None:
         if not self.quiet:

@@ -245,6 +245,24 @@ def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[d
     return {"status": "ok", **{k: reply.meta[k] for k in REPORTED if k in reply.meta}}, (reply.tensors, n)
 
 
+def exchange(grid: Grid, messages: list[Message], bars: Bars) -> list[Message]:
+    """Send a round's messages and return the replies in order.
+
+    A grid whose ``parallel`` attribute is true (a networked or multi-process runtime, batched clients)
+    gets the whole list in one call so it can run the clients concurrently; otherwise one message at a
+    time, so the progress bar moves with each client.
+    """
+    if getattr(grid, "parallel", False):
+        replies = grid.send_and_receive(messages)
+        bars.advance("clients", by=len(messages))
+        return replies
+    replies = []
+    for m in messages:
+        replies.extend(grid.send_and_receive([m]))
+        bars.advance("clients")
+    return replies
+
+
 def serve(
     grid: Grid,
     global_state: State,
@@ -282,12 +300,7 @@ def serve(
         hooks.bars.start("clients", len(chosen), info=f"round {rnd}")
         messages = [Message(global_state, {"kind": "fit_ins", "round": rnd, "dst": n}) for n in chosen]
         down = [encoded_size(m) for m in messages]
-        replies = []
-        # One message at a time so the progress bar moves with each client; a
-        # networked runtime receives the whole list and runs them in parallel.
-        for m in messages:
-            replies.extend(grid.send_and_receive([m]))
-            hooks.bars.advance("clients")
+        replies = exchange(grid, messages, hooks.bars)
         updates = []
         for node, msg_bytes, reply in zip(chosen, down, replies):
             fields, update = screen_reply(reply, lambda r: check(r, expect))

@@ -51,6 +51,7 @@ from ..models import attach_lora, load_base, load_tokenizer
 from ..progress import Bars
 from ..wire import Message, WireError, check, encoded_size, spec_of
 from .fedpeft import (
+    exchange,
     screen_reply,
     ServerHooks,
     State,
@@ -412,10 +413,7 @@ def serve(
         down_tensors = public.to_wire(labels) if labels is not None else {}
         messages = [Message(down_tensors, {"kind": "kd_ins", "round": rnd, "dst": n}) for n in chosen]
         down = [encoded_size(m) for m in messages]
-        replies = []
-        for m in messages:
-            replies.extend(grid.send_and_receive([m]))
-            hooks.bars.advance("clients")
+        replies = exchange(grid, messages, hooks.bars)
         updates = []
         for node, msg_bytes, reply in zip(chosen, down, replies):
             fields, update = screen_reply(reply, public.check_reply)
