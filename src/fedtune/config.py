@@ -120,6 +120,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     count_flops: bool = True
     """Count FLOPs of the real client steps with torch's FlopCounterMode (a little slower)."""
+    cuda_graphs: bool = True
+    """On CUDA, FedLLM clients run each batch shape's step as one captured CUDA graph (see fedtune.train_step); ignored on the CPU."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from ..losses import lm_loss, proximal_term
 from ..meter import ComputeMeter
 from ..progress import Bars
 from ..strategies import make_strategy
+from ..train_step import StepRunner
 from ..wire import Message, WireError, check, encoded_size, spec_of
 
 State = dict[str, torch.Tensor]
@@ -71,6 +72,7 @@ class TrainSettings:
     max_grad_norm: float | None = 1.0
     prox_mu: float = 0.0
     count_flops: bool = True
+    cuda_graphs: bool = True
 
     def steps_for(self, num_examples: int) -> int:
         if self.local_steps is not None:
@@ -78,10 +80,20 @@ class TrainSettings:
         return max(1, math.ceil(self.local_epochs * num_examples / self.batch_size))
 
 
-def make_optimizer(params: list[torch.Tensor], s: TrainSettings) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.Tensor], s: TrainSettings, capturable: bool = False) -> torch.optim.Optimizer:
+    """The client optimizer; ``capturable`` keeps its state on the device so a CUDA graph can replay its step."""
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
+    if capturable:
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, capturable=True, foreach=True)
     return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
+def make_runner(model, s: TrainSettings, *, device: torch.device, pad_id: int) -> StepRunner:
+    """The step runner clients of one shared model use (CUDA graphs on CUDA unless turned off)."""
+    return StepRunner(model, lambda params, capturable: make_optimizer(params, s, capturable),
+                      max_grad_norm=s.max_grad_norm, prox_mu=s.prox_mu, device=device, pad_id=pad_id,
+                      graphs=s.cuda_graphs and torch.device(device).type == "cuda", count_flops=s.count_flops)
 
 
 def batches(examples: list[Example], batch_size: int, steps: int, rng: random.Random):
@@ -115,6 +127,7 @@ class FedPeftClient:
         seed: int,
         bars: Bars | None = None,
         persistent_optimizer: bool = False,
+        runner: StepRunner | None = None,
     ) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
@@ -127,38 +140,34 @@ class FedPeftClient:
         self.seed = seed
         self.bars = bars or Bars(quiet=True)
         self.persistent_optimizer = persistent_optimizer
-        self._optimizer: torch.optim.Optimizer | None = None
+        self.runner = runner or make_runner(model, settings, device=device, pad_id=pad_id)
+        self._trained = False
 
     def __call__(self, msg: Message) -> Message:
         rnd = int(msg.meta["round"])
         load_adapter_state(self.model, {k: v.to(self.device) for k, v in msg.tensors.items()})
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        anchor = [p.detach().clone() for p in params] if self.settings.prox_mu > 0 else None
-        if self._optimizer is None or not self.persistent_optimizer:
-            self._optimizer = make_optimizer(params, self.settings)
-        opt = self._optimizer
+        runner = self.runner
+        runner.reset(keep_optimizer=self.persistent_optimizer and self._trained)
+        self._trained = True
         steps = self.settings.steps_for(len(self.examples))
         # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
         rng = random.Random(hash((self.seed, rnd, self.node_id)) & 0xFFFFFFFF)
         torch.manual_seed(rng.getrandbits(62))
-        losses: list[float] = []
         seen = 0
         self.bars.start("steps", steps, info=f"client {self.node_id}")
         self.model.train()
-        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops)
+        # With CUDA graphs the runner counts FLOPs itself (once per batch shape); counting every
+        # replayed step under FlopCounterMode is impossible (nothing is dispatched) and would be slow.
+        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops and not runner.graphs)
         with meter:
             for chunk in batches(self.examples, self.settings.batch_size, steps, rng):
-                batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
-                loss, _ = lm_loss(self.model, batch)
-                total = loss + proximal_term(params, anchor, self.settings.prox_mu) if anchor is not None else loss
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if self.settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
-                opt.step()
-                losses.append(float(loss.detach()))
+                runner.step(chunk)
                 seen += len(chunk)
-                self.bars.advance("steps", info=f"client {self.node_id} loss {losses[-1]:.3f}")
+                # Showing the loss would synchronise with the GPU every step: only on the CPU.
+                self.bars.advance("steps", info=None if runner.graphs else
+                                  f"client {self.node_id} loss {runner.last_loss():.3f}")
+            losses = runner.losses()
+        flops = runner.flops if runner.graphs else meter.flops
         self.model.eval()
         return Message(
             adapter_state(self.model),
@@ -172,7 +181,7 @@ class FedPeftClient:
                 "train_loss": sum(losses) / len(losses),
                 "train_loss_first": losses[0],
                 "train_loss_last": losses[-1],
-                "flops": meter.flops,
+                "flops": flops if self.settings.count_flops else None,
                 "peak_memory_bytes": meter.peak_memory_bytes,
                 "seconds": meter.seconds,
             },
@@ -326,6 +335,7 @@ def settings_from(ctx: RunContext) -> TrainSettings:
         local_steps=t.local_steps, local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
         optimizer=t.optimizer, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         prox_mu=f.prox_mu if f.paradigm == "fedprox" else 0.0, count_flops=t.count_flops,
+        cuda_graphs=t.cuda_graphs,
     )
     if f.paradigm == "centralized":
         # Same budget as the federation: per round, the steps (or examples) all sampled clients would take.
@@ -338,9 +348,11 @@ def make_clients(ctx: RunContext) -> dict[int, FedPeftClient]:
     """One client app per partition (a single one holding all data for the centralized baseline)."""
     settings = settings_from(ctx)
     centralized = ctx.config.federation.paradigm == "centralized"
+    # One runner for all: clients share the model, and so its optimizer buffers and CUDA graphs.
+    runner = make_runner(ctx.model, settings, device=ctx.device, pad_id=ctx.pad_id)
     return {
         i: FedPeftClient(i, ctx.model, ctx.client_examples(i), settings, device=ctx.device, pad_id=ctx.pad_id,
-                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized)
+                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner)
         for i in range(len(ctx.data.parts))
     }
 

@@ -1,0 +1,89 @@
+"""The fast client step (fedtune.train_step): its static-shape loss is the masked loss, and a shared runner
+behaves like a fresh optimizer per client. The CUDA-graph replay itself is checked in benchmarks/gpu.py on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune import config as cfg
+from fedtune.data.tasks import collate
+from fedtune.experiment import prepare_data
+from fedtune.losses import lm_loss
+from fedtune.models import attach_lora
+from fedtune.paradigms import fedpeft
+from fedtune.progress import Bars
+from fedtune.train_step import StepRunner, pad_to_bucket, static_loss
+from fedtune.wire import Message
+
+SMALL = ["model.name=tiny-llama", "data.demo_train_size=60", "data.demo_test_size=12", "federation.num_clients=3",
+         "federation.clients_per_round=3", "eval.base=false"]
+
+
+@pytest.fixture()
+def setup(tiny):
+    base, tok = tiny
+    c = cfg.load(None, SMALL)
+    data = prepare_data(c, tok, Bars(quiet=True))
+    model = attach_lora(base, c.peft, c.seed)
+    # A non-zero B, so the adapter changes the outputs and its gradients are not trivially zero.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(hash(name) & 0xFFFF))
+    yield c, model, tok, data
+    model.unload()
+
+
+def _grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params)
+
+
+def test_static_loss_equals_masked_loss_and_gradients(setup):
+    _, model, tok, data = setup
+    # Examples of different lengths, so the masked batch has real padding.
+    examples = sorted(data.train[:40], key=lambda e: len(e.prompt_ids) + len(e.target_ids))[::10][:4]
+    lengths = {len(e.prompt_ids) + len(e.target_ids) for e in examples}
+    assert len(lengths) > 1
+    batch = collate(examples, tok.pad_token_id)
+    masked, _ = lm_loss(model, batch)
+    static = pad_to_bucket(batch, 64, tok.pad_token_id)
+    assert static["input_ids"].shape[1] % 64 == 0 and static["input_ids"].shape[1] >= batch["input_ids"].shape[1]
+    unmasked = static_loss(model, static["input_ids"], static["labels"])
+    assert unmasked.item() == pytest.approx(masked.item(), rel=1e-5)
+    for g_masked, g_static in zip(_grads(model, masked), _grads(model, unmasked)):
+        torch.testing.assert_close(g_static, g_masked, rtol=1e-4, atol=1e-6)
+
+
+def test_pad_to_bucket_pads_right_with_ignored_labels():
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[-100, 6, 7]])}
+    out = pad_to_bucket(batch, 4, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7, -100]]
+    assert pad_to_bucket(batch, 2, pad_id=0)["input_ids"].shape == (1, 4)
+
+
+def test_shared_runner_equals_a_fresh_optimizer_per_client(setup):
+    _, model, tok, data = setup
+    s = fedpeft.TrainSettings(local_steps=3, local_epochs=None, batch_size=4, lr=0.01, count_flops=False)
+    init = fedpeft.adapter_state(model)
+    shared = fedpeft.make_runner(model, s, device=torch.device("cpu"), pad_id=tok.pad_token_id)
+
+    def client(i, runner=None):
+        return fedpeft.FedPeftClient(i, model, [data.train[j] for j in data.parts[i]], s,
+                                     device=torch.device("cpu"), pad_id=tok.pad_token_id, seed=0, runner=runner)
+
+    client(0, shared)(Message(init, {"round": 1, "dst": 0}))  # leaves AdamW state behind in the shared runner
+    after_shared = client(1, shared)(Message(init, {"round": 1, "dst": 1}))
+    alone = client(1)(Message(init, {"round": 1, "dst": 1}))
+    for k in init:
+        torch.testing.assert_close(after_shared.tensors[k], alone.tensors[k], rtol=0, atol=0)
+    assert after_shared.meta["train_loss"] == alone.meta["train_loss"]
+
+
+def test_graphs_need_cuda(setup):
+    _, model, tok, _ = setup
+    with pytest.raises(ValueError, match="train.cuda_graphs"):
+        StepRunner(model, lambda params, capturable: torch.optim.AdamW(params), max_grad_norm=1.0, prox_mu=0.0,
+                   device=torch.device("cpu"), pad_id=tok.pad_token_id, graphs=True)
