@@ -118,14 +118,12 @@ class StepRunner:
     def reset(self, keep_optimizer: bool = False) -> None:
         """Start a client's local training: fresh optimizer state (zeroed in place) and the anchor for FedProx."""
         if not keep_optimizer:
-            for state in self.optimizer.state.values():
-                for t in state.values():
-                    if torch.is_tensor(t):
-                        t.zero_()
+            state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+            if state:
+                torch._foreach_zero_(state)
         if self.anchor is not None:
             with torch.no_grad():
-                for a, p in zip(self.anchor, self.params):
-                    a.copy_(p)
+                torch._foreach_copy_(self.anchor, self.params)
         self._losses = []
         self.flops = 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,25 +39,79 @@ State = dict[str, torch.Tensor]
 # --------------------------------------------------------------------------- client side
 
 
+_ADAPTER_PARAMS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Parameter] | None]" = (
+    weakref.WeakKeyDictionary())
+
+
+def adapter_params(model) -> dict[str, torch.nn.Parameter] | None:
+    """PEFT state-dict key -> the parameter that holds it, found once per model.
+
+    ``get_peft_model_state_dict`` walks the whole model's state dict (~100 ms a call on the 135M model
+    on a CPU core), which would cost more than a client's training steps on a GPU. None when some
+    adapter entry is not a parameter of the model (then the PEFT functions are used).
+    """
+    if model in _ADAPTER_PARAMS:
+        return _ADAPTER_PARAMS[model]
+    by_address = {p.data_ptr(): p for p in model.parameters() if p.numel()}
+    found = {k: by_address.get(v.data_ptr()) for k, v in get_peft_model_state_dict(model).items()}
+    params = None if any(p is None or p.shape != v.shape for p, v in
+                         zip(found.values(), get_peft_model_state_dict(model).values())) else found
+    _ADAPTER_PARAMS[model] = params
+    return params
+
+
+def _to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU copies of device tensors in one transfer (one synchronisation instead of one per tensor)."""
+    if not tensors or tensors[0].device.type == "cpu" or len({t.dtype for t in tensors}) != 1:
+        return [t.detach().to("cpu", copy=True) for t in tensors]
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).cpu()
+    return [part.view(t.shape).clone() for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def adapter_state(model) -> State:
-    """A detached copy of the model's trainable adapter state (PEFT key names)."""
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    """A detached CPU copy of the model's trainable adapter state (PEFT key names).
+
+    On the CPU, not the GPU: a simulation keeps every reply of a round (and the global state) until it
+    aggregates, and with hundreds of clients those copies would otherwise cost more GPU memory than training.
+    """
+    params = adapter_params(model)
+    if params is None:
+        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    return dict(zip(params, _to_cpu(list(params.values()))))
 
 
 def load_adapter_state(model, state: State, expected: set[str] | None = None, what: str = "adapter") -> None:
     """Copy `state` into the model's adapter; missing or unexpected keys are errors, never skipped.
 
     ``expected`` narrows the keys `state` must have to part of the adapter (split learning loads one side).
+    The copy is in place, so the parameters keep their addresses (optimizers and CUDA graphs stay valid).
     """
+    params = adapter_params(model)
     if expected is None:
-        expected = set(get_peft_model_state_dict(model))
+        expected = set(params) if params is not None else set(get_peft_model_state_dict(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise WireError(f"{what} state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise WireError(f"adapter state has keys the model lacks: {unexpected[:3]}")
+    if params is None:
+        result = set_peft_model_state_dict(model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise WireError(f"adapter state has keys the model lacks: {unexpected[:3]}")
+        return
+    keys = sorted(state)
+    for k in keys:
+        if tuple(state[k].shape) != tuple(params[k].shape):
+            raise WireError(f"{what} state {k!r} has shape {tuple(state[k].shape)}, the model's is "
+                            f"{tuple(params[k].shape)}")
+    dst = [params[k] for k in keys]
+    src = [state[k] for k in keys]
+    device = dst[0].device
+    if device.type != "cpu" and src[0].device.type == "cpu" and len({t.dtype for t in src}) == 1:
+        # One host-to-device transfer, then one device-side copy into the parameters.
+        flat = torch.cat([t.reshape(-1) for t in src]).to(device, dst[0].dtype)
+        src = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in src]), src)]
+    with torch.no_grad():
+        torch._foreach_copy_(dst, [t.to(p.device, p.dtype) for p, t in zip(dst, src)])
 
 
 @dataclass
@@ -145,7 +200,7 @@ class FedPeftClient:
 
     def __call__(self, msg: Message) -> Message:
         rnd = int(msg.meta["round"])
-        load_adapter_state(self.model, {k: v.to(self.device) for k, v in msg.tensors.items()})
+        load_adapter_state(self.model, msg.tensors)
         runner = self.runner
         runner.reset(keep_optimizer=self.persistent_optimizer and self._trained)
         self._trained = True
