@@ -94,8 +94,9 @@ def as_examples(ids: torch.Tensor) -> list[Example]:
     return [Example(prompt_ids=row[:1].tolist(), target_ids=row[1:].tolist()) for row in ids]
 
 
-def settings(batch: int, steps: int) -> fedpeft.TrainSettings:
-    return fedpeft.TrainSettings(local_steps=steps, local_epochs=None, batch_size=batch, lr=LR, count_flops=False)
+def settings(batch: int, steps: int, compile: bool = False) -> fedpeft.TrainSettings:
+    return fedpeft.TrainSettings(local_steps=steps, local_epochs=None, batch_size=batch, lr=LR, count_flops=False,
+                                 compile=compile)
 
 
 def timed(fn) -> float:
@@ -146,10 +147,10 @@ def plain_steps(model, batches: list[torch.Tensor], record: list[float] | None =
 # --------------------------------------------------------------------------- cases
 
 
-def client_step(shape: str, batch: int, steps: int, peak: float) -> dict:
+def client_step(shape: str, batch: int, steps: int, peak: float, compile: bool = False) -> dict:
     """Tokens/s of one client's steps: plain vs ours, on the same initial weights and batches."""
     batches = random_batches(steps + 3, batch, SHAPES[shape]["vocab_size"], seed=1)
-    out: dict = {"shape": shape, "batch": batch, "seq": SEQ, "steps": steps}
+    out: dict = {"shape": shape, "batch": batch, "seq": SEQ, "steps": steps, "compile": compile}
 
     plain = build(shape, torch.float32)
     plain_losses: list = []
@@ -166,7 +167,7 @@ def client_step(shape: str, batch: int, steps: int, peak: float) -> dict:
     free()
 
     ours = build(shape, torch.bfloat16)
-    runner = fedpeft.make_runner(ours, settings(batch, steps), device=torch.device("cuda"), pad_id=PAD)
+    runner = fedpeft.make_runner(ours, settings(batch, steps, compile), device=torch.device("cuda"), pad_id=PAD)
     runner.count_flops = True
     runner.reset()
     examples = [as_examples(b) for b in batches[3:]]
@@ -321,6 +322,8 @@ def main() -> None:
     plan = {
         "client_step_135m_b4": lambda: client_step("135m", 4, steps, peak),
         "client_step_1b_b16": lambda: client_step("1b", 16, max(5, steps // 2), peak),
+        "client_step_compiled_1b_b16": lambda: client_step("1b", 16, max(5, steps // 2), peak, compile=True),
+        "client_step_compiled_135m_b4": lambda: client_step("135m", 4, steps, peak, compile=True),
         "throughput_135m": lambda: throughput("135m", 4),
         "throughput_1b": lambda: throughput("1b", 4),
         "many_clients_135m": lambda: many_clients("135m", 4, 2),
@@ -345,8 +348,8 @@ def main() -> None:
 
     results["summary"] = {
         "device": results["versions"]["device"],
-        "client_step_speedup_135m": get("client_step_135m_b4", "speedup"),
-        "mfu_1b": get("client_step_1b_b16", "mfu"),
+        "client_step_speedup_135m": get("client_step_compiled_135m_b4", "speedup"),
+        "mfu_1b": get("client_step_compiled_1b_b16", "mfu"),
         "throughput_ratio_135m": get("throughput_135m", "ratio"),
         "throughput_ratio_1b": get("throughput_1b", "ratio"),
         "many_clients_memory_ratio": get("many_clients_135m", "memory_ratio"),

@@ -122,6 +122,8 @@ class TrainConfig:
     """Count FLOPs of the real client steps with torch's FlopCounterMode (a little slower)."""
     cuda_graphs: bool = True
     """On CUDA, FedLLM clients run each batch shape's step as one captured CUDA graph (see fedtune.train_step); ignored on the CPU."""
+    compile: bool = False
+    """On CUDA, also torch.compile the step (fuses elementwise work: 1.8x on a 1B model; 1-2 minutes of compilation per batch shape)."""
 
 
 @dataclass
