@@ -340,6 +340,8 @@ def main() -> None:
             results["cases"][name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
         results["cases"][name]["bench_s"] = round(time.perf_counter() - t, 1)
         log(json.dumps(results["cases"][name], default=str))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))  # a killed run keeps its cases
         free()
     c = results["cases"]
 

@@ -145,7 +145,9 @@ class StepRunner:
         if shape in self._graphs:
             graph, inputs, loss = self._graphs[shape]
             for k, v in static.items():
-                inputs[k].copy_(v, non_blocking=True)
+                # From pinned memory the copy is asynchronous; from pageable memory CUDA would first wait
+                # for the stream to drain, leaving the GPU idle while the host prepares the next batch.
+                inputs[k].copy_(v.pin_memory(), non_blocking=True)
             graph.replay()
             self._losses.append(loss.detach().clone())
         else:
