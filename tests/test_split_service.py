@@ -322,6 +322,10 @@ def test_split_over_the_cli_service_equals_the_local_runtime(tmp_path, pki, monk
     # the same combined adapter (bottom averaged by the fed server, top trained by the service)
     a, b = _adapter(tmp_path / "local"), _adapter(tmp_path / "remote")
     assert a.keys() == b.keys() and len(a) > 0
+    # both sides trained: LoRA B starts at zero, so non-zero B matrices on either side of the cut prove steps ran
+    # (tiny-llama: 2 layers, default cut 1, so layers.1 is the service's)
+    trained = {("top" if "layers.1." in k else "bottom") for k, v in a.items() if "lora_B" in k and v.abs().sum() > 0}
+    assert trained == {"top", "bottom"}
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     assert remote_run["accuracy"] == pytest.approx(local["accuracy"], abs=1e-9)

@@ -337,6 +337,16 @@ def test_non_finite_rejected(bad: float, dtype: torch.dtype) -> None:
     assert decode(data).tensors["x"].shape == (10,)
 
 
+def test_finite_values_whose_sum_overflows_are_accepted_and_a_nan_among_them_counted() -> None:
+    # The finiteness check first sums the tensor; an overflowing sum must fall back to the exact count.
+    x = torch.full((8,), 60000.0, dtype=torch.float16)
+    assert not torch.isfinite(x.sum())
+    assert torch.equal(decode(encode(Message({"x": x}, {})), expect=spec_of({"x": x})).tensors["x"], x)
+    x[2] = float("nan")
+    with pytest.raises(WireError, match=r"tensor 'x' holds 1 NaN/Inf"):
+        decode(encode(Message({"x": x}, {})), expect=spec_of({"x": x}))
+
+
 def test_nan_in_float8_e4m3fn_rejected() -> None:
     # isfinite has no float8_e4m3fn kernel; the check must still see the NaN.
     x = torch.tensor([0.0, float("nan"), 1.0]).to(torch.float8_e4m3fn)

