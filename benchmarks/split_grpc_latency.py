@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import socket
 import statistics
 import threading
@@ -36,6 +37,8 @@ from fedtune.runtime import split_service as svc
 from fedtune.wire import Message, encode
 
 HIDDEN = 256
+MAX_BYTES = 64 * 1024**2
+_END = object()
 
 
 class EchoMain:
@@ -104,73 +107,81 @@ def act_message(mb: float, step: int, steps: int) -> Message:
                                         "num_examples": batch})
 
 
-def bench_service(mb: float, steps: int, warmup: int, *, relay: bool) -> dict:
-    """Time `steps` steps of one session; with `relay`, through the counting relay (for bytes, not timing)."""
+class Echo:
+    """A bare gRPC bidirectional stream that returns every payload as it came (raw bytes, no fedtune code)."""
+
+    def __init__(self) -> None:
+        handler = grpc.method_handlers_generic_handler("bench.Echo", {
+            "Echo": grpc.stream_stream_rpc_method_handler(lambda requests, context: (r for r in requests))})
+        options = [("grpc.max_send_message_length", MAX_BYTES), ("grpc.max_receive_message_length", MAX_BYTES)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[handler], options=options)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        self.outbox: queue.Queue = queue.Queue()
+        self.replies = self.channel.stream_stream("/bench.Echo/Echo")(iter(self.outbox.get, _END))
+
+    def exchange(self, payload: bytes) -> bytes:
+        self.outbox.put(payload)
+        return next(self.replies)
+
+    def close(self) -> None:
+        self.outbox.put(_END)
+        self.channel.close()
+        self.server.stop(grace=None).wait(10)
+
+
+def bench(mb: float, steps: int, warmup: int, *, relay: bool) -> dict:
+    """One session of ``warmup + steps`` split steps; each timed step is followed by a timed echo of the
+    same payload size, so both see the same machine load (this machine may be shared).
+
+    With `relay`, the service is reached through the counting relay (for bytes; its copies distort timing).
+    """
     tokens = {svc.node_identity(0): os.urandom(16).hex(), svc.FED_SERVER: os.urandom(16).hex()}
     service = svc.SplitService(EchoMain(), Activations(torch.float32, HIDDEN, 1000), tokens=tokens, mtls=False,
-                               max_bytes=64 * 1024**2)
+                               max_bytes=MAX_BYTES)
     server, port = svc.start_server(service, "127.0.0.1:0", svc.ServerSecurity(tokens=tokens))
     counter = CountingRelay(port) if relay else None
     address = f"127.0.0.1:{counter.port if relay else port}"
     fed = svc.RemoteMainServer(address, svc.Credentials(svc.FED_SERVER, token=tokens[svc.FED_SERVER]),
                                cut=EchoMain.cut, wire_dtype=torch.float32, expect={})
+    echo = Echo()
     total = warmup + steps
-    times = []
+    messages = [act_message(mb, s, total) for s in range(1, total + 1)]
+    size = len(encode(messages[0]))
+    payloads = [os.urandom(size) for _ in range(4)]
+    step_times, echo_times = [], []
     try:
         fed.begin(1, 0)
         up0, down0 = (counter.up, counter.down) if relay else (0, 0)
         creds = svc.Credentials(svc.node_identity(0), token=tokens[svc.node_identity(0)])
-        with svc.StepStream(address, creds, max_bytes=64 * 1024**2) as stream:
-            messages = [act_message(mb, s, total) for s in range(1, total + 1)]
+        with svc.StepStream(address, creds, max_bytes=MAX_BYTES) as stream:
             for i, msg in enumerate(messages):
                 shape = tuple(msg.tensors["activations"].shape)
                 start = time.perf_counter()
                 stream.exchange(msg, expect={"grad": (shape, torch.float32)})
+                middle = time.perf_counter()
+                assert len(echo.exchange(payloads[i % 4])) == size
+                end = time.perf_counter()
                 if i >= warmup:
-                    times.append(time.perf_counter() - start)
+                    step_times.append(middle - start)
+                    echo_times.append(end - middle)
             counted_up, counted_down = stream.bytes_up, stream.bytes_down
         time.sleep(0.2)  # let the relay forward the stream's last frames
-        # the stream's connection, setup included
+        # the stream's connection, its setup included
         wire_up, wire_down = (counter.up - up0, counter.down - down0) if relay else (None, None)
         report = fed.finish(1, 0)
     finally:
         fed.close()
+        echo.close()
         server.stop(grace=None).wait(10)
         if relay:
             counter.close()
+    # the service's count of the stream equals the client's
     assert report["stream_bytes_up"] == counted_up and report["stream_bytes_down"] == counted_down
-    return {"median_s": statistics.median(times), "payload_bytes": len(encode(messages[0])),
-            "counted_up": counted_up, "counted_down": counted_down, "wire_up": wire_up, "wire_down": wire_down,
-            "steps_timed": steps}
-
-
-def bench_echo(size: int, steps: int, warmup: int) -> float:
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Echo": grpc.stream_stream_rpc_method_handler(lambda requests, context: (r for r in requests))})
-    options = [("grpc.max_send_message_length", 64 * 1024**2), ("grpc.max_receive_message_length", 64 * 1024**2)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler], options=options)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
-    import queue
-
-    outbox: queue.Queue = queue.Queue()
-    end = object()
-    replies = channel.stream_stream("/bench.Echo/Echo")(iter(outbox.get, end))
-    payloads = [os.urandom(size) for _ in range(4)]
-    times = []
-    try:
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            outbox.put(payloads[i % 4])
-            assert len(next(replies)) == size
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    finally:
-        outbox.put(end)
-        channel.close()
-        server.stop(grace=None).wait(10)
-    return statistics.median(times)
+    return {"step_ms": 1e3 * statistics.median(step_times), "echo_ms": 1e3 * statistics.median(echo_times),
+            "payload_bytes": size, "counted_up": counted_up, "counted_down": counted_down, "wire_up": wire_up,
+            "wire_down": wire_down}
 
 
 def main() -> None:
@@ -180,22 +191,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(1)
-    s = bench_service(args.mb, args.steps, args.warmup, relay=False)
-    # bytes: a shorter session through the counting relay (the relay's copies would distort the timing)
-    s.update({k: v for k, v in bench_service(args.mb, 10, 0, relay=True).items()
-              if k in ("counted_up", "counted_down", "wire_up", "wire_down")})
-    echo = bench_echo(s["payload_bytes"], args.steps, args.warmup)
-    ratio = s["median_s"] / echo
-    print(f"split step over the service: median {s['median_s'] * 1e3:.2f} ms for {s['payload_bytes']} B up and "
-          f"about as much down (median of {args.steps})")
-    print(f"bare gRPC echo, same size:   median {echo * 1e3:.2f} ms  ->  ratio {ratio:.2f}x")
+    s = bench(args.mb, args.steps, args.warmup, relay=False)
+    b = bench(args.mb, 10, 0, relay=True)  # bytes on the socket: a shorter session through the relay
+    ratio = s["step_ms"] / s["echo_ms"]
+    print(f"split step over the service: median {s['step_ms']:.2f} ms, {s['payload_bytes']} B up and about as "
+          f"much down (median of {args.steps})")
+    print(f"bare gRPC echo, same size:   median {s['echo_ms']:.2f} ms  ->  ratio {ratio:.2f}x")
     for d in ("up", "down"):
-        extra = s[f"wire_{d}"] - s[f"counted_{d}"]
-        print(f"bytes {d:>4} (10 steps): counted {s[f'counted_{d}']}, on the socket {s[f'wire_{d}']} "
-              f"(+{extra}, {100 * extra / s[f'counted_{d}']:.3f}% gRPC/HTTP2 framing and headers)")
-    print(json.dumps({"mb": args.mb, "service_median_ms": s["median_s"] * 1e3, "echo_median_ms": echo * 1e3,
-                      "ratio": ratio, **{k: s[k] for k in ("payload_bytes", "counted_up", "counted_down", "wire_up",
-                                                          "wire_down")}}))
+        extra = b[f"wire_{d}"] - b[f"counted_{d}"]
+        print(f"bytes {d:>4} (10 steps): counted {b[f'counted_{d}']}, on the socket {b[f'wire_{d}']} "
+              f"(+{extra}, {100 * extra / b[f'counted_{d}']:.3f}%: gRPC/HTTP2 framing and headers)")
+    print(json.dumps({"mb": args.mb, "steps": args.steps, "ratio": ratio, **{k: s[k] for k in (
+        "step_ms", "echo_ms", "payload_bytes")}, **{k: b[k] for k in ("counted_up", "counted_down", "wire_up",
+                                                                      "wire_down")}}))
 
 
 if __name__ == "__main__":

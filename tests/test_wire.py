@@ -173,6 +173,24 @@ def test_encoded_size_explicit_cases(tensors: dict[str, torch.Tensor]) -> None:
     _assert_same_tensors(tensors, decode(data).tensors)
 
 
+def _safetensors_reference(msg: Message) -> bytes:
+    """What safetensors itself writes for a message (copies, since it refuses tensors sharing memory)."""
+    cpu = {k: v.detach().cpu().resolve_conj().resolve_neg().contiguous().clone() for k, v in msg.tensors.items()}
+    return safetensors.torch.save(cpu, metadata={"fedtune": wire._meta_json(msg.meta)})
+
+
+def test_encode_writes_exactly_what_safetensors_writes() -> None:
+    rng = random.Random(99)
+    gen = torch.Generator().manual_seed(99)
+    cases = [_random_message(rng, gen) for _ in range(200)]
+    cases.append(Message({f"t{i:02d}": _make((3, 2), d, gen) for i, d in enumerate(ALL_DTYPES)}, {"k": "dtypes"}))
+    shared = torch.arange(12.0)
+    cases.append(Message({"a": shared[:6], "b": shared[6:].view(2, 3), "c": shared.view(3, 4).t(),
+                          "z": torch.tensor(1 + 2j).conj(), "e": torch.zeros(0, 3)}, {}))
+    for case, msg in enumerate(cases):
+        assert encode(msg) == _safetensors_reference(msg), f"case {case}: {list(msg.tensors)}"
+
+
 def test_encoded_size_randomized() -> None:
     rng = random.Random(1234)
     gen = torch.Generator().manual_seed(1234)
