@@ -113,9 +113,9 @@ def small(tiny):
 def start_service(tiny, pki, config, max_bytes=svc.DEFAULT_MAX_MESSAGE_BYTES):
     """The service on its own copy of the tiny base (the test's clients use the cached one), TLS + mTLS + tokens."""
     model = attach_lora(copy.deepcopy(tiny[0]), config.peft, config.seed)
-    cut = Cut(model, config.split.cut_layer)
+    cut = Cut(model, config.split.cut_layer, u_shaped=config.split.u_shaped)
     settings = fedpeft.settings_from(type("Ctx", (), {"config": config}))
-    main = MainServer(model, cut, settings, device=CPU, count_flops=False)
+    main = MainServer(model, cut, settings, device=CPU, count_flops=config.train.count_flops)
     want = split.Activations(torch.float32, model.config.hidden_size, model.config.vocab_size)
     service = svc.SplitService(main, want, tokens=pki["tokens"], mtls=True, max_bytes=max_bytes)
     server, port = svc.start_server(service, "127.0.0.1:0",
@@ -288,6 +288,36 @@ def _client_records(run: Path) -> dict[int, dict]:
     return {r["client"]: r for r in rows if r["type"] == "client"}
 
 
+def _use_credentials_from(folder: Path, monkeypatch) -> None:
+    """The environment a fed server and its clients read their credentials from (files per identity)."""
+    for var, name in [("ca", "ca.pem"), ("cert", "{identity}.pem"), ("key", "{identity}.key"),
+                      ("token_file", "{identity}.token")]:
+        monkeypatch.setenv(svc.ENV[var], str(folder / name))
+    monkeypatch.setenv(svc.ENV["timeout"], str(TIMEOUT))
+
+
+def _assert_same_as_local(tmp_path: Path, local: dict, remote_run: dict) -> None:
+    """The remote run trained exactly as the local one: same combined adapter, losses, steps, about the bytes."""
+    a, b = _adapter(tmp_path / "local"), _adapter(tmp_path / "remote")
+    assert a.keys() == b.keys() and len(a) > 0
+    # both sides trained: LoRA B starts at zero, so non-zero B matrices on either side of the cut prove steps ran
+    # (tiny-llama: 2 layers, default cut 1, so layers.1 is the service's; LoRA targets no head here)
+    trained = {("top" if "layers.1." in k else "bottom") for k, v in a.items() if "lora_B" in k and v.abs().sum() > 0}
+    assert trained == {"top", "bottom"}
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert remote_run["accuracy"] == pytest.approx(local["accuracy"], abs=1e-9)
+    loc, rem = _client_records(tmp_path / "local"), _client_records(tmp_path / "remote")
+    assert sorted(rem) == [0, 1]
+    for node in rem:
+        assert rem[node]["status"] == "ok" and rem[node]["server_steps"] == loc[node]["server_steps"] == 2
+        assert rem[node]["train_loss"] == pytest.approx(loc[node]["train_loss"], abs=1e-6)
+        # the split traffic is the same messages as in process, plus a little routing metadata
+        assert abs(rem[node]["bytes_up"] - loc[node]["bytes_up"]) < 512
+        assert abs(rem[node]["bytes_down"] - loc[node]["bytes_down"]) < 512
+        assert rem[node]["stream_bytes_up"] > 0 and rem[node]["stream_bytes_down"] > 0
+
+
 def test_split_over_the_cli_service_equals_the_local_runtime(tmp_path, pki, monkeypatch):
     config = tmp_path / "split.yaml"
     config.write_text(cfg.to_yaml(cfg.load(None, SMALL)))
@@ -304,10 +334,7 @@ def test_split_over_the_cli_service_equals_the_local_runtime(tmp_path, pki, monk
         line = server.stdout.readline()  # blocks until the service listens (or the process dies)
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         assert match, f"split-server did not start: {line!r} {server.stderr.read() if server.poll() else ''}"
-        for var, name in [("ca", "ca.pem"), ("cert", "{identity}.pem"), ("key", "{identity}.key"),
-                          ("token_file", "{identity}.token")]:
-            monkeypatch.setenv(svc.ENV[var], str(d / name))
-        monkeypatch.setenv(svc.ENV["timeout"], str(TIMEOUT))
+        _use_credentials_from(d, monkeypatch)
         remote_run = fedtune.run(cfg.load(config, [f"runtime.split_server=127.0.0.1:{match[1]}"]),
                                  out=tmp_path / "remote", quiet=True)
     finally:
@@ -318,25 +345,21 @@ def test_split_over_the_cli_service_equals_the_local_runtime(tmp_path, pki, monk
             server.kill()
             server.wait()
     assert server.returncode == 0, server.stderr.read()
+    _assert_same_as_local(tmp_path, local, remote_run)
 
-    # the same combined adapter (bottom averaged by the fed server, top trained by the service)
-    a, b = _adapter(tmp_path / "local"), _adapter(tmp_path / "remote")
-    assert a.keys() == b.keys() and len(a) > 0
-    # both sides trained: LoRA B starts at zero, so non-zero B matrices on either side of the cut prove steps ran
-    # (tiny-llama: 2 layers, default cut 1, so layers.1 is the service's)
-    trained = {("top" if "layers.1." in k else "bottom") for k, v in a.items() if "lora_B" in k and v.abs().sum() > 0}
-    assert trained == {"top", "bottom"}
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
-    assert remote_run["accuracy"] == pytest.approx(local["accuracy"], abs=1e-9)
-    loc, rem = _client_records(tmp_path / "local"), _client_records(tmp_path / "remote")
-    assert sorted(rem) == [0, 1]
-    for node in rem:
-        assert rem[node]["status"] == "ok" and rem[node]["server_steps"] == loc[node]["server_steps"] == 2
-        assert rem[node]["train_loss"] == pytest.approx(loc[node]["train_loss"], abs=1e-6)
-        # the split traffic is the same messages as in process, plus a little routing metadata
-        assert abs(rem[node]["bytes_up"] - loc[node]["bytes_up"]) < 512
-        assert abs(rem[node]["bytes_down"] - loc[node]["bytes_down"]) < 512
+
+def test_u_shaped_split_over_the_service_equals_the_local_runtime(tmp_path, tiny, pki, monkeypatch):
+    # The service in a thread on its own copy of the base (what build_service does, minus the shared cache).
+    config = cfg.load(None, SMALL + ["split.u_shaped=true"])
+    local = fedtune.run(config, out=tmp_path / "local", quiet=True)
+    server, address, _ = start_service(tiny, pki, config)
+    try:
+        _use_credentials_from(pki["dir"], monkeypatch)
+        remote_run = fedtune.run(cfg.load(None, SMALL + ["split.u_shaped=true", f"runtime.split_server={address}"]),
+                                 out=tmp_path / "remote", quiet=True)
+    finally:
+        server.stop(grace=None).wait(TIMEOUT)
+    _assert_same_as_local(tmp_path, local, remote_run)
 
 
 def test_split_server_verb_refuses_to_run_without_authentication(tmp_path):

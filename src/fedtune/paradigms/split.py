@@ -35,7 +35,7 @@ Over a network (``runtime.split_server`` = host:port of `fedtune split-server`,
 and ``fit_res`` (meta also ``stream_bytes_up``/``_down``) cross the Grid: the client
 streams its ``split_act``/``split_grad`` steps to the service over gRPC itself
 (`train_client_remote`); the fed server opens and closes each session there and
-pulls the top adapter from it. U-shaped split is in-process only for now.
+pulls the top adapter from it.
 
 Every server->client message also carries ``dst``. Activations and gradients
 travel in ``split.wire_dtype``; the computation runs in the model's dtype.
@@ -174,6 +174,12 @@ class SplitClient:
             while r.step < r.steps:
                 act = self._forward()
                 shape = tuple(act.tensors["activations"].shape)
+                if self.cut.u_shaped:
+                    top = stream.exchange(act, expect={"top_activations": (shape, self.wire_dtype)})
+                    if top.kind != "split_top" or top.meta.get("step") != r.step or top.meta.get("round") != r.rnd:
+                        raise WireError(f"expected the split_top of round {r.rnd} step {r.step}, got a "
+                                        f"{top.kind!r} of round {top.meta.get('round')!r} step {top.meta.get('step')!r}")
+                    act = self._head(top)  # the norm, head and loss here; the reply is their gradient
                 grad = stream.exchange(act, expect={"grad": (shape, self.wire_dtype)})
                 if grad.kind != "split_grad" or grad.meta.get("step") != r.step or grad.meta.get("round") != r.rnd:
                     raise WireError(f"expected the split_grad of round {r.rnd} step {r.step}, got a {grad.kind!r} "
@@ -503,9 +509,6 @@ def remote_main_server(ctx: RunContext, cut: Cut):
     from ..runtime.split_service import FED_SERVER, Credentials, RemoteMainServer, SplitServiceError
 
     c = ctx.config
-    if cut.u_shaped:
-        raise ValueError("split.u_shaped = true is not supported with runtime.split_server yet: set split.u_shaped "
-                         "to false, or runtime.split_server to null to run U-shaped split in process.")
     main = RemoteMainServer(c.runtime.split_server, Credentials.from_env(FED_SERVER), cut=cut,
                             wire_dtype=DTYPES[c.split.wire_dtype], expect=spec_of(cut.part(adapter_state(ctx.model),
                                                                                           SERVER)))

@@ -9,6 +9,13 @@ has sent it ``split_fit_ins`` through the Grid, streams its steps straight to it
   client  --split_act-->   service   (activations at the cut, attention mask, labels)
   client  <--split_grad--  service   (gradient at the cut; meta: step, last, loss)
 
+or, U-shaped (the client keeps the norm, the head and the labels), two round trips a step:
+
+  client  --split_act-->       service   (activations at the cut, attention mask)
+  client  <--split_top--       service   (the top blocks' output)
+  client  --split_top_grad-->  service   (its gradient; meta: loss)
+  client  <--split_grad--      service   (gradient at the cut)
+
 one bidirectional stream (``Step``) per client-round. Every stream message is one
 `fedtune.wire.encode`d Message (safetensors bytes + JSON header, never pickle),
 validated on arrival by the same code as the in-process path (`read_activations`).
@@ -26,8 +33,6 @@ to their identity (``node-<id>`` or ``fed-server``, sent as ``fedtune-identity``
 metadata) and/or mutual TLS, whose client certificate's common name must equal
 that identity. Both sides bound message sizes (gRPC limits and ``wire.decode``'s
 ``max_bytes``); client calls carry deadlines; keepalive pings detect dead peers.
-
-Not supported over the service yet: the U-shaped variant (``split.u_shaped``).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import grpc
 import torch
 
 from ..paradigms.split import Activations, _meta_number, read_activations
-from ..wire import Message, WireError, decode, encode
+from ..wire import Message, WireError, check, decode, encode
 
 SERVICE = "fedtune.split.MainServer"
 FED_SERVER = "fed-server"
@@ -186,6 +191,7 @@ class _Session:
     error: str = ""
     steps: int = 0  # announced by the client on its first message
     done: int = 0
+    top_shape: tuple[int, ...] | None = None  # U-shaped: a forward awaits its split_top_grad
     bytes_up: int = 0
     bytes_down: int = 0
     losses: list[float] = field(default_factory=list)
@@ -197,7 +203,7 @@ class _Session:
 
 
 class SplitService:
-    """The gRPC servicer around a `MainServer` (standard split: ``forward_backward`` per step).
+    """The gRPC servicer around a `MainServer` (``forward_backward`` per step; U-shaped ``forward``, ``backward``).
 
     Args:
         main: The main server (top part, its adapter and optimizer).
@@ -209,9 +215,6 @@ class SplitService:
 
     def __init__(self, main, want, *, tokens: Mapping[str, str] | None, mtls: bool,
                  max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        if main.cut.u_shaped:
-            raise ValueError("split.u_shaped = true is not supported over the split service yet: set it to false, "
-                             "or leave runtime.split_server unset to run U-shaped split in process.")
         if tokens is None and not mtls:
             raise ValueError("the split service needs authentication: give it a token file (--token-file) and/or "
                              "a CA for client certificates (--tls-ca).")
@@ -346,29 +349,49 @@ class SplitService:
                     session.status = "ok"
                     return
         finally:
+            self.main.abandon()  # a U-shaped forward left without its gradient takes no step
             with self._guard:
                 self._active = None
             self._one_session.release()
 
     def _one_step(self, session: _Session, raw: bytes, context) -> bytes:
+        """One request of the session: a ``split_act`` (or, U-shaped, a ``split_top_grad``) in, the reply out."""
+        u_shaped = self.main.cut.u_shaped
+        kind = "split_top_grad" if session.top_shape else "split_act"
         try:
             msg = decode(raw, max_bytes=self.max_bytes)
-            if msg.kind != "split_act" or msg.meta.get("round") != session.round:
-                raise WireError(f"expected a split_act of round {session.round}, got a {msg.kind!r} of round "
+            if msg.kind != kind or msg.meta.get("round") != session.round:
+                raise WireError(f"expected a {kind} of round {session.round}, got a {msg.kind!r} of round "
                                 f"{msg.meta.get('round')!r}")
-            steps = int(_meta_number(msg, "steps", integer=True))
-            if session.done and steps != session.steps:
-                raise WireError(f"the client announced {session.steps} steps, now {steps}")
-            session.steps = steps
-            act, mask, labels = read_activations(msg, session.done + 1, self.want, with_labels=True)
+            if session.top_shape:
+                if msg.meta.get("step") != session.done + 1:
+                    raise WireError(f"expected the top gradient of step {session.done + 1}, got step "
+                                    f"{msg.meta.get('step')!r}")
+                check(msg, {"top_grad": (session.top_shape, self.want.dtype)})
+                loss = _meta_number(msg, "loss")
+            else:
+                steps = int(_meta_number(msg, "steps", integer=True))
+                if session.done and steps != session.steps:
+                    raise WireError(f"the client announced {session.steps} steps, now {steps}")
+                session.steps = steps
+                act, mask, labels = read_activations(msg, session.done + 1, self.want, with_labels=not u_shaped)
         except WireError as err:
             session.status, session.error = "rejected", str(err)[:500]
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rejected split_act: {err}")
-        grad, loss = self.main.forward_backward(act, mask, labels)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rejected, expecting a {kind}: {err}")
+        route = {"round": session.round, "step": session.done + 1}
+        if u_shaped and not session.top_shape:
+            top = self.main.forward(act, mask)
+            session.top_shape = tuple(top.shape)
+            return encode(Message({"top_activations": top}, {"kind": "split_top", **route}))
+        if u_shaped:
+            grad = self.main.backward(msg.tensors["top_grad"])
+            session.top_shape = None
+        else:
+            grad, loss = self.main.forward_backward(act, mask, labels)
         session.done += 1
         session.losses.append(loss)
-        return encode(Message({"grad": grad}, {"kind": "split_grad", "round": session.round, "step": session.done,
-                                               "last": session.done == session.steps, "loss": loss}))
+        return encode(Message({"grad": grad}, {"kind": "split_grad", **route, "last": session.done == session.steps,
+                                               "loss": loss}))
 
 
 @dataclass
