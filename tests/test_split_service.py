@@ -120,13 +120,13 @@ def start_service(tiny, pki, config, max_bytes=svc.DEFAULT_MAX_MESSAGE_BYTES):
     service = svc.SplitService(main, want, tokens=pki["tokens"], mtls=True, max_bytes=max_bytes)
     server, port = svc.start_server(service, "127.0.0.1:0",
                                     svc.ServerSecurity(*pki["server"], ca=pki["ca"], tokens=pki["tokens"]))
-    return server, f"127.0.0.1:{port}", main
+    return server, f"127.0.0.1:{port}", service
 
 
 @pytest.fixture()
 def service(tiny, pki, small):
-    server, address, main = start_service(tiny, pki, small[0])
-    yield address, main
+    server, address, service = start_service(tiny, pki, small[0])
+    yield address, service.main
     server.stop(grace=None).wait(TIMEOUT)
 
 
@@ -257,7 +257,8 @@ def test_callers_without_valid_credentials_are_refused(pki, service):
 
 
 def test_an_oversize_message_is_refused_and_the_service_goes_on(tiny, pki, small):
-    server, address, main = start_service(tiny, pki, small[0], max_bytes=64 * 1024)
+    server, address, service = start_service(tiny, pki, small[0], max_bytes=64 * 1024)
+    main = service.main
     fed = remote(address, pki, main.cut, main.model)
     try:
         fed.begin(1, 0)
@@ -271,6 +272,31 @@ def test_an_oversize_message_is_refused_and_the_service_goes_on(tiny, pki, small
         # the service still answers, and its top adapter is untouched
         for k, v in fed.state().items():
             torch.testing.assert_close(v, main.state()[k], rtol=0, atol=0)
+    finally:
+        fed.close()
+        server.stop(grace=None).wait(TIMEOUT)
+
+
+def test_a_stalled_session_is_cut_off_when_the_fed_server_finishes_it(tiny, pki, small):
+    import time
+
+    server, address, service = start_service(tiny, pki, small[0])
+    fed = remote(address, pki, service.main.cut, service.main.model)
+    try:
+        fed.begin(1, 0)
+        stream = svc.StepStream(address, creds(pki, svc.node_identity(0)), timeout=TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not service.session_running and time.monotonic() < deadline:
+            time.sleep(0.05)  # wait until the service has taken the stream (it holds the session lock)
+        assert service.session_running
+        started = time.monotonic()
+        report = fed.finish(1, 0)  # the client never sent a step
+        assert time.monotonic() - started < 5
+        assert report["status"] == "incomplete" and report["server_steps"] == 0
+        with pytest.raises(svc.SplitServiceError, match="CANCELLED"):
+            stream.exchange(Message({}, {"kind": "split_act"}), expect={})
+        stream.close()
+        fed.state()  # the service is free again
     finally:
         fed.close()
         server.stop(grace=None).wait(TIMEOUT)

@@ -230,6 +230,11 @@ class SplitService:
         self._flops = 0
         self._seconds = 0.0
 
+    @property
+    def session_running(self) -> bool:
+        """Whether a client's stream is being served now."""
+        return self._active is not None
+
     def handler(self) -> grpc.GenericRpcHandler:
         """Generic handlers with raw-bytes (de)serializers: no generated code, the payloads are wire Messages."""
         return grpc.method_handlers_generic_handler(SERVICE, {
