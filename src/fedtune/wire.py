@@ -135,8 +135,8 @@ def encode(msg: Message) -> bytes:
     """Serialise a message to safetensors bytes.
 
     Tensors are detached, moved to the CPU and made contiguous (the message
-    itself is not modified). Tensors sharing storage are copied so that
-    safetensors accepts them.
+    itself is not modified); tensors sharing storage are each written in full.
+    The bytes are exactly what ``safetensors.torch.save`` would write.
 
     Args:
         msg: The message to encode.
