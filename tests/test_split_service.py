@@ -388,10 +388,26 @@ def test_u_shaped_split_over_the_service_equals_the_local_runtime(tmp_path, tiny
     _assert_same_as_local(tmp_path, local, remote_run)
 
 
-def test_split_server_verb_refuses_to_run_without_authentication(tmp_path):
+@pytest.mark.parametrize("flags, error", [
+    ([], "needs authentication"),
+    (["--tls-cert", "server.pem"], "--tls-cert and --tls-key go together"),
+    (["--tls-ca", "ca.pem", "--token-file", "tokens.txt"], "--tls-ca needs --tls-cert"),
+    (["--token-file", "short.txt"], "at least 16 characters"),
+    (["--token-file", "missing.txt"], "--token-file missing.txt: No such file"),
+], ids=["no-auth", "cert-without-key", "ca-without-tls", "short-token", "missing-file"])
+def test_split_server_verb_refuses_bad_security_flags_before_loading_anything(tmp_path, pki, flags, error,
+                                                                              monkeypatch):
     from fedtune.cli import main
 
     config = tmp_path / "split.yaml"
     config.write_text(cfg.to_yaml(cfg.load(None, SMALL)))
-    with pytest.raises(ValueError, match="needs authentication"):
-        main(["split-server", "--config", str(config), "--port", "0", "--debug"])
+    (tmp_path / "short.txt").write_text("node-0 abc\n")
+    for name in ("server.pem", "ca.pem", "tokens.txt"):
+        (tmp_path / name).write_bytes((pki["dir"] / name).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("fedtune.models.load_base", no_model)
+    with pytest.raises(ValueError, match=error):
+        main(["split-server", "--config", str(config), "--port", "0", "--debug", *flags])

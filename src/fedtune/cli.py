@@ -122,13 +122,12 @@ def _split_server(args) -> None:
         except OSError as err:
             raise ValueError(f"{flag} {path}: {err.strerror}") from None
 
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise ValueError("--tls-cert and --tls-key go together: give both to turn TLS on.")
     if args.max_message_mb <= 0:
         raise ValueError(f"--max-message-mb = {args.max_message_mb} must be positive.")
     security = ServerSecurity(read("--tls-cert", args.tls_cert), read("--tls-key", args.tls_key),
                               read("--tls-ca", args.tls_ca),
                               read_token_file(args.token_file) if args.token_file else None)
+    security.check()  # before the model is loaded
     config = cfg.load(args.config, args.overrides)
     service = build_service(config, max_bytes=int(args.max_message_mb * 1024**2), tokens=security.tokens,
                             mtls=security.ca is not None)

@@ -152,8 +152,12 @@ class Credentials:
 
 def read_token_file(path: str | Path) -> dict[str, str]:
     """Identity -> token, from lines ``<identity> <token>`` (``#`` starts a comment)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ValueError(f"--token-file {path}: {err.strerror}") from None
     tokens: dict[str, str] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -178,6 +182,12 @@ def _describe(address: str, err: grpc.RpcError) -> SplitServiceError:
 
 
 # --------------------------------------------------------------------------- the service
+
+
+def _require_authentication(tokens, mtls: bool) -> None:
+    if tokens is None and not mtls:
+        raise ValueError("the split service needs authentication: give it a token file (--token-file) and/or "
+                         "a CA for client certificates (--tls-ca).")
 
 
 @dataclass
@@ -215,9 +225,7 @@ class SplitService:
 
     def __init__(self, main, want, *, tokens: Mapping[str, str] | None, mtls: bool,
                  max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        if tokens is None and not mtls:
-            raise ValueError("the split service needs authentication: give it a token file (--token-file) and/or "
-                             "a CA for client certificates (--tls-ca).")
+        _require_authentication(tokens, mtls)
         self.main = main
         self.want = want
         self.tokens = dict(tokens) if tokens is not None else None
@@ -408,9 +416,17 @@ class ServerSecurity:
     ca: bytes | None = None  # set: client certificates signed by this CA are required (mutual TLS)
     tokens: dict[str, str] | None = None
 
+    def check(self) -> None:
+        """ValueError for an incomplete combination (named by the CLI flags that set it)."""
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both to turn TLS on.")
+        if self.ca is not None and self.cert is None:
+            raise ValueError("--tls-ca needs --tls-cert and --tls-key: mutual TLS is TLS with client certificates.")
+
 
 def start_server(service: SplitService, address: str, security: ServerSecurity) -> tuple[grpc.Server, int]:
     """Serve `service` on ``address`` (port 0 picks a free port); returns the started server and its port."""
+    security.check()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[service.handler()],
                          options=_options(service.max_bytes) + [
                              # accept the clients' keepalive pings (every 30 s), even between calls
@@ -422,8 +438,6 @@ def start_server(service: SplitService, address: str, security: ServerSecurity) 
                                             require_client_auth=security.ca is not None)
         port = server.add_secure_port(address, creds)
     else:
-        if security.ca is not None:
-            raise ValueError("--tls-ca needs --tls-cert and --tls-key: mutual TLS is TLS with client certificates.")
         port = server.add_insecure_port(address)
     if port == 0:
         raise ValueError(f"cannot listen on {address}: is the port in use?")
@@ -447,6 +461,7 @@ def build_service(config, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tokens=
     if c.federation.paradigm != "split":
         raise ValueError(f"federation.paradigm = {c.federation.paradigm!r}: the split server serves "
                          "federation.paradigm = 'split' configs only.")
+    _require_authentication(tokens, mtls)  # before the model is loaded
     device = resolve_device(c.model.device)
     random.seed(c.seed)
     torch.manual_seed(c.seed)
