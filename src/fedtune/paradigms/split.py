@@ -273,7 +273,8 @@ class _ClientFailed(Exception):
     """The runtime reported the client as failed (it raised, timed out, or its payload could not be decoded)."""
 
 
-def _meta_number(msg: Message, key: str, *, integer: bool = False) -> float:
+def meta_number(msg: Message, key: str, *, integer: bool = False) -> float:
+    """A finite number (positive integer when `integer`) from a received message's meta; WireError otherwise."""
     value = msg.meta.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise WireError(f"{msg.kind} meta {key!r} must be a finite number, got {value!r}")
@@ -332,7 +333,7 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServe
     try:
         reply = exchange(Message(bottom, {"kind": "split_fit_ins", **route, "cut_layer": main.cut.layer,
                                           "u_shaped": u_shaped, "wire_dtype": DTYPE_NAMES[want.dtype]}), "split_act")
-        steps = int(_meta_number(reply, "steps", integer=True))
+        steps = int(meta_number(reply, "steps", integer=True))
         if bars is not None:
             bars.start("steps", steps, info=f"client {node}")
         for step in range(1, steps + 1):
@@ -342,7 +343,7 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServe
                 back = exchange(Message({"top_activations": top}, {"kind": "split_top", **route, "step": step}),
                                 "split_top_grad")
                 check(back, spec_of({"top_grad": top}))
-                loss = _meta_number(back, "loss")
+                loss = meta_number(back, "loss")
                 grad = main.backward(back.tensors["top_grad"])
             else:
                 grad, loss = main.forward_backward(act, mask, labels)
@@ -353,7 +354,7 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServe
             if bars is not None:
                 bars.advance("steps", info=f"client {node} loss {loss:.3f}")
         check(reply, spec_of(bottom))
-        n = _meta_number(reply, "num_examples", integer=True)
+        n = meta_number(reply, "num_examples", integer=True)
     except _ClientFailed as err:
         record.update(status="failed", error=str(err)[:500])
     except WireError as err:
@@ -408,7 +409,7 @@ def train_client_remote(grid: Grid, node: int, rnd: int, bottom: State, main, wa
         if reply.kind != "fit_res":
             raise WireError(f"expected a 'fit_res' reply, got {reply.kind!r}")
         check(reply, spec_of(bottom))
-        n = _meta_number(reply, "num_examples", integer=True)
+        n = meta_number(reply, "num_examples", integer=True)
     except _ClientFailed as err:
         record.update(status="failed", error=str(err)[:500])
     except WireError as err:

@@ -51,7 +51,7 @@ from typing import Any
 import grpc
 import torch
 
-from ..paradigms.split import Activations, _meta_number, read_activations
+from ..paradigms.split import Activations, meta_number, read_activations
 from ..wire import Message, WireError, check, decode, encode
 
 SERVICE = "fedtune.split.MainServer"
@@ -381,9 +381,9 @@ class SplitService:
                     raise WireError(f"expected the top gradient of step {session.done + 1}, got step "
                                     f"{msg.meta.get('step')!r}")
                 check(msg, {"top_grad": (session.top_shape, self.want.dtype)})
-                loss = _meta_number(msg, "loss")
+                loss = meta_number(msg, "loss")
             else:
-                steps = int(_meta_number(msg, "steps", integer=True))
+                steps = int(meta_number(msg, "steps", integer=True))
                 if session.done and steps != session.steps:
                     raise WireError(f"the client announced {session.steps} steps, now {steps}")
                 session.steps = steps
