@@ -173,6 +173,24 @@ def test_encoded_size_explicit_cases(tensors: dict[str, torch.Tensor]) -> None:
     _assert_same_tensors(tensors, decode(data).tensors)
 
 
+def _safetensors_reference(msg: Message) -> bytes:
+    """What safetensors itself writes for a message (copies, since it refuses tensors sharing memory)."""
+    cpu = {k: v.detach().cpu().resolve_conj().resolve_neg().contiguous().clone() for k, v in msg.tensors.items()}
+    return safetensors.torch.save(cpu, metadata={"fedtune": wire._meta_json(msg.meta)})
+
+
+def test_encode_writes_exactly_what_safetensors_writes() -> None:
+    rng = random.Random(99)
+    gen = torch.Generator().manual_seed(99)
+    cases = [_random_message(rng, gen) for _ in range(200)]
+    cases.append(Message({f"t{i:02d}": _make((3, 2), d, gen) for i, d in enumerate(ALL_DTYPES)}, {"k": "dtypes"}))
+    shared = torch.arange(12.0)
+    cases.append(Message({"a": shared[:6], "b": shared[6:].view(2, 3), "c": shared.view(3, 4).t(),
+                          "z": torch.tensor(1 + 2j).conj(), "e": torch.zeros(0, 3)}, {}))
+    for case, msg in enumerate(cases):
+        assert encode(msg) == _safetensors_reference(msg), f"case {case}: {list(msg.tensors)}"
+
+
 def test_encoded_size_randomized() -> None:
     rng = random.Random(1234)
     gen = torch.Generator().manual_seed(1234)
@@ -335,6 +353,16 @@ def test_non_finite_rejected(bad: float, dtype: torch.dtype) -> None:
         decode(data, expect=spec_of(tensors))
     # Without a spec the receiver asked for no checks.
     assert decode(data).tensors["x"].shape == (10,)
+
+
+def test_finite_values_whose_sum_overflows_are_accepted_and_a_nan_among_them_counted() -> None:
+    # The finiteness check first sums the tensor; an overflowing sum must fall back to the exact count.
+    x = torch.full((8,), 60000.0, dtype=torch.float16)
+    assert not torch.isfinite(x.sum())
+    assert torch.equal(decode(encode(Message({"x": x}, {})), expect=spec_of({"x": x})).tensors["x"], x)
+    x[2] = float("nan")
+    with pytest.raises(WireError, match=r"tensor 'x' holds 1 NaN/Inf"):
+        decode(encode(Message({"x": x}, {})), expect=spec_of({"x": x}))
 
 
 def test_nan_in_float8_e4m3fn_rejected() -> None:

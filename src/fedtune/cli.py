@@ -80,7 +80,73 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default="runs/compare", help="comparison folder (default runs/compare)")
     cp.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     cp.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+    ss = sub.add_parser(
+        "split-server",
+        help="serve split learning's main server (the top of the model) over gRPC",
+        description="Load the model of a split config exactly as `fedtune run` does and serve its top part to "
+        "the clients of a run whose runtime.split_server points here. Callers authenticate with a bearer token "
+        "(--token-file) and/or a client certificate signed by --tls-ca.",
+        epilog="Example: fedtune split-server --config split.yaml --port 50051 --tls-cert server.pem "
+        "--tls-key server.key --tls-ca ca.pem --token-file tokens.txt",
+    )
+    ss.add_argument("--config", help="the run's YAML config (omit to use the defaults)")
+    ss.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one config value (repeatable); use the same ones as the run")
+    ss.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    ss.add_argument("--port", type=int, required=True, help="port to listen on (0 picks a free one, printed)")
+    ss.add_argument("--tls-cert", help="the service's certificate (PEM); with --tls-key turns TLS on")
+    ss.add_argument("--tls-key", help="the service's private key (PEM)")
+    ss.add_argument("--tls-ca", help="CA (PEM) whose client certificates are required (mutual TLS; the "
+                    "certificate's CN must be the caller's identity: node-<id> or fed-server)")
+    ss.add_argument("--token-file", help="lines `<identity> <token>`; callers send `authorization: Bearer <token>`")
+    ss.add_argument("--max-message-mb", type=float, default=256.0,
+                    help="largest message accepted or sent, in MiB (default 256)")
+    ss.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
+
+
+def _split_server(args) -> None:
+    """The `split-server` verb: build the service from the config and serve until interrupted."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    from .runtime.split_service import ServerSecurity, build_service, read_token_file, start_server
+
+    def read(flag: str, path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as err:
+            raise ValueError(f"{flag} {path}: {err.strerror}") from None
+
+    if args.max_message_mb <= 0:
+        raise ValueError(f"--max-message-mb = {args.max_message_mb} must be positive.")
+    security = ServerSecurity(read("--tls-cert", args.tls_cert), read("--tls-key", args.tls_key),
+                              read("--tls-ca", args.tls_ca),
+                              read_token_file(args.token_file) if args.token_file else None)
+    security.check()  # before the model is loaded
+    config = cfg.load(args.config, args.overrides)
+    service = build_service(config, max_bytes=int(args.max_message_mb * 1024**2), tokens=security.tokens,
+                            mtls=security.ca is not None)
+    server, port = start_server(service, f"{args.host}:{args.port}", security)
+    modes = [m for m, on in [("TLS", security.cert), ("client certificates", security.ca),
+                             ("tokens", security.tokens)] if on]
+    if security.tokens and not security.cert:
+        print("fedtune split-server: warning: tokens travel in clear text without --tls-cert/--tls-key",
+              file=sys.stderr)
+    print(f"fedtune split-server: listening on {args.host}:{port} ({', '.join(modes)})", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(grace=2).wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
             compare(args.config, overrides=args.overrides, paradigms=[p.strip() for p in args.paradigms.split(",")],
                     sweep=args.sweep, out=args.out, quiet=args.quiet)
+        elif args.command == "split-server":
+            _split_server(args)
         return 0
     except (ValueError, FileNotFoundError) as err:
         if getattr(args, "debug", False):

@@ -20,6 +20,7 @@ be accounted for without serialising (and without copying tensors off a GPU).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,8 +135,8 @@ def encode(msg: Message) -> bytes:
     """Serialise a message to safetensors bytes.
 
     Tensors are detached, moved to the CPU and made contiguous (the message
-    itself is not modified). Tensors sharing storage are copied so that
-    safetensors accepts them.
+    itself is not modified); tensors sharing storage are each written in full.
+    The bytes are exactly what ``safetensors.torch.save`` would write.
 
     Args:
         msg: The message to encode.
@@ -148,12 +149,18 @@ def encode(msg: Message) -> bytes:
     """
     meta_json = _meta_json(msg.meta)
     header, data_len = _header(msg.tensors, meta_json)
-    cpu_tensors = _to_cpu_unshared(msg.tensors)
-    data = safetensors.torch.save(cpu_tensors, metadata={META_KEY: meta_json})
-    # encoded_size depends on reproducing safetensors' header byte for byte;
-    # if a safetensors upgrade changes the layout this trips immediately.
-    assert len(data) == _PREFIX_BYTES + len(header) + data_len, "safetensors layout changed"
-    assert data[_PREFIX_BYTES : _PREFIX_BYTES + len(header)] == header, "safetensors header changed"
+    # The safetensors layout written directly (one copy of each tensor's bytes, about 3x faster than
+    # safetensors.torch.save, which copies twice): u64 header length, the header `_header` rebuilt byte
+    # for byte, then the tensors' little-endian bytes in the header's order. tests/test_wire.py checks the
+    # result equals safetensors.torch.save's output byte for byte.
+    assert sys.byteorder == "little", "the wire is little-endian; this writer copies native bytes"
+    parts: list[Any] = [len(header).to_bytes(_PREFIX_BYTES, "little"), header]
+    for name, t, _ in _layout(msg.tensors):
+        c = _to_cpu(name, t)
+        if c.numel() > 0:
+            parts.append(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
+    data = b"".join(parts)
+    assert len(data) == _PREFIX_BYTES + len(header) + data_len, "tensor bytes do not match the header"
     return data
 
 
@@ -350,26 +357,13 @@ def _header(tensors: Mapping[str, torch.Tensor], meta_json: str) -> tuple[bytes,
     return header, offset
 
 
-def _to_cpu_unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, dense, contiguous CPU tensors that share no storage."""
-    out: dict[str, torch.Tensor] = {}
-    seen_storage: set[int] = set()
-    for name, t in tensors.items():
-        if t.device.type == "meta":
-            raise WireError(f"tensor {name!r} is on the meta device and has no data to send")
-        # resolve_conj/neg: lazy conjugate/negative views would otherwise be
-        # written as their un-negated underlying memory.
-        c = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-        if c.numel() > 0:
-            ptr = c.untyped_storage().data_ptr()
-            if ptr in seen_storage:
-                # safetensors refuses tensors that alias each other (tied
-                # weights, views of one buffer); copy so each owns its bytes.
-                c = c.clone()
-                ptr = c.untyped_storage().data_ptr()
-            seen_storage.add(ptr)
-        out[name] = c
-    return out
+def _to_cpu(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A detached, dense, contiguous CPU copy (or view) of a tensor, as its bytes go on the wire."""
+    if t.device.type == "meta":
+        raise WireError(f"tensor {name!r} is on the meta device and has no data to send")
+    # resolve_conj/neg: lazy conjugate/negative views would otherwise be
+    # written as their un-negated underlying memory.
+    return t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
 
 
 # --------------------------------------------------------------------------- #
@@ -461,5 +455,10 @@ def _count_nonfinite(t: torch.Tensor) -> int:
     if t.element_size() == 1:
         # isfinite has no kernel for most float8 types; float32 holds them exactly.
         t = t.to(torch.float32)
+    # Fast path: any NaN/Inf makes the sum NaN/Inf, so a finite sum proves every value finite (a sum that
+    # merely overflows falls through to the exact count). On CPU this is ~20x faster than isfinite, which
+    # dominated the split service's per-step latency (tests/test_wire.py covers both paths).
+    if bool(torch.isfinite(t.sum())):
+        return 0
     return int((~torch.isfinite(t)).sum().item())
 

@@ -30,6 +30,13 @@ Messages (all Grid messages, so a networked runtime carries them unchanged):
   split_grad      down  grad (b, s, hidden): gradient at the cut         round, step, last
   fit_res         up    the client's bottom adapter                      num_examples, steps, flops, ...
 
+Over a network (``runtime.split_server`` = host:port of `fedtune split-server`,
+`fedtune.runtime.split_service`), only ``split_fit_ins`` (meta also ``split_server``)
+and ``fit_res`` (meta also ``stream_bytes_up``/``_down``) cross the Grid: the client
+streams its ``split_act``/``split_grad`` steps to the service over gRPC itself
+(`train_client_remote`); the fed server opens and closes each session there and
+pulls the top adapter from it.
+
 Every server->client message also carries ``dst``. Activations and gradients
 travel in ``split.wire_dtype``; the computation runs in the model's dtype.
 
@@ -45,7 +52,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +65,7 @@ from ..data.tasks import IGNORE, Example, collate
 from ..grid import Grid, is_error
 from ..meter import ComputeMeter
 from ..models import DTYPES, backbone
-from ..split_model import CLIENT, Cut, MainServer, bottom_forward, compute_dtype, head_loss
+from ..split_model import CLIENT, SERVER, Cut, MainServer, bottom_forward, compute_dtype, head_loss
 from ..strategies import make_strategy
 from ..wire import Message, WireError, check, encoded_size, spec_of
 from .fedpeft import (ServerHooks, State, TrainSettings, adapter_state, batches, load_adapter_state, make_optimizer,
@@ -105,7 +112,8 @@ class SplitClient:
     """
 
     def __init__(self, node_id: int, model, examples: list[Example], settings: TrainSettings, *, cut: Cut,
-                 wire_dtype: torch.dtype, device: torch.device, pad_id: int, seed: int) -> None:
+                 wire_dtype: torch.dtype, device: torch.device, pad_id: int, seed: int,
+                 dial: Callable[[str, int], Any] | None = None) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
         self.node_id = node_id
@@ -117,11 +125,13 @@ class SplitClient:
         self.device = device
         self.pad_id = pad_id
         self.seed = seed
+        self.dial = dial  # (address, node) -> a stream to the main-server service (runtime.split_service)
         self._round: _Round | None = None
 
     def __call__(self, msg: Message) -> Message:
         if msg.kind == "split_fit_ins":
-            return self._start(msg)
+            self._start(msg)
+            return self._train_remote(msg.meta["split_server"]) if msg.meta.get("split_server") else self._forward()
         r = self._round
         if r is None or msg.meta.get("round") != r.rnd:
             raise ValueError(f"client {self.node_id} got {msg.kind!r} for round {msg.meta.get('round')} "
@@ -133,7 +143,8 @@ class SplitClient:
             return self._finish() if msg.meta.get("last") else self._forward()
         raise ValueError(f"client {self.node_id} cannot handle a {msg.kind!r} message")
 
-    def _start(self, msg: Message) -> Message:
+    def _start(self, msg: Message) -> None:
+        """Check the server's split settings, load the global bottom adapter, seed and set up the round."""
         rnd = int(msg.meta["round"])
         mine = {"cut_layer": self.cut.layer, "u_shaped": self.cut.u_shaped, "wire_dtype": DTYPE_NAMES[self.wire_dtype]}
         theirs = {k: msg.meta.get(k) for k in mine}
@@ -148,7 +159,35 @@ class SplitClient:
         self._round = _Round(rnd, steps, batches(self.examples, self.settings.batch_size, steps, rng),
                              make_optimizer(params, self.settings), params)
         self.model.train()
-        return self._forward()
+
+    def _train_remote(self, address: str) -> Message:
+        """Every step of the round against the main-server service at `address`; the reply is ``fit_res``.
+
+        The steps are the in-process ones (``_forward``, ``_backward``), the messages too; only the
+        carrier differs. The stream's bytes (len of each payload) are reported in ``fit_res`` meta.
+        """
+        if self.dial is None:
+            raise ValueError(f"client {self.node_id} was asked to train against the split server {address} but "
+                             "has no way to dial one")
+        r = self._round
+        with self.dial(address, self.node_id) as stream:
+            while r.step < r.steps:
+                act = self._forward()
+                shape = tuple(act.tensors["activations"].shape)
+                if self.cut.u_shaped:
+                    top = stream.exchange(act, expect={"top_activations": (shape, self.wire_dtype)})
+                    if top.kind != "split_top" or top.meta.get("step") != r.step or top.meta.get("round") != r.rnd:
+                        raise WireError(f"expected the split_top of round {r.rnd} step {r.step}, got a "
+                                        f"{top.kind!r} of round {top.meta.get('round')!r} step {top.meta.get('step')!r}")
+                    act = self._head(top)  # the norm, head and loss here; the reply is their gradient
+                grad = stream.exchange(act, expect={"grad": (shape, self.wire_dtype)})
+                if grad.kind != "split_grad" or grad.meta.get("step") != r.step or grad.meta.get("round") != r.rnd:
+                    raise WireError(f"expected the split_grad of round {r.rnd} step {r.step}, got a {grad.kind!r} "
+                                    f"of round {grad.meta.get('round')!r} step {grad.meta.get('step')!r}")
+                self._backward(grad)
+        reply = self._finish()
+        reply.meta.update(stream_bytes_up=stream.bytes_up, stream_bytes_down=stream.bytes_down)
+        return reply
 
     def _forward(self) -> Message:
         """Bottom part on the next batch; the reply carries the activations at the cut."""
@@ -234,7 +273,8 @@ class _ClientFailed(Exception):
     """The runtime reported the client as failed (it raised, timed out, or its payload could not be decoded)."""
 
 
-def _meta_number(msg: Message, key: str, *, integer: bool = False) -> float:
+def meta_number(msg: Message, key: str, *, integer: bool = False) -> float:
+    """A finite number (positive integer when `integer`) from a received message's meta; WireError otherwise."""
     value = msg.meta.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise WireError(f"{msg.kind} meta {key!r} must be a finite number, got {value!r}")
@@ -293,7 +333,7 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServe
     try:
         reply = exchange(Message(bottom, {"kind": "split_fit_ins", **route, "cut_layer": main.cut.layer,
                                           "u_shaped": u_shaped, "wire_dtype": DTYPE_NAMES[want.dtype]}), "split_act")
-        steps = int(_meta_number(reply, "steps", integer=True))
+        steps = int(meta_number(reply, "steps", integer=True))
         if bars is not None:
             bars.start("steps", steps, info=f"client {node}")
         for step in range(1, steps + 1):
@@ -303,7 +343,7 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServe
                 back = exchange(Message({"top_activations": top}, {"kind": "split_top", **route, "step": step}),
                                 "split_top_grad")
                 check(back, spec_of({"top_grad": top}))
-                loss = _meta_number(back, "loss")
+                loss = meta_number(back, "loss")
                 grad = main.backward(back.tensors["top_grad"])
             else:
                 grad, loss = main.forward_backward(act, mask, labels)
@@ -314,7 +354,7 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServe
             if bars is not None:
                 bars.advance("steps", info=f"client {node} loss {loss:.3f}")
         check(reply, spec_of(bottom))
-        n = _meta_number(reply, "num_examples", integer=True)
+        n = meta_number(reply, "num_examples", integer=True)
     except _ClientFailed as err:
         record.update(status="failed", error=str(err)[:500])
     except WireError as err:
@@ -330,6 +370,58 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServe
     record.update(bytes_down=down, bytes_up=up, server_steps=len(losses))
     if losses:
         record.update(train_loss=sum(losses) / len(losses), train_loss_first=losses[0], train_loss_last=losses[-1])
+    return record, update
+
+
+def train_client_remote(grid: Grid, node: int, rnd: int, bottom: State, main, want: Activations,
+                        bars=None) -> tuple[dict[str, Any], tuple[State, float] | None]:
+    """One client's round when the main server is a service (`runtime.split_service.RemoteMainServer`).
+
+    The fed server opens the service's session for this client, sends ``split_fit_ins`` (with the
+    service's address) through the Grid, gets ``fit_res`` back after the client has streamed its steps
+    to the service, and closes the session. The service's own report is trusted over the client's:
+    the update counts only when the service saw every announced step. Bytes are the Grid messages'
+    encoded sizes plus the stream's, as the service counted them (``len`` of each payload).
+    """
+    record: dict[str, Any] = {"type": "client", "round": rnd, "client": node}
+    msg = Message(bottom, {"kind": "split_fit_ins", "round": rnd, "dst": node, "cut_layer": main.cut.layer,
+                           "u_shaped": main.cut.u_shaped, "wire_dtype": DTYPE_NAMES[want.dtype],
+                           "split_server": main.address})
+    if bars is not None:
+        bars.start("steps", 1, info=f"client {node} (split server {main.address})")
+    main.begin(rnd, node)
+    try:
+        reply = grid.send_and_receive([msg])[0]
+    finally:
+        report = main.finish(rnd, node)
+    losses = report["losses"]
+    record.update(bytes_down=encoded_size(msg) + report["stream_bytes_down"],
+                  bytes_up=encoded_size(reply) + report["stream_bytes_up"], server_steps=report["server_steps"],
+                  stream_bytes_up=report["stream_bytes_up"], stream_bytes_down=report["stream_bytes_down"])
+    if losses:
+        record.update(train_loss=sum(losses) / len(losses), train_loss_first=losses[0], train_loss_last=losses[-1])
+    update = None
+    try:
+        if is_error(reply):
+            raise _ClientFailed(str(reply.meta.get("error", "")))
+        if report["status"] != "ok":
+            raise WireError(f"the split server saw this session end {report['status']}: {report['error']}")
+        if reply.kind != "fit_res":
+            raise WireError(f"expected a 'fit_res' reply, got {reply.kind!r}")
+        check(reply, spec_of(bottom))
+        n = meta_number(reply, "num_examples", integer=True)
+    except _ClientFailed as err:
+        record.update(status="failed", error=str(err)[:500])
+    except WireError as err:
+        record.update(status="rejected", error=str(err)[:500])
+    else:
+        update = (reply.tensors, float(n))
+        record["status"] = "ok"
+        for key in ("num_examples", "flops", "peak_memory_bytes", "seconds", "steps", "examples_seen"):
+            if key in reply.meta:
+                record[key] = reply.meta[key]
+    if bars is not None:
+        bars.advance("steps")
     return record, update
 
 
@@ -352,7 +444,8 @@ def serve(
     Args:
         grid: Where the clients are.
         bottom: The initial global bottom adapter state (also the expected shape of every returned one).
-        main: The main server (top part and its optimizer).
+        main: The main server (top part and its optimizer), in process or a service
+            (`runtime.split_service.RemoteMainServer`, which has an ``address``).
         strategy: ``aggregate(state, updates) -> state`` for the bottom adapters (FedAvg by default).
         want: The activations' wire dtype, hidden size and vocabulary size, to validate what clients send.
         rounds: Number of rounds.
@@ -363,6 +456,7 @@ def serve(
         min_replies: Fewer valid client adapters than this keep the previous global bottom state.
     """
     nodes = grid.node_ids()
+    train = train_client_remote if getattr(main, "address", None) else train_client
     sampler = random.Random(seed)
     evaluations: list[dict[str, Any]] = []
     hooks.bars.start("rounds", rounds)
@@ -371,7 +465,7 @@ def serve(
         hooks.bars.start("clients", len(chosen), info=f"round {rnd}")
         updates = []
         for node in chosen:
-            record, update = train_client(grid, node, rnd, bottom, main, want, hooks.bars)
+            record, update = train(grid, node, rnd, bottom, main, want, hooks.bars)
             hooks.log(record)
             if update is not None:
                 updates.append(update)
@@ -393,22 +487,49 @@ def make_cut(ctx: RunContext) -> Cut:
     return Cut(ctx.model, ctx.config.split.cut_layer, u_shaped=ctx.config.split.u_shaped)
 
 
+def dial_service(address: str, node: int):
+    """A client's stream to the main-server service, credentials from its environment (imported on first use)."""
+    from ..runtime.split_service import dial
+
+    return dial(address, node)
+
+
 def make_clients(ctx: RunContext) -> dict[int, SplitClient]:
-    """One split client app per partition."""
+    """One split client app per partition (each can also train against a split server, see `dial_service`)."""
     cut, settings = make_cut(ctx), settings_from(ctx)
     wire_dtype = DTYPES[ctx.config.split.wire_dtype]
     return {
         i: SplitClient(i, ctx.model, ctx.client_examples(i), settings, cut=cut, wire_dtype=wire_dtype,
-                       device=ctx.device, pad_id=ctx.pad_id, seed=ctx.config.seed)
+                       device=ctx.device, pad_id=ctx.pad_id, seed=ctx.config.seed, dial=dial_service)
         for i in range(len(ctx.data.parts))
     }
+
+
+def remote_main_server(ctx: RunContext, cut: Cut):
+    """The fed server's handle on the service at ``runtime.split_server`` (credentials from the environment)."""
+    from ..runtime.split_service import FED_SERVER, Credentials, RemoteMainServer, SplitServiceError
+
+    c = ctx.config
+    main = RemoteMainServer(c.runtime.split_server, Credentials.from_env(FED_SERVER), cut=cut,
+                            wire_dtype=DTYPES[c.split.wire_dtype], expect=spec_of(cut.part(adapter_state(ctx.model),
+                                                                                          SERVER)))
+    try:
+        main.state()  # reachable, authenticated, and holding the top adapter this config describes
+    except (SplitServiceError, WireError) as err:
+        main.close()
+        raise ValueError(f"runtime.split_server = {c.runtime.split_server!r}: {err}. Start the service with "
+                         f"`fedtune split-server --config <this config> --port <port>` or fix the address.") from None
+    return main
 
 
 def run_server(ctx: RunContext, grid: Grid) -> list[dict[str, Any]]:
     """Fed server and main server of a whole run; leaves the final combined adapter in ``ctx.model`` and on disk."""
     c, f = ctx.config, ctx.config.federation
     cut = make_cut(ctx)
-    main = MainServer(ctx.model, cut, settings_from(ctx), device=ctx.device, count_flops=c.train.count_flops)
+    if c.runtime.split_server:
+        main = remote_main_server(ctx, cut)
+    else:
+        main = MainServer(ctx.model, cut, settings_from(ctx), device=ctx.device, count_flops=c.train.count_flops)
     body = backbone(ctx.model).config
     want = Activations(DTYPES[c.split.wire_dtype], body.hidden_size, body.vocab_size)
 
@@ -417,11 +538,15 @@ def run_server(ctx: RunContext, grid: Grid) -> list[dict[str, Any]]:
         load_adapter_state(ctx.model, {**bottom, **main.state()})
 
     hooks = ServerHooks.for_model(ctx, load=combine)
-    final, evaluations = serve(
-        grid, cut.part(adapter_state(ctx.model), CLIENT), main, make_strategy(f.strategy, f.server_lr,
-                                                                              f.server_momentum), want,
-        rounds=f.rounds, clients_per_round=f.clients_per_round, seed=c.seed, eval_every=c.eval.every, hooks=hooks,
-        min_replies=f.min_replies,
-    )
-    combine(final)
+    try:
+        final, evaluations = serve(
+            grid, cut.part(adapter_state(ctx.model), CLIENT), main, make_strategy(f.strategy, f.server_lr,
+                                                                                  f.server_momentum), want,
+            rounds=f.rounds, clients_per_round=f.clients_per_round, seed=c.seed, eval_every=c.eval.every,
+            hooks=hooks, min_replies=f.min_replies,
+        )
+        combine(final)
+    finally:
+        if not isinstance(main, MainServer):
+            main.close()  # the service's channel
     return evaluations
