@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -22,3 +23,13 @@ def tiny():
     from fedtune.models import load_base
 
     return load_base("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module: faster for tiny models on a busy machine, and the same
+    float reduction order as a subprocess started with OMP_NUM_THREADS=1 (results compared to 1e-6 need it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

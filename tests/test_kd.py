@@ -30,14 +30,9 @@ KD = ["federation.paradigm=kd", "kd.public_fraction=0.3", "kd.public_size=16", "
       "train.batch_size=4", "eval.base=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a small shared machine, torch's intra-op threads fighting other work make these tiny
-    # models 10-50x slower; one thread keeps the file well under a minute.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# On a small shared machine, torch's intra-op threads fighting other work make these tiny
+# models 10-50x slower; one thread keeps the file well under a minute.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def header_bytes(payload: bytes) -> int:
