@@ -95,6 +95,16 @@ def batches(examples: list[Example], batch_size: int, steps: int, rng: random.Ra
         yield [examples[i] for i in take]
 
 
+def round_rng(seed: int, rnd: int, node: int) -> tuple[random.Random, int]:
+    """A client's batch-order generator for one round, and the torch seed it trains under (dropout).
+
+    Seeded by (run seed, round, client) so results do not depend on the order clients run in;
+    the batched runtime (`fedtune.multilora`) draws the very same batches from it.
+    """
+    rng = random.Random(hash((seed, rnd, node)) & 0xFFFFFFFF)
+    return rng, rng.getrandbits(62)
+
+
 class FedPeftClient:
     """One client: its private examples and the shared model it trains on.
 
@@ -138,9 +148,8 @@ class FedPeftClient:
             self._optimizer = make_optimizer(params, self.settings)
         opt = self._optimizer
         steps = self.settings.steps_for(len(self.examples))
-        # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
-        rng = random.Random(hash((self.seed, rnd, self.node_id)) & 0xFFFFFFFF)
-        torch.manual_seed(rng.getrandbits(62))
+        rng, torch_seed = round_rng(self.seed, rnd, self.node_id)
+        torch.manual_seed(torch_seed)
         losses: list[float] = []
         seen = 0
         self.bars.start("steps", steps, info=f"client {self.node_id}")
