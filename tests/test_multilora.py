@@ -196,6 +196,7 @@ def adapter(folder):
     return load_file(folder / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.filterwarnings("error:batched run:RuntimeWarning")  # a fallback to one-by-one would prove nothing
 def test_experiment_with_batched_clients_matches_one_at_a_time(tiny, tmp_path):
     common = SMALL + ["federation.num_clients=5", "federation.clients_per_round=4", "federation.rounds=2",
                       "train.max_grad_norm=0.5", "federation.paradigm=fedprox", "federation.prox_mu=0.1"]
