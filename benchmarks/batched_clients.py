@@ -80,7 +80,7 @@ class Timer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         if self.cuda:
             torch.cuda.synchronize()
             self.start_event = torch.cuda.Event(enable_timing=True)
