@@ -35,7 +35,9 @@ def tiny64(tiny):
 def prepared(base, tok):
     c = cfg.load(None, SMALL)
     data = prepare_data(c, tok, Bars(quiet=True))
-    model = attach_lora(base, c.peft, c.seed).to(base.dtype)
+    model = attach_lora(base, c.peft, c.seed)
+    if base.dtype == torch.float64:  # peft keeps float32 adapters unless told; a bfloat16 base keeps them too
+        model = model.double()
     return model, tok, data
 
 
@@ -46,9 +48,14 @@ def setup(tiny):
     model.unload()
 
 
-@pytest.fixture(params=["float32", "float64"])
+@pytest.fixture(params=["float32", "float64", "bfloat16"])
 def setup_dtype(request, tiny):
-    model, tok, data = prepared(*(tiny if request.param == "float32" else request.getfixturevalue("tiny64")))
+    base, tok = tiny
+    if request.param == "float64":
+        base, tok = request.getfixturevalue("tiny64")
+    elif request.param == "bfloat16":
+        base = copy.deepcopy(base).to(torch.bfloat16)
+    model, tok, data = prepared(base, tok)
     yield model, tok, data
     model.unload()
 
@@ -81,9 +88,11 @@ def sequential_grads(model, state, batch):
 @pytest.mark.parametrize("sizes", [(2, 3, None, 1), (2, 2, 2), (3, None, 3)], ids=["gather", "grouped", "subset"])
 def test_batched_gradients_equal_each_clients_own(setup_dtype, sizes):
     """In float32 the batch shapes round differently (gradients up to ~0.5, differences up to ~4e-6);
-    in float64 only the cross-entropy, which `lm_loss` computes in float32, rounds, so the check is 1e-9."""
+    in float64 only the cross-entropy, which `lm_loss` computes in float32, rounds, so the check is 1e-9.
+    A bfloat16 base (float32 adapters, as peft keeps them) rounds to ~1e-3 (measured 8e-4)."""
     model, tok, data = setup_dtype
-    tol = 1e-9 if model.dtype == torch.float64 else 1e-5
+    tol = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 4e-3}[model.get_base_model().dtype]
+    loss_tol = 5e-3 if tol > 1e-5 else 2e-6
     model.train()
     states = random_states(model, len(sizes))
     # Different examples per client (different prompt lengths, so different padding in each batch).
@@ -100,7 +109,7 @@ def test_batched_gradients_equal_each_clients_own(setup_dtype, sizes):
         loss, means = stacked.loss(batch, routing)
         loss.backward()
     for (slot, _), mean in zip(routing.groups, means.detach()):
-        assert abs(float(mean) - expected[slot][0]) < 2e-6 * expected[slot][0]
+        assert abs(float(mean) - expected[slot][0]) < loss_tol * expected[slot][0]
     for slot, n in enumerate(sizes):
         for key, grad in expected.get(slot, (None, {}))[1].items():
             name, ab = key.rsplit(".lora_", 1)
@@ -234,3 +243,21 @@ def test_batched_clients_refuse_adapters_other_than_plain_lora(tiny):
             lora_layers(dora)
     finally:
         dora.unload()
+
+
+def test_leaving_the_block_restores_peft_forward_even_after_an_error(setup):
+    model, tok, data = setup
+    batch = collate(data.train[:2], tok.pad_token_id)
+    with torch.no_grad():
+        before, _ = lm_loss(model, batch)
+    values = fedpeft.adapter_state(model)
+    stacked = StackedLora(model, random_states(model, 2))
+    layers = lora_layers(model)
+    with pytest.raises(RuntimeError, match="without routing"), stacked:
+        assert all("forward" in layer.__dict__ for layer in layers.values())
+        model(input_ids=torch.tensor([[1, 2, 3]]))  # the model called directly has no routing
+    assert not any("forward" in layer.__dict__ for layer in layers.values())
+    with torch.no_grad():
+        after, _ = lm_loss(model, batch)
+    assert float(before) == float(after)
+    assert all(torch.equal(v, fedpeft.adapter_state(model)[k]) for k, v in values.items())
