@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,6 +220,11 @@ def test_experiment_with_batched_clients_matches_one_at_a_time(tiny, tmp_path):
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
     assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3  # trained, not the init
     assert one["accuracy"] == three["accuracy"]
+    records = [json.loads(line) for line in (tmp_path / "three" / "metrics.jsonl").read_text().splitlines()]
+    clients = [r for r in records if r["type"] == "client"]
+    # 4 clients a round in groups of 3: a pass of 3 and a pass of 1, every client ok.
+    assert sorted(r["batched_clients"] for r in clients) == [1, 1, 3, 3, 3, 3, 3, 3]
+    assert all(r["status"] == "ok" for r in clients)
 
 
 @pytest.mark.parametrize("paradigm", ["kd", "split", "centralized"])
@@ -261,3 +269,16 @@ def test_leaving_the_block_restores_peft_forward_even_after_an_error(setup):
         after, _ = lm_loss(model, batch)
     assert float(before) == float(after)
     assert all(torch.equal(v, fedpeft.adapter_state(model)[k]) for k, v in values.items())
+
+
+def test_benchmark_runs_and_reports_equal_gradients():
+    """The micro-benchmark (benchmarks/batched_clients.py) on CPU at its smallest: it runs and its check holds."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "batched_clients.py"
+    spec = importlib.util.spec_from_file_location("batched_clients", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--device", "cpu", "--models", "tiny", "--clients", "3", "--batch-sizes", "2",
+                          "--seq", "40", "--steps", "2", "--rounds", "1"])
+    (r,) = results
+    assert r["clients"] == 3 and r["sequential_steps_per_s"] > 0 and r["batched_steps_per_s"] > 0
+    assert 0 < r["max_grad_diff"] < 1e-5 * max(1.0, r["max_grad"])

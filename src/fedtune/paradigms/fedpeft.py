@@ -233,7 +233,7 @@ class ServerHooks:
 
 
 REPORTED = ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "distill_loss", "flops",
-            "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen")
+            "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen", "batched_clients")
 
 
 def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[dict[str, Any], tuple | None]:
