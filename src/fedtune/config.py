@@ -291,6 +291,10 @@ def validate(c: Config) -> None:
         _fail("kd.public_fraction", k.public_fraction, "a number strictly between 0 and 1")
     if not k.temperature > 0:
         _fail("kd.temperature", k.temperature, "a positive number")
+    if c.runtime.batch_clients > 1 and f.paradigm not in ("fedpeft", "fedprox"):
+        _fail("runtime.batch_clients", c.runtime.batch_clients,
+              f"clients are batched for federation.paradigm fedpeft or fedprox only, not {f.paradigm!r}",
+              "Set runtime.batch_clients=1.")
     if c.split.cut_layer is not None and c.split.cut_layer < 1:
         _fail("split.cut_layer", c.split.cut_layer, "an integer with 1 <= cut_layer < number of layers")
     if e.max_examples is not None and e.max_examples < 1:

@@ -29,9 +29,10 @@ from .context import RunContext
 from .evaluate import evaluate
 from .grid import Grid
 from .models import attach_lora, load_base, resolve_device
+from .multilora import BatchedFedPeft
 from .progress import Bars
 from .report import write_outputs
-from .runtime.local import LocalGrid
+from .runtime.local import BatchedLocalGrid, LocalGrid
 
 
 # --------------------------------------------------------------------------- data
@@ -195,8 +196,15 @@ GridFactory = Callable[[RunContext, Any], Grid]
 
 
 def local_grid(ctx: RunContext, paradigm) -> Grid:
-    """The default runtime: every client app of the paradigm in this process."""
-    return LocalGrid(paradigm.make_clients(ctx), serialize=ctx.config.federation.serialize)
+    """The default runtime: every client app of the paradigm in this process.
+
+    With ``runtime.batch_clients`` K > 1, FedLLM clients train K at a time in one pass (`fedtune.multilora`).
+    """
+    apps = paradigm.make_clients(ctx)
+    k = ctx.config.runtime.batch_clients
+    if k > 1:
+        return BatchedLocalGrid(apps, BatchedFedPeft(apps), k, serialize=ctx.config.federation.serialize)
+    return LocalGrid(apps, serialize=ctx.config.federation.serialize)
 
 
 def load(config: cfg.Config | dict | str | Path) -> cfg.Config:

@@ -184,6 +184,16 @@ def batches(examples: list[Example], batch_size: int, steps: int, rng: random.Ra
         yield [examples[i] for i in take]
 
 
+def round_rng(seed: int, rnd: int, node: int) -> tuple[random.Random, int]:
+    """A client's batch-order generator for one round, and the torch seed it trains under (dropout).
+
+    Seeded by (run seed, round, client) so results do not depend on the order clients run in;
+    the batched runtime (`fedtune.multilora`) draws the very same batches from it.
+    """
+    rng = random.Random(hash((seed, rnd, node)) & 0xFFFFFFFF)
+    return rng, rng.getrandbits(62)
+
+
 class FedPeftClient:
     """One client: its private examples and the shared model it trains on.
 
@@ -228,8 +238,8 @@ class FedPeftClient:
         self._trained = True
         steps = self.settings.steps_for(len(self.examples))
         # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
-        rng = random.Random(hash((self.seed, rnd, self.node_id)) & 0xFFFFFFFF)
-        torch.manual_seed(rng.getrandbits(62))
+        rng, torch_seed = round_rng(self.seed, rnd, self.node_id)
+        torch.manual_seed(torch_seed)
         seen = 0
         self.bars.start("steps", steps, info=f"client {self.node_id}")
         if not self.model.training:  # train() walks every module (~25 ms on the 135M model): only when needed
@@ -310,7 +320,7 @@ class ServerHooks:
 
 
 REPORTED = ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "distill_loss", "flops",
-            "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen")
+            "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen", "batched_clients")
 
 
 def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[dict[str, Any], tuple | None]:

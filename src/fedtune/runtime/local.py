@@ -5,12 +5,16 @@ With ``serialize=True`` (the default) each message really goes through
 so a malformed reply is rejected by the same code. With ``serialize=False``
 messages are handed over as objects (no copies, for GPU speed); sizes are still
 exact because paradigms count them with `wire.encoded_size`.
+
+`BatchedLocalGrid` hands a round's messages to a batch function in groups
+(``runtime.batch_clients``: several clients trained in one pass, `fedtune.multilora`).
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 
 from ..grid import ClientApp, error_reply
 from ..wire import DEFAULT_MAX_BYTES, Message, WireError, decode, encode
@@ -39,6 +43,9 @@ class LocalGrid:
             reply = self.apps[dst](inbound)
         except Exception as err:  # a client's failure must never take the server down
             return error_reply(dst, f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+        return self._outbound(dst, reply)
+
+    def _outbound(self, dst: int, reply: Message) -> Message:
         reply.meta.setdefault("src", dst)
         if not self.serialize:
             return reply
@@ -46,3 +53,53 @@ class LocalGrid:
             return decode(encode(reply), max_bytes=self.max_bytes)
         except WireError as err:
             return error_reply(dst, f"rejected reply: {err}")
+
+
+BatchApp = Callable[[Sequence[Message]], list[Message]]
+"""Runs several clients' messages at once and returns one reply per message, in order."""
+
+
+class BatchedLocalGrid(LocalGrid):
+    """A `LocalGrid` that runs the clients of a round in groups of up to ``batch_size`` through ``run_batch``.
+
+    ``parallel`` is true, so the round loops send the whole round in one call. If a group's
+    batched run raises, its messages are delivered one by one instead, so only a client that
+    fails on its own gets an error reply (and the batched failure is reported as a warning).
+    """
+
+    parallel = True
+
+    def __init__(self, apps: Mapping[int, ClientApp], run_batch: BatchApp, batch_size: int, *,
+                 serialize: bool = True, max_bytes: int = DEFAULT_MAX_BYTES):
+        super().__init__(apps, serialize=serialize, max_bytes=max_bytes)
+        if batch_size < 1:
+            raise ValueError(f"runtime.batch_clients = {batch_size} is not allowed: it must be a positive integer.")
+        self.run_batch = run_batch
+        self.batch_size = batch_size
+
+    def send_and_receive(self, messages: list[Message]) -> list[Message]:
+        replies: list[Message | None] = [None] * len(messages)
+        ready: list[tuple[int, Message]] = []
+        for i, msg in enumerate(messages):
+            if int(msg.meta["dst"]) not in self.apps:
+                replies[i] = self._deliver(msg)
+                continue
+            try:
+                ready.append((i, decode(encode(msg), max_bytes=self.max_bytes) if self.serialize else msg))
+            except WireError:
+                replies[i] = self._deliver(msg)  # gives the decoding error as that client's reply
+        for start in range(0, len(ready), self.batch_size):
+            group = ready[start: start + self.batch_size]
+            try:
+                outs = self.run_batch([m for _, m in group])
+                if len(outs) != len(group):
+                    raise RuntimeError(f"run_batch returned {len(outs)} replies for {len(group)} messages")
+            except Exception as err:
+                warnings.warn(f"batched run of clients {[int(m.meta['dst']) for _, m in group]} failed "
+                              f"({type(err).__name__}: {err}); running them one by one", RuntimeWarning, stacklevel=2)
+                for i, _ in group:
+                    replies[i] = self._deliver(messages[i])
+                continue
+            for (i, msg), out in zip(group, outs):
+                replies[i] = self._outbound(int(msg.meta["dst"]), out)
+        return replies
