@@ -133,6 +133,15 @@ def test_client_failing_on_rank_1_is_dropped_from_the_round(tmp_path):
 # --------------------------------------------------------------------------- units and bad configs
 
 
+def test_balance_deals_longest_first_to_the_least_loaded_rank():
+    assert distributed.balance([1.0] * 5, 2) == [0, 1, 0, 1, 0]  # equal costs: round robin
+    costs = [5.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    ranks = distributed.balance(costs, 2)
+    loads = [sum(c for c, r in zip(costs, ranks) if r == k) for k in range(2)]
+    assert loads == [5.0, 5.0]  # round robin would give 7 and 3
+    assert distributed.balance([], 3) == []
+
+
 @pytest.mark.parametrize("payloads", [[], [b""], [b"a", b"", b"xyz" * 1000]])
 def test_pack_unpack_round_trip(payloads):
     assert distributed.unpack(distributed.pack(payloads)) == payloads

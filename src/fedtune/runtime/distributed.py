@@ -12,8 +12,9 @@ collectives; rank 0 decodes every reply exactly as the local runtime does, and a
 rank comes back as `grid.error_reply`. Aggregation stays the paradigm's, so each reply is still screened
 and one bad client can be dropped (a reduce-only aggregate over ranks could not reject it).
 
-Who runs which client: the i-th message of a round goes to rank ``i % world_size`` (balanced whatever
-subset the server sampled), except for paradigms whose clients keep state between rounds (KD's private
+Who runs which client: each round, whatever subset the server sampled, its clients are dealt out to balance
+the ranks' work (`balance`: longest first, by each client's time measured in its last round; round robin
+while nothing is known), except for paradigms whose clients keep state between rounds (KD's private
 adapters, the centralized baseline's optimizer), where client k always lives on rank ``k % world_size``.
 
 Two ways to start it (`launch`): ``fedtune run CONFIG --set runtime.world_size=N`` spawns the N processes
@@ -172,6 +173,21 @@ def serve_worker(apps: dict[int, ClientApp], channel: Channel, max_bytes: int = 
         rounds += 1
 
 
+def balance(costs: list[float], world: int) -> list[int]:
+    """Ranks for jobs of the given costs: longest first, each to the least loaded rank (ties: the lowest rank).
+
+    Equal costs (the first round, or clients that all take the same number of steps) give round robin:
+    job i on rank ``i % world``. Which rank runs a client does not change its result, only the round's time.
+    """
+    load = [0.0] * world
+    ranks = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):  # stable: equal costs keep their order
+        rank = min(range(world), key=lambda r: load[r])
+        ranks[i] = rank
+        load[rank] += costs[i]
+    return ranks
+
+
 class DistributedGrid:
     """The `Grid` rank 0's server talks through: each call is one round spread over all ranks.
 
@@ -188,6 +204,7 @@ class DistributedGrid:
         self.channel = channel
         self.sticky = sticky
         self.max_bytes = max_bytes
+        self.seconds: dict[int, float] = {}  # each client's last measured round time, for `balance`
 
     def node_ids(self) -> list[int]:
         return sorted(self.apps)
@@ -197,7 +214,9 @@ class DistributedGrid:
         world = self.channel.world
         if self.sticky:
             return [int(m.meta["dst"]) % world for m in messages]
-        return [i % world for i in range(len(messages))]
+        known = list(self.seconds.values())
+        guess = sum(known) / len(known) if known else 1.0
+        return balance([self.seconds.get(int(m.meta["dst"]), guess) for m in messages], world)
 
     def send_and_receive(self, messages: list[Message]) -> list[Message]:
         ranks = self.ranks_for(messages)
@@ -213,6 +232,8 @@ class DistributedGrid:
             except WireError as err:
                 reply = error_reply(dst, f"rejected reply from rank {rank}: {err}")
             reply.meta.setdefault("src", dst)
+            if isinstance(reply.meta.get("seconds"), (int, float)) and reply.meta["seconds"] > 0:
+                self.seconds[dst] = float(reply.meta["seconds"])
             replies.append(reply)
         return replies
 
