@@ -93,10 +93,10 @@ class Channel:
         self.in_round = False
 
     def _tensor(self, data: bytes, width: int) -> torch.Tensor:
-        t = torch.zeros(width, dtype=torch.uint8)
-        if data:
-            t[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return t.to(self.device)
+        """`data` zero-padded to `width` bytes, as a uint8 tensor on the channel's device."""
+        padded = bytearray(width)
+        padded[: len(data)] = data
+        return torch.frombuffer(padded, dtype=torch.uint8).to(self.device)
 
     def _bytes(self, t: torch.Tensor, size: int) -> bytes:
         return t[:size].cpu().numpy().tobytes()
@@ -127,8 +127,9 @@ class Channel:
         dist.all_gather(sizes, torch.tensor([len(chunk)], dtype=torch.int64, device=self.device))
         sizes = [int(s) for s in sizes]
         width = max(sizes)
-        bufs = [torch.empty(width, dtype=torch.uint8, device=self.device) for _ in range(self.world)]
-        dist.gather(self._tensor(chunk, width), bufs if self.rank == 0 else None, dst=0)
+        bufs = [torch.empty(width, dtype=torch.uint8, device=self.device) for _ in range(self.world)] \
+            if self.rank == 0 else None
+        dist.gather(self._tensor(chunk, width), bufs, dst=0)
         self.in_round = False
         return [self._bytes(b, n) for b, n in zip(bufs, sizes)] if self.rank == 0 else []
 
@@ -220,7 +221,12 @@ class DistributedGrid:
 
     def send_and_receive(self, messages: list[Message]) -> list[Message]:
         ranks = self.ranks_for(messages)
-        payloads = [encode(m) for m in messages]
+        # A round loop sends one global state to many clients: copy it off the GPU once, not once per message.
+        on_cpu: dict[int, dict[str, torch.Tensor]] = {}
+        for m in messages:
+            if id(m.tensors) not in on_cpu:
+                on_cpu[id(m.tensors)] = {k: v.detach().cpu() for k, v in m.tensors.items()}
+        payloads = [encode(Message(on_cpu[id(m.tensors)], m.meta)) for m in messages]
         chunks = [pack([p for p, r in zip(payloads, ranks) if r == k]) for k in range(self.channel.world)]
         _, mine = self.channel.scatter(chunks)
         per_rank = [iter(unpack(b)) for b in self.channel.gather(run_share(self.apps, mine, self.max_bytes))]
