@@ -142,6 +142,20 @@ def test_balance_deals_longest_first_to_the_least_loaded_rank():
     assert distributed.balance([], 3) == []
 
 
+def test_bundle_sends_a_shared_state_once_and_unbundles_private_copies():
+    from fedtune.wire import Message, decode, encode
+
+    shared = {"w": torch.arange(4.0)}
+    msgs = [(0, Message(shared, {"dst": 5})), (1, Message({"w": torch.ones(4)}, {"dst": 6})),
+            (2, Message(shared, {"dst": 7}))]
+    bundles = distributed.bundle(msgs)
+    assert [indices for indices, _ in bundles] == [[0, 2], [1]]
+    out = [m for _, b in bundles for m in distributed.unbundle(decode(encode(b)))]
+    assert [m.meta["dst"] for m in out] == [5, 7, 6]
+    out[0].tensors["w"].add_(100)  # a client that scribbles on its input touches no one else's
+    assert torch.equal(out[1].tensors["w"], torch.arange(4.0)) and torch.equal(shared["w"], torch.arange(4.0))
+
+
 @pytest.mark.parametrize("payloads", [[], [b""], [b"a", b"", b"xyz" * 1000]])
 def test_pack_unpack_round_trip(payloads):
     assert distributed.unpack(distributed.pack(payloads)) == payloads

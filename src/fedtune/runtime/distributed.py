@@ -8,8 +8,9 @@ they take their share of the messages, run those clients one after another, and 
 
 Messages cross ranks as their wire encoding (`wire.encode` bytes in uint8 tensors, sizes first, then the
 payloads, through broadcast / scatter / all_gather / gather), never through the pickle-based ``*_object``
-collectives; rank 0 decodes every reply exactly as the local runtime does, and a client that raises on any
-rank comes back as `grid.error_reply`. Aggregation stays the paradigm's, so each reply is still screened
+collectives; the messages of a round that carry one global state travel to each rank as one `bundle`.
+Rank 0 decodes every reply exactly as the local runtime does, and a client that raises on any rank comes
+back as `grid.error_reply`. Aggregation stays the paradigm's, so each reply is still screened
 and one bad client can be dropped (a reduce-only aggregate over ranks could not reject it).
 
 Who runs which client: each round, whatever subset the server sampled, its clients are dealt out to balance
@@ -146,13 +147,34 @@ class Channel:
 # --------------------------------------------------------------------------- clients on every rank
 
 
+BUNDLE = "bundle"
+"""Meta key of a bundled message: the list of the metadata of the messages it stands for."""
+
+
+def bundle(indexed: list[tuple[int, Message]]) -> list[tuple[list[int], Message]]:
+    """Messages that share one tensors dict (a round's global state) as one message: the tensors once.
+
+    Returns ``(indices of the bundled messages, bundle)`` pairs; the bundle is an ordinary wire message
+    whose metadata lists theirs, so a rank receives the global state once, not once per client.
+    """
+    groups: dict[int, list[tuple[int, Message]]] = {}
+    for i, m in indexed:
+        groups.setdefault(id(m.tensors), []).append((i, m))
+    return [([i for i, _ in g], Message(g[0][1].tensors, {BUNDLE: [m.meta for _, m in g]})) for g in groups.values()]
+
+
+def unbundle(msg: Message) -> list[Message]:
+    """The messages a bundle stands for, each with its own copy of the tensors (no client sees another's)."""
+    return [Message({k: v.clone() for k, v in msg.tensors.items()}, meta) for meta in msg.meta[BUNDLE]]
+
+
 def run_share(apps: dict[int, ClientApp], buffer: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Decode this rank's share of a round, run its clients one after another, return the encoded replies.
 
     A client that raises, is unknown here, or whose reply cannot be encoded becomes an error reply:
     one failing client never takes its rank, or the round, down.
     """
-    inbound = [decode(p, max_bytes=max_bytes) for p in unpack(buffer)]
+    inbound = [m for p in unpack(buffer) for m in unbundle(decode(p, max_bytes=max_bytes))]
     replies = LocalGrid(apps, serialize=False).send_and_receive(inbound)
     out = []
     for msg, reply in zip(inbound, replies):
@@ -221,26 +243,23 @@ class DistributedGrid:
 
     def send_and_receive(self, messages: list[Message]) -> list[Message]:
         ranks = self.ranks_for(messages)
-        # A round loop sends one global state to many clients: copy it off the GPU once, not once per message.
-        on_cpu: dict[int, dict[str, torch.Tensor]] = {}
-        for m in messages:
-            if id(m.tensors) not in on_cpu:
-                on_cpu[id(m.tensors)] = {k: v.detach().cpu() for k, v in m.tensors.items()}
-        payloads = [encode(Message(on_cpu[id(m.tensors)], m.meta)) for m in messages]
-        chunks = [pack([p for p, r in zip(payloads, ranks) if r == k]) for k in range(self.channel.world)]
-        _, mine = self.channel.scatter(chunks)
-        per_rank = [iter(unpack(b)) for b in self.channel.gather(run_share(self.apps, mine, self.max_bytes))]
-        replies = []
-        for msg, rank in zip(messages, ranks):
-            dst = int(msg.meta["dst"])
-            try:
-                reply = decode(next(per_rank[rank]), max_bytes=self.max_bytes)
-            except WireError as err:
-                reply = error_reply(dst, f"rejected reply from rank {rank}: {err}")
-            reply.meta.setdefault("src", dst)
-            if isinstance(reply.meta.get("seconds"), (int, float)) and reply.meta["seconds"] > 0:
-                self.seconds[dst] = float(reply.meta["seconds"])
-            replies.append(reply)
+        shares = [bundle([(i, m) for i, (m, r) in enumerate(zip(messages, ranks)) if r == k])
+                  for k in range(self.channel.world)]
+        _, mine = self.channel.scatter([pack([encode(b) for _, b in share]) for share in shares])
+        gathered = self.channel.gather(run_share(self.apps, mine, self.max_bytes))
+        replies: list[Message | None] = [None] * len(messages)
+        for rank, (share, buffer) in enumerate(zip(shares, gathered)):
+            order = [i for indices, _ in share for i in indices]
+            for i, payload in zip(order, unpack(buffer), strict=True):
+                dst = int(messages[i].meta["dst"])
+                try:
+                    reply = decode(payload, max_bytes=self.max_bytes)
+                except WireError as err:
+                    reply = error_reply(dst, f"rejected reply from rank {rank}: {err}")
+                reply.meta.setdefault("src", dst)
+                if isinstance(reply.meta.get("seconds"), (int, float)) and reply.meta["seconds"] > 0:
+                    self.seconds[dst] = float(reply.meta["seconds"])
+                replies[i] = reply
         return replies
 
 
