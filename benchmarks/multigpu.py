@@ -6,7 +6,9 @@ local runtime, `LocalGrid`) over the median round time on 2 and 4 GPUs (`runtime
 
 Every world size runs the real round loop (`fedpeft.serve`) and the real client apps (`fedpeft.make_clients`)
 on a random-weight SmolLM2-135M-shaped Llama (speed does not depend on the weights), 40 clients per round,
-synthetic token sequences. The first round is warm-up and left out of the median.
+synthetic token sequences. The first round is warm-up and left out of the median. The 1-GPU baseline encodes
+and decodes every message as the default config does (``federation.serialize: true``); ``--no-serialize``
+compares against handing them over as objects instead.
 
 ``--cpu`` is a smoke check of the same code on the CPU with gloo (a tiny Llama, 8 clients per round, world
 sizes 1 and 2; one process gets all cores, N processes share them), writing ``cpu_gloo_speedup_2``: it shows
@@ -94,7 +96,7 @@ def rank_main(rank: int, a: argparse.Namespace, world: int, port: int, result: s
         distributed.serve_worker(apps, channel)
         torch.distributed.destroy_process_group()
         return
-    grid = LocalGrid(apps) if world == 1 else distributed.DistributedGrid(apps, channel)
+    grid = LocalGrid(apps, serialize=a.serialize) if world == 1 else distributed.DistributedGrid(apps, channel)
     stamps: list[float] = []
 
     def log(record: dict) -> None:
@@ -124,6 +126,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq", type=int, default=None, help="tokens per example (default 256; --cpu: 32)")
     p.add_argument("--examples-per-client", type=int, default=32)
+    p.add_argument("--no-serialize", dest="serialize", action="store_false",
+                   help="1 GPU baseline hands messages over as objects (federation.serialize=false) instead of "
+                        "encoding them (the default config)")
     p.add_argument("--out", default="benchmarks/multigpu.json")
     a = p.parse_args()
     a.shape = "tiny" if a.cpu else "135m"
@@ -136,7 +141,7 @@ def main() -> None:
                  "(pass --worlds, or --cpu for the CPU smoke check)")
     prefix = "cpu_gloo" if a.cpu else "multigpu"
     results: dict = {"shape": a.shape, "clients_per_round": a.clients, "local_steps": a.local_steps,
-                     "batch_size": a.batch_size, "seq": a.seq, "rounds": a.rounds, "torch": torch.__version__,
+                     "batch_size": a.batch_size, "seq": a.seq, "rounds": a.rounds, "baseline_serialize": a.serialize, "torch": torch.__version__,
                      "device": "cpu" if a.cpu else torch.cuda.get_device_name(0)}
     medians = {}
     with tempfile.TemporaryDirectory() as tmp:

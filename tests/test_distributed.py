@@ -108,6 +108,9 @@ def _toy_rank(rank: int, port: int, out: str) -> None:
         grid = distributed.DistributedGrid(apps, channel)
         ranks = [r.meta.get("rank") for r in grid.send_and_receive(
             [Message({"w": torch.zeros(3)}, {"kind": "fit_ins", "round": 0, "dst": n}) for n in range(4)])]
+        # One message for two ranks: rank 1 gets an empty share and still takes part in the round.
+        (single,) = grid.send_and_receive([Message({"w": torch.zeros(3)}, {"kind": "fit_ins", "round": 0, "dst": 2})])
+        ranks.append(single.meta["rank"])
         final, _ = fedpeft.serve(grid, {"w": torch.zeros(3)}, FedAvg(), rounds=2, clients_per_round=4, seed=0,
                                  eval_every=1, hooks=hooks)
         channel.stop()
@@ -120,14 +123,14 @@ def test_client_failing_on_rank_1_is_dropped_from_the_round(tmp_path):
     mp.spawn(_toy_rank, args=(distributed._free_port(), str(tmp_path)), nprocs=2, join=True)
     server = json.loads((tmp_path / "server.json").read_text())
     # The i-th message of a round runs on rank i % 2, so clients 1 and 3 run on rank 1.
-    assert server["ranks"] == [0, 1, 0, None]
+    assert server["ranks"] == [0, 1, 0, None, 0]
     clients = [r for r in server["log"] if r["type"] == "client"]
     assert [(r["client"], r["status"]) for r in clients] == [(0, "ok"), (1, "ok"), (2, "ok"), (3, "failed")] * 2
     assert "client 3 ran out of memory" in clients[3]["error"]
     # FedAvg of the three good clients by hand: each adds (i + 1) and weighs i + 1 -> (1 + 4 + 9) / 6 per round.
     assert server["w"] == pytest.approx([2 * 14 / 6] * 3, abs=1e-6)
     assert [r["replies"] for r in server["log"] if r["type"] == "round"] == [3, 3]
-    assert json.loads((tmp_path / "served.json").read_text()) == 3  # the probe round and two FedLLM rounds
+    assert json.loads((tmp_path / "served.json").read_text()) == 4  # two probe rounds and two FedLLM rounds
 
 
 # --------------------------------------------------------------------------- units and bad configs
