@@ -237,7 +237,7 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
     """
     c = load(config)
     if grid_factory is local_grid:
-        from .runtime import distributed  # imported here: torch.distributed is not needed by one-process runs
+        from .runtime import distributed  # imported here: it imports this module
 
         if c.runtime.world_size > 1 or distributed.under_torchrun():
             return distributed.launch(c, out, quiet)
