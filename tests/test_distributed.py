@@ -174,6 +174,13 @@ def test_bad_configs_name_the_field(overrides, field):
         experiment.run(cfg.load(None, SMALL + overrides), quiet=True)
 
 
+def test_a_mistake_found_inside_the_processes_reads_as_in_one_process(tmp_path):
+    missing = tmp_path / "nowhere.jsonl"
+    bad = SMALL + ["runtime.world_size=2", f"data.source={missing}", "data.label_words=[pos, neg]"]
+    with pytest.raises(ValueError, match=f"data file '{missing}' does not exist"):
+        experiment.run(cfg.load(None, bad), out=tmp_path / "run", quiet=True)
+
+
 def test_torchrun_world_size_must_match_the_config(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
