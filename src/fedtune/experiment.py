@@ -216,6 +216,21 @@ def load(config: cfg.Config | dict | str | Path) -> cfg.Config:
     return config
 
 
+def setup(c: cfg.Config, bars: Bars) -> tuple[Any, Any, Prepared, torch.device]:
+    """Seed, load the base, prepare the data and attach a fresh LoRA: ``(model, tokenizer, data, device)``.
+
+    Every process of a multi-process run calls this with the same config, so all hold the same model and data.
+    The caller unloads the model (``model.unload()``) when done, leaving the cached base clean.
+    """
+    device = resolve_device(c.model.device)
+    random.seed(c.seed)
+    torch.manual_seed(c.seed)
+    base, tokenizer = load_base(c.model.name, dtype=c.model.dtype, device=device,
+                                attn_implementation=c.model.attn_implementation)
+    data = prepare_data(c, tokenizer, bars)
+    return attach_lora(base, c.peft, c.seed), tokenizer, data, device
+
+
 def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, quiet: bool = False, *,
         grid_factory: GridFactory = local_grid) -> dict[str, Any]:
     """Run one experiment and return its summary (the same dict written to ``summary.json``).
@@ -224,19 +239,19 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
         config: A `Config`, a plain dict of sections, or the path of a YAML file.
         out: The run folder (default ``runs/<name>-<timestamp>``).
         quiet: No progress bars or tables.
-        grid_factory: The runtime: makes the grid the server talks through (default: `local_grid`).
+        grid_factory: The runtime: makes the grid the server talks through (default: `local_grid`; with
+            ``runtime.world_size > 1``, or under torchrun, the default starts the multi-process runtime of
+            `fedtune.runtime.distributed` instead, whose rank 0 calls back here; other ranks return ``{}``).
     """
     c = load(config)
+    if grid_factory is local_grid:
+        from .runtime import distributed  # imported here: it imports this module
+
+        if c.runtime.world_size > 1 or distributed.under_torchrun():
+            return distributed.launch(c, out, quiet)
     started = time.perf_counter()
     bars = Bars(quiet=quiet)
-    device = resolve_device(c.model.device)
-    random.seed(c.seed)
-    torch.manual_seed(c.seed)
-
-    base, tokenizer = load_base(c.model.name, dtype=c.model.dtype, device=device,
-                                attn_implementation=c.model.attn_implementation)
-    data = prepare_data(c, tokenizer, bars)
-    model = attach_lora(base, c.peft, c.seed)
+    model, tokenizer, data, device = setup(c, bars)
     try:
         return _run_federation(c, model, tokenizer, data, device, bars, Path(out) if out else default_out(c.name),
                                started, grid_factory)
