@@ -20,7 +20,9 @@ from fedtune import config as cfg
 from fedtune import experiment
 from fedtune.runtime import distributed
 
-pytestmark = pytest.mark.distributed
+# One thread in this process, as each of the 2 worker processes gets (an equal share of 2 cores, or
+# OMP_NUM_THREADS=1): the same float reduction order, which the 1e-6 comparisons need.
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 SMALL = ["model.name=tiny-llama", "model.device=cpu", "data.demo_train_size=60", "data.demo_test_size=12",
          "federation.num_clients=4", "federation.clients_per_round=3", "federation.rounds=2", "train.local_steps=2",
