@@ -159,6 +159,10 @@ class LocalFederation:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        try:  # its process group (its own session): children left behind when it died on its own
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=10)
 
     def close(self) -> None:
