@@ -91,3 +91,28 @@ def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())
     return private, public
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedtune.runtime.certs FOLDER --host H [--host H2] [--node NAME ...]``"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fedtune.runtime.certs",
+                                description="Make a CA, a SuperLink TLS certificate and SuperNode key pairs.")
+    p.add_argument("folder", type=Path, help="where to write them (created if missing)")
+    p.add_argument("--host", action="append", default=[],
+                   help="name or IP the SuperNodes dial to reach the SuperLink (repeatable), e.g. 127.0.0.1")
+    p.add_argument("--node", action="append", default=[], help="make an authentication key pair for this SuperNode")
+    a = p.parse_args(argv)
+    if not a.host and not a.node:
+        p.error("give --host (for TLS certificates) and/or --node (for SuperNode keys)")
+    if a.host:
+        for what, path in make_certificates(a.folder, a.host).items():
+            print(f"{what:12s} {path}")
+    for name in a.node:
+        private, public = make_node_key(a.folder, name)
+        print(f"{name:12s} {private} (stays on the node), {public} (flwr supernode register)")
+
+
+if __name__ == "__main__":
+    main()
