@@ -129,3 +129,24 @@ def test_data_path_client_trains_on_exactly_its_file(tiny, tmp_path):
     assert data.parts[2] == list(range(10)) and data.test == []
     with pytest.raises(ValueError, match="partition-id"):
         flower.partition_id({"data-path": str(path)})
+
+
+def test_kd_clients_keep_their_own_adapter_between_messages_in_flowers_node_state(tiny, tmp_path, monkeypatch):
+    """Flower runs every message in a fresh process: a KD client's private adapter must come back from Context.state."""
+    c = cfg.load(None, SMALL + ["federation.paradigm=kd", "kd.public_fraction=0.3", "kd.public_size=8",
+                                "kd.server_steps=1", "kd.distill_steps=1", "federation.clients_per_round=3"])
+    experiment.run(c, tmp_path / "local", quiet=True)
+
+    def factory(ctx, paradigm):
+        init = paradigm.make_clients(ctx)  # built now, like each node's process builds them from a fresh adapter
+        # A new client object for every message, as in a new process; only Flower's node state carries over.
+        monkeypatch.setattr(flower, "client_for", lambda config_yaml, node_config: (
+            lambda k: paradigm.KDClient(k, ctx.model, init[k].examples, init[k].public, init[k].settings,
+                                        init[0].state, distill_steps=init[k].distill_steps, device=ctx.device,
+                                        pad_id=ctx.pad_id, seed=c.seed))(int(node_config["partition-id"])))
+        return flower.FlowerGrid(FakeFlowerGrid(NODES), ctx.config, flower.FlowerSettings(connect_timeout=1))
+
+    experiment.run(c, tmp_path / "flower", quiet=True, grid_factory=factory)
+    ref, got = adapter(tmp_path / "local"), adapter(tmp_path / "flower")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0)
