@@ -84,11 +84,6 @@ def unpack(content: RecordDict, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Mes
     return decode(array.data, max_bytes=max_bytes), (str(run["config"]) if run is not None else None)
 
 
-def payload_size(content: RecordDict) -> int:
-    """Bytes of the fedtune payload inside Flower records (what `wire.encoded_size` counted)."""
-    return len(content["fedtune"]["message"].data)
-
-
 # --------------------------------------------------------------------------- server side
 
 
@@ -138,7 +133,7 @@ class FlowerGrid:
         self.settings = settings or FlowerSettings()
         self.config_yaml = cfg.to_yaml(config)
         self.expected = expected or config.federation.num_clients
-        self.bytes_down = self.bytes_up = 0  # fedtune payload bytes carried (Flower's framing comes on top)
+        self.num_clients = config.federation.num_clients
         self.to_flower: dict[int, int] = self._discover()
 
     def node_ids(self) -> list[int]:
@@ -161,7 +156,11 @@ class FlowerGrid:
             if is_error(reply):
                 log(INFO, "node %d did not identify itself and is left out: %s", flower_id, reply.meta.get("error"))
                 continue
-            pid = int(reply.meta["partition_id"])
+            pid = reply.meta.get("partition_id")
+            if not isinstance(pid, int) or not 0 <= pid < self.num_clients:
+                log(INFO, "node %d has partition-id=%r, not in 0..%d (federation.num_clients = %d): left out",
+                    flower_id, pid, self.num_clients - 1, self.num_clients)
+                continue
             if pid in mapping:
                 raise RuntimeError(f"two SuperNodes ({mapping[pid]} and {flower_id}) have partition-id={pid}: "
                                    "give each node its own --node-config partition-id.")
@@ -205,7 +204,6 @@ class FlowerGrid:
         out = []
         for node, m in pairs:
             content = pack(m, self.config_yaml)
-            self.bytes_down += payload_size(content)
             kind = MessageType.QUERY if m.meta.get("kind") == HELLO else MessageType.TRAIN
             out.append(FlowerMessage(content, dst_node_id=node, message_type=kind, ttl=timeout))
         started = time.monotonic()
@@ -221,7 +219,6 @@ class FlowerGrid:
                 result.append(error_reply(dst, f"Flower error {reply.error.code}: {reply.error.reason}"))
             else:
                 try:
-                    self.bytes_up += payload_size(reply.content)
                     result.append(unpack(reply.content, self.settings.max_bytes)[0])
                 except (WireError, KeyError) as err:
                     result.append(error_reply(dst, f"rejected reply: {err}"))
@@ -240,9 +237,9 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: FlowerServerGrid, context: Context) -> None:
     """``flwr run``'s entry point: run config ``config`` (YAML path) and ``out`` (run folder) name the experiment."""
-    rc = dict(context.run_config)
     from .. import experiment
 
+    rc = dict(context.run_config)
     if not rc.get("config"):
         raise ValueError("flwr run needs the experiment: --run-config \"config='path/to/experiment.yaml'\"")
     c = experiment.load(Path(str(rc["config"])))
