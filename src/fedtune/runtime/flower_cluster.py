@@ -165,6 +165,18 @@ class LocalFederation:
             pass
         proc.wait(timeout=10)
 
+    def kill_serverapp(self) -> int:
+        """SIGKILL the ServerApp processes the SuperLink started (a server machine dying); returns how many."""
+        killed = 0
+        for pid in descendants(self.procs["superlink"].pid):
+            try:
+                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+            except (OSError, ProcessLookupError):
+                pass
+        return killed
+
     def close(self) -> None:
         for name in list(self.procs):
             self.kill(name)
