@@ -87,3 +87,18 @@ def test_checkpoint_of_another_config_is_refused(tiny, tmp_path):
     other = cfg.load(None, SMALL + ["federation.rounds=1", "train.lr=0.02"])
     with pytest.raises(ValueError, match="checkpoint of a different config"):
         experiment.run(other, tmp_path / "r", quiet=True)
+
+
+def test_a_run_that_died_in_round_1_starts_over_without_duplicate_records(tiny, tmp_path, monkeypatch):
+    c = cfg.load(None, SMALL + ["federation.rounds=1", "eval.base=false"])
+    def die(self, *args, **kw):
+        raise Crash("server killed while aggregating round 1")
+
+    with monkeypatch.context() as m:
+        m.setattr(FedAvgM, "aggregate", die)
+        with pytest.raises(Crash):
+            experiment.run(c, tmp_path / "r", quiet=True)
+    assert [r["type"] for r in records(tmp_path / "r")] == ["client", "client"]  # round 1, half logged
+    experiment.run(c, tmp_path / "r", quiet=True)
+    keys = [(r["type"], r.get("round"), r.get("client")) for r in records(tmp_path / "r")]
+    assert len(keys) == len(set(keys)) and ("round", 1, None) in keys

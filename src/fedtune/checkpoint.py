@@ -11,12 +11,14 @@ The file is one `wire` message (safetensors tensors + a JSON header; no pickle),
 temporary file and moved into place with `os.replace`, so a crash mid-write leaves the previous
 checkpoint intact. It also records the length of ``metrics.jsonl`` at that moment: a resumed run
 cuts the file back to it, dropping the records of the round that did not finish, so no round
-is logged twice.
+is logged twice (with no checkpoint yet, records of rounds >= 1 are from an attempt that died in
+its first round, and are dropped too).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -91,6 +93,7 @@ class Checkpoint:
             ValueError: The checkpoint belongs to another config, or cannot be read.
         """
         if not self.path.exists():
+            self._drop_unfinished_rounds()
             return None
         try:
             msg = decode(self.path.read_bytes())
@@ -110,3 +113,12 @@ class Checkpoint:
             group, _, name = key.partition("/")
             tensors.setdefault(group, {})[name] = t
         return Saved(int(rnd), tensors, meta)
+
+    def _drop_unfinished_rounds(self) -> None:
+        """An earlier attempt that died before its first checkpoint left round records: the rounds start over."""
+        if not self.metrics.exists():
+            return
+        lines = self.metrics.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if int(json.loads(line).get("round") or 0) < 1]
+        if len(keep) < len(lines):
+            self.metrics.write_text("".join(keep))

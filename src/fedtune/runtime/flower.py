@@ -251,7 +251,7 @@ def _server_main(grid: FlowerServerGrid, context: Context) -> None:
     def flower_grid(ctx, paradigm) -> FlowerGrid:
         return FlowerGrid(grid, ctx.config, settings)
 
-    summary = experiment.run(c, str(rc.get("out") or "") or None, quiet=True, grid_factory=flower_grid)
+    summary = experiment.run(c, rc.get("out") or None, quiet=True, grid_factory=flower_grid)
     log(INFO, "fedtune run finished: accuracy %s", summary.get("accuracy"))
 
 
