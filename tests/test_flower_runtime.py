@@ -150,3 +150,16 @@ def test_kd_clients_keep_their_own_adapter_between_messages_in_flowers_node_stat
     ref, got = adapter(tmp_path / "local"), adapter(tmp_path / "flower")
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0)
+
+
+def test_a_node_with_its_own_config_refuses_another_experiment(tmp_path, monkeypatch):
+    agreed = cfg.load(None, SMALL)
+    (tmp_path / "mine.yaml").write_text(cfg.to_yaml(agreed))
+    monkeypatch.setattr(flower, "client_for", lambda config_yaml, node_config: lambda m: Message({}, {"kind": "ok"}))
+    ctx = Context(run_id=1, node_id=3, state=RecordDict(), run_config={},
+                  node_config={"partition-id": 0, "config": str(tmp_path / "mine.yaml")})
+    fit = Message({}, {"kind": "fit_ins", "round": 1, "dst": 0})
+    assert flower.handle(fit, cfg.to_yaml(agreed), ctx).kind == "ok"
+    changed = cfg.to_yaml(cfg.load(None, SMALL + ["train.lr=0.5", "model.name=smollm2-135m-instruct"]))
+    with pytest.raises(ValueError, match=r"differs .* in model.name, train.lr: refusing"):
+        flower.handle(fit, changed, ctx)

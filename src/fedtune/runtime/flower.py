@@ -19,7 +19,8 @@ with an error, becomes `grid.error_reply`, and the paradigm drops it from that r
 
 A client's data: node config ``partition-id=K num-partitions=N`` takes partition K of the
 configured data (how tests compare with the local runtime); ``data-path=/srv/mine.jsonl`` makes
-every row of that file this client's training data and nothing else is read.
+every row of that file this client's training data and nothing else is read. ``config=/srv/exp.yaml``
+makes the node refuse any experiment but that one.
 """
 
 from __future__ import annotations
@@ -334,6 +335,30 @@ def client_for(config_yaml: str, node_config: dict[str, Any]):
     return _CLIENTS[key]
 
 
+def agree(config_yaml: str, path: str) -> None:
+    """Refuse to train unless the server's experiment is the one this node agreed to (node config ``config=PATH``).
+
+    Without it a node trains under whatever config the server sends (model, LoRA, steps, prompt format;
+    with ``data-path`` never which data).
+    """
+    theirs, mine = _flat(cfg.from_dict(yaml.safe_load(config_yaml)).to_dict()), _flat(cfg.load(path).to_dict())
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"the server's experiment differs from this node's config={path} in {', '.join(differ[:5])}: "
+                         "refusing to train; update the node's copy if the change is agreed.")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``"""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def handle(inbound: Message, config_yaml: str | None, context: Context) -> Message:
     """One message on a node: identify it, or run the paradigm's client app (keeping its state in Flower's context)."""
     node_config = dict(context.node_config)
@@ -341,6 +366,8 @@ def handle(inbound: Message, config_yaml: str | None, context: Context) -> Messa
         return Message({}, {"kind": HELLO, "partition_id": partition_id(node_config)})
     if config_yaml is None:
         raise WireError("the server sent no experiment config with its message")
+    if node_config.get("config"):
+        agree(config_yaml, str(node_config["config"]))
     app = client_for(config_yaml, node_config)
     stateful = hasattr(app, "state")  # e.g. KD clients keep their own adapter between rounds
     if stateful and STATE_KEY in context.state:
