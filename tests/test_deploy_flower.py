@@ -10,6 +10,7 @@ runs them all (timings in README.flower.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -20,6 +21,7 @@ from fedtune import config as cfg
 from fedtune import experiment
 from fedtune.checkpoint import FILE as CHECKPOINT
 from fedtune.grid import error_reply
+from fedtune.progress import Bars
 from fedtune.runtime.certs import make_certificates, make_node_key
 from fedtune.runtime.flower_cluster import LocalFederation
 from fedtune.runtime.local import LocalGrid
@@ -166,3 +168,33 @@ def test_supernode_killed_mid_round_drops_out_and_the_round_completes(fed, tiny,
 
     experiment.run(c, tmp_path / "local", quiet=True, grid_factory=without_node_1)
     assert_same_adapter(run, tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_nodes_reading_only_their_own_files_train_on_those_files(tiny, tmp_path):
+    """data-path: node k's file holds the rows of the *other* partition, so only reading the file reproduces
+    the simulation with the partitions swapped (and not the plain simulation)."""
+    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-files", "federation.rounds=2"])
+    _, tok = tiny
+    rows = experiment._load(c.data, c.seed)[0]
+    parts = experiment.prepare_data(c, tok, Bars(quiet=True)).parts
+    swapped = parts[::-1]
+
+    def swapped_partitions(ctx, paradigm):
+        ctx = dataclasses.replace(ctx, data=dataclasses.replace(ctx.data, parts=swapped))
+        return LocalGrid(paradigm.make_clients(ctx))
+
+    experiment.run(c, tmp_path / "plain", quiet=True)
+    experiment.run(c, tmp_path / "swapped", quiet=True, grid_factory=swapped_partitions)
+    with pytest.raises(AssertionError):
+        assert_same_adapter(tmp_path / "plain", tmp_path / "swapped")  # the two references differ
+    run = tmp_path / "flower"
+    with LocalFederation(tmp_path / "work") as federation:
+        federation.start_superlink()
+        for k, part in enumerate(swapped):
+            mine = tmp_path / f"client{k}.jsonl"
+            mine.write_text("".join(json.dumps(rows[j]) + "\n" for j in part))
+            federation.start_supernode(f"node{k}", f"partition-id={k} data-path='{mine}'")
+        federation.submit({"config": str(path), "out": str(run), "connect-timeout": 60.0, "reply-timeout": 300.0})
+        federation.wait_for(lambda: (run / "summary.json").exists(), 300, "the run to finish", "superlink")
+    assert_same_adapter(run, tmp_path / "swapped")
