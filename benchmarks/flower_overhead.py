@@ -43,7 +43,7 @@ class CountingProxy:
         self.up = self.down = 0  # up: SuperNode -> SuperLink
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", free_port()))
-        self.address = "127.0.0.1:%d" % self.server.getsockname()[1]
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -86,7 +86,7 @@ def watch_rounds(run: Path, stop: threading.Event) -> list[float]:
             path = run / CHECKPOINT
             try:
                 rnd = int(decode(path.read_bytes()).meta["round"]) if path.exists() else 0
-            except Exception:  # caught mid-replace: try again
+            except (OSError, ValueError, KeyError):  # caught mid-replace: try again
                 rnd = seen
             while seen < rnd:
                 times.append(time.monotonic())
@@ -142,7 +142,7 @@ def main() -> None:
     stop.set()
 
     counted = payload_bytes(run)
-    later = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)  # noqa: E731
+    later = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)
     result = {
         "config": {"rounds": a.rounds, "clients": a.clients, "overrides": a.set},
         "local_round_s": [round(x, 2) for x in local],

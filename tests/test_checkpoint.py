@@ -75,7 +75,7 @@ def test_run_killed_after_round_1_resumes_to_the_uninterrupted_result(tiny, tmp_
     for k in ("accuracy_by_round", "base_accuracy", "bytes_down", "client_rounds"):
         assert resumed[k] == whole[k], k
     # The half-logged round 2 was cut away: every round and client record appears once, as in the whole run.
-    key = lambda r: (r["type"], r.get("round"), r.get("client"), r.get("model"))  # noqa: E731
+    key = lambda r: (r["type"], r.get("round"), r.get("client"), r.get("model"))
     cut_keys = [key(r) for r in records(tmp_path / "cut")]
     assert sorted(cut_keys, key=str) == sorted((key(r) for r in records(tmp_path / "whole")), key=str)
     assert len(cut_keys) == len(set(cut_keys))

@@ -88,7 +88,7 @@ def test_clients_are_found_by_partition_id_and_the_run_equals_the_local_one(tiny
     ref, got = adapter(tmp_path / "local"), adapter(tmp_path / "flower")
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0)
-    sampled = lambda run: [(r["round"], r["client"], r["status"]) for r in records(run) if r["type"] == "client"]  # noqa: E731
+    sampled = lambda run: [(r["round"], r["client"], r["status"]) for r in records(run) if r["type"] == "client"]
     assert sampled(tmp_path / "flower") == sampled(tmp_path / "local")  # same seeded sampling of partitions
 
 
@@ -140,10 +140,13 @@ def test_kd_clients_keep_their_own_adapter_between_messages_in_flowers_node_stat
     def factory(ctx, paradigm):
         init = paradigm.make_clients(ctx)  # built now, like each node's process builds them from a fresh adapter
         # A new client object for every message, as in a new process; only Flower's node state carries over.
-        monkeypatch.setattr(flower, "client_for", lambda config_yaml, node_config: (
-            lambda k: paradigm.KDClient(k, ctx.model, init[k].examples, init[k].public, init[k].settings,
-                                        init[0].state, distill_steps=init[k].distill_steps, device=ctx.device,
-                                        pad_id=ctx.pad_id, seed=c.seed))(int(node_config["partition-id"])))
+        def fresh_client(config_yaml, node_config):
+            k = int(node_config["partition-id"])
+            return paradigm.KDClient(k, ctx.model, init[k].examples, init[k].public, init[k].settings, init[0].state,
+                                     distill_steps=init[k].distill_steps, device=ctx.device, pad_id=ctx.pad_id,
+                                     seed=c.seed)
+
+        monkeypatch.setattr(flower, "client_for", fresh_client)
         return flower.FlowerGrid(FakeFlowerGrid(NODES), ctx.config, flower.FlowerSettings(connect_timeout=1))
 
     experiment.run(c, tmp_path / "flower", quiet=True, grid_factory=factory)

@@ -100,7 +100,7 @@ class FlowerSettings:
     """[max-mb] Largest reply accepted (in MiB on the command line)."""
 
     @classmethod
-    def from_run_config(cls, rc: dict[str, Any]) -> "FlowerSettings":
+    def from_run_config(cls, rc: dict[str, Any]) -> FlowerSettings:
         s = cls()
         for key, attr in (("reply-timeout", "reply_timeout"), ("connect-timeout", "connect_timeout")):
             if key in rc:

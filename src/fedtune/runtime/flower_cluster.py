@@ -120,7 +120,7 @@ class LocalFederation:
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this SuperLink (its connection is the default in the Flower home)."""
-        return subprocess.run([flower_bin("flwr"), *args], env=self.env, cwd=self.work, capture_output=True,
+        return subprocess.run([flower_bin("flwr"), *args], env=self.env, cwd=self.work, capture_output=True, check=False,
                               text=True, timeout=timeout)
 
     def register(self, public_key: Path) -> None:
@@ -137,9 +137,6 @@ class LocalFederation:
             return int(json.loads(out.stdout)["run-id"])
         except (ValueError, KeyError, TypeError):
             raise RuntimeError(f"flwr run failed:\n{out.stdout}\n{out.stderr}") from None
-
-    def stop_run(self, run_id: int) -> None:
-        self.flwr("stop", str(run_id), "local")
 
     def wait_for(self, done, timeout: float, what: str, log: str | None = None) -> None:
         deadline = time.monotonic() + timeout
@@ -181,7 +178,7 @@ class LocalFederation:
         for name in list(self.procs):
             self.kill(name)
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> LocalFederation:
         return self
 
     def __exit__(self, *exc) -> None:
