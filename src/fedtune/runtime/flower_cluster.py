@@ -120,8 +120,8 @@ class LocalFederation:
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this SuperLink (its connection is the default in the Flower home)."""
-        return subprocess.run([flower_bin("flwr"), *args], env=self.env, cwd=self.work, capture_output=True, check=False,
-                              text=True, timeout=timeout)
+        return subprocess.run([flower_bin("flwr"), *args], env=self.env, cwd=self.work, capture_output=True,
+                              text=True, timeout=timeout, check=False)
 
     def register(self, public_key: Path) -> None:
         """Register a SuperNode's public key with the SuperLink (``flwr supernode register``)."""
