@@ -67,7 +67,8 @@ def flower_factory(monkeypatch, silent=frozenset(), broken=None):
         apps = paradigm.make_clients(ctx)
         if broken is not None:
             apps[broken] = lambda msg: (_ for _ in ()).throw(RuntimeError("client ran out of memory"))
-        monkeypatch.setattr(flower, "client_for", lambda config_yaml, node_config: apps[int(node_config["partition-id"])])
+        monkeypatch.setattr(flower, "client_for",
+                            lambda config_yaml, node_config: apps[int(node_config["partition-id"])])
         return flower.FlowerGrid(FakeFlowerGrid(NODES, silent), ctx.config, flower.FlowerSettings(connect_timeout=1))
 
     return factory
