@@ -60,13 +60,17 @@ NODES = {9_000_000_017: {"partition-id": 2}, 12: {"partition-id": 0}, 7_777_777:
          5: {"no-id": 1}}  # the last one never says which client it is: it is left out
 
 
+def out_of_memory(msg):
+    raise RuntimeError("client ran out of memory")
+
+
 def flower_factory(monkeypatch, silent=frozenset(), broken=None):
     """A grid factory whose clients are the paradigm's own apps, reached through Flower messages."""
 
     def factory(ctx, paradigm):
         apps = paradigm.make_clients(ctx)
         if broken is not None:
-            apps[broken] = lambda msg: (_ for _ in ()).throw(RuntimeError("client ran out of memory"))
+            apps[broken] = out_of_memory
         monkeypatch.setattr(flower, "client_for",
                             lambda config_yaml, node_config: apps[int(node_config["partition-id"])])
         return flower.FlowerGrid(FakeFlowerGrid(NODES, silent), ctx.config, flower.FlowerSettings(connect_timeout=1))
