@@ -5,6 +5,9 @@ A strategy is a small object with explicit state and one method,
 from the same example-weighted mean (`weighted_mean`); FedAvgM and FedAdam then
 treat ``global - mean`` as a pseudo-gradient for a server optimizer
 (Reddi et al., "Adaptive Federated Optimization", 2021).
+
+``state_dict()`` / ``load_state_dict()`` give a strategy's buffers as named tensors, so a
+server checkpoint can resume with them (`fedtune.checkpoint`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ class FedAvg:
         mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
         return {k: v.to(global_state[k].device, global_state[k].dtype) for k, v in mean.items()}
 
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_buffers(self, state, ())
+
 
 class FedAvgM:
     """FedAvg with server momentum (Hsu et al., 2019): v = beta * v + (w - mean); w -= lr * v."""
@@ -76,6 +85,12 @@ class FedAvgM:
             new[k] = (w.float() - self.server_lr * v).to(w.dtype)
         return new
 
+    def state_dict(self) -> State:
+        return _buffers(self, ("velocity",))
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_buffers(self, state, ("velocity",))
+
 
 class FedAdam:
     """FedAdam (Reddi et al., 2021): Adam on the server with the pseudo-gradient mean - w."""
@@ -97,6 +112,30 @@ class FedAdam:
             self.m[k], self.v[k] = m, v
             new[k] = (w.float() + self.server_lr * m / (v.sqrt() + self.tau)).to(w.dtype)
         return new
+
+    def state_dict(self) -> State:
+        return _buffers(self, ("m", "v"))
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_buffers(self, state, ("m", "v"))
+
+
+def _buffers(strategy, names: tuple[str, ...]) -> State:
+    """The strategy's buffer dicts flattened to ``"<buffer>:<key>" -> tensor`` (copies)."""
+    return {f"{b}:{k}": t.detach().clone() for b in names for k, t in getattr(strategy, b).items()}
+
+
+def _load_buffers(strategy, state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> None:
+    """Inverse of `_buffers`; a buffer the strategy does not have is an error, never ignored."""
+    loaded: dict[str, State] = {b: {} for b in names}
+    for key, t in state.items():
+        b, _, k = key.partition(":")
+        if b not in loaded:
+            raise ValueError(f"{strategy.name} has no buffer {b!r} (saved key {key!r}): the checkpoint is of "
+                             "another strategy")
+        loaded[b][k] = t.clone()
+    for b, buf in loaded.items():
+        setattr(strategy, b, buf)
 
 
 def make_strategy(name: str, server_lr: float | None, momentum: float):

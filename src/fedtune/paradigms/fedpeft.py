@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+from .. import config as cfg
+from ..checkpoint import Checkpoint, Saved, rng_state, set_rng_state
 from ..context import RunContext
 from ..data.tasks import Example, collate
 from ..grid import Grid, is_error
@@ -286,6 +288,8 @@ class ServerHooks:
     log: Callable[[dict[str, Any]], None]
     save: Callable[[State, int], None]
     bars: Bars
+    checkpoint: Checkpoint | None = None
+    """Where the round loop saves its state after every round and resumes from (``runtime.checkpoint``)."""
 
     @classmethod
     def for_model(cls, ctx: RunContext, load: Callable[[State], None] | None = None) -> "ServerHooks":
@@ -303,7 +307,15 @@ class ServerHooks:
             put(state)
             ctx.save_adapter()
 
-        return cls(evaluate=evaluate, log=ctx.log, save=save, bars=ctx.bars)
+        checkpoint = Checkpoint(ctx.path, cfg.to_yaml(ctx.config)) if ctx.config.runtime.checkpoint else None
+        return cls(evaluate=evaluate, log=ctx.log, save=save, bars=ctx.bars, checkpoint=checkpoint)
+
+    def resume(self, what: str) -> Saved | None:
+        """The checkpoint to continue from, if any (announced on the console)."""
+        saved = self.checkpoint.load() if self.checkpoint is not None else None
+        if saved is not None:
+            self.bars.print(f"{what}: resuming from the checkpoint after round {saved.round}")
+        return saved
 
     def end_round(self, rnd: int, rounds: int, eval_every: int, state: State, evaluations: list[dict[str, Any]],
                   replies: int, sampled: int, aggregated: bool) -> None:
@@ -390,8 +402,18 @@ def serve(
     nodes = grid.node_ids()
     sampler = random.Random(seed)
     evaluations: list[dict[str, Any]] = []
+    done = 0
+    saved = hooks.resume("FedLLM")
+    if saved is not None:
+        check(Message(saved.tensors.get("global", {})), expect)
+        device = next(iter(global_state.values())).device
+        global_state = {k: v.to(device) for k, v in saved.tensors["global"].items()}
+        strategy.load_state_dict({k: v.to(device) for k, v in saved.tensors.get("strategy", {}).items()})
+        set_rng_state(sampler, saved.meta["sampler"])
+        evaluations, done = saved.meta["evaluations"], saved.round
     hooks.bars.start("rounds", rounds)
-    for rnd in range(1, rounds + 1):
+    hooks.bars.advance("rounds", by=done)
+    for rnd in range(done + 1, rounds + 1):
         chosen = sorted(sampler.sample(nodes, clients_per_round))
         hooks.bars.start("clients", len(chosen), info=f"round {rnd}")
         messages = [Message(global_state, {"kind": "fit_ins", "round": rnd, "dst": n}) for n in chosen]
@@ -409,6 +431,9 @@ def serve(
         if aggregated:
             global_state = strategy.aggregate(global_state, updates)
         hooks.end_round(rnd, rounds, eval_every, global_state, evaluations, len(updates), len(chosen), aggregated)
+        if hooks.checkpoint is not None:
+            hooks.checkpoint.save(rnd, {"global": global_state, "strategy": strategy.state_dict()},
+                                  {"sampler": rng_state(sampler), "evaluations": evaluations})
     return global_state, evaluations
 
 

@@ -1,0 +1,104 @@
+"""Server checkpoints: a run stopped after a round and started again ends as if never stopped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune import config as cfg
+from fedtune import experiment
+from fedtune.paradigms import fedpeft
+from fedtune.strategies import FedAdam, FedAvgM
+
+# FedAvgM (a strategy with state) and 2 of 3 clients a round (a sampler whose state matters).
+SMALL = ["name=ckpt", "model.name=tiny-llama", "data.demo_train_size=60", "data.demo_test_size=12",
+         "federation.num_clients=3", "federation.clients_per_round=2", "federation.rounds=3",
+         "federation.strategy=fedavgm", "federation.server_lr=1.0", "federation.server_momentum=0.5",
+         "train.local_steps=2", "train.batch_size=4", "train.lr=0.01", "train.count_flops=false",
+         "eval.max_examples=12"]
+
+
+def adapter(path):
+    return load_file(str(path / "adapter" / "adapter_model.safetensors"))
+
+
+def records(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_strategy_state_round_trips():
+    g = torch.Generator().manual_seed(0)
+    glob = {"a": torch.randn(3, generator=g)}
+    ups = [({"a": torch.randn(3, generator=g)}, 1.0) for _ in range(4)]
+    for make in (lambda: FedAvgM(1.0, 0.9), lambda: FedAdam(0.1)):
+        one, two = make(), make()
+        one.aggregate(glob, ups[:2])
+        two.load_state_dict(one.state_dict())
+        torch.testing.assert_close(one.aggregate(glob, ups[2:]), two.aggregate(glob, ups[2:]))
+    with pytest.raises(ValueError, match="no buffer 'velocity'"):
+        FedAdam().load_state_dict(FedAvgM().state_dict() or {"velocity:a": torch.zeros(1)})
+
+
+def test_run_killed_after_round_1_resumes_to_the_uninterrupted_result(tiny, tmp_path, monkeypatch):
+    c = cfg.load(None, SMALL)
+    whole = experiment.run(c, tmp_path / "whole", quiet=True)
+
+    end_round = fedpeft.ServerHooks.end_round
+
+    def crash_in_round_2(self, rnd, *args, **kw):
+        end_round(self, rnd, *args, **kw)  # round 2 is logged and evaluated, then the server dies
+        if rnd == 2:
+            raise Crash("server killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(fedpeft.ServerHooks, "end_round", crash_in_round_2)
+        with pytest.raises(Crash):
+            experiment.run(c, tmp_path / "cut", quiet=True)
+    assert [r["round"] for r in records(tmp_path / "cut") if r["type"] == "round"] == [1, 2]
+
+    resumed = experiment.run(c, tmp_path / "cut", quiet=True)
+
+    ref, got = adapter(tmp_path / "whole"), adapter(tmp_path / "cut")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0)
+    # Not trivially equal: training moved the adapter away from its initial state.
+    assert any(float(ref[k].abs().max()) > 0 for k in ref if "lora_B" in k)
+    # (bytes_up is left out: replies carry measured seconds, whose printed length varies run to run.)
+    for k in ("accuracy_by_round", "base_accuracy", "bytes_down", "client_rounds"):
+        assert resumed[k] == whole[k], k
+    # The half-logged round 2 was cut away: every round and client record appears once, as in the whole run.
+    key = lambda r: (r["type"], r.get("round"), r.get("client"), r.get("model"))
+    cut_keys = [key(r) for r in records(tmp_path / "cut")]
+    assert sorted(cut_keys, key=str) == sorted((key(r) for r in records(tmp_path / "whole")), key=str)
+    assert len(cut_keys) == len(set(cut_keys))
+
+
+def test_checkpoint_of_another_config_is_refused(tiny, tmp_path):
+    c = cfg.load(None, SMALL + ["federation.rounds=1"])
+    experiment.run(c, tmp_path / "r", quiet=True)
+    other = cfg.load(None, SMALL + ["federation.rounds=1", "train.lr=0.02"])
+    with pytest.raises(ValueError, match="checkpoint of a different config"):
+        experiment.run(other, tmp_path / "r", quiet=True)
+
+
+def test_a_run_that_died_in_round_1_starts_over_without_duplicate_records(tiny, tmp_path, monkeypatch):
+    c = cfg.load(None, SMALL + ["federation.rounds=1", "eval.base=false"])
+    def die(self, *args, **kw):
+        raise Crash("server killed while aggregating round 1")
+
+    with monkeypatch.context() as m:
+        m.setattr(FedAvgM, "aggregate", die)
+        with pytest.raises(Crash):
+            experiment.run(c, tmp_path / "r", quiet=True)
+    assert [r["type"] for r in records(tmp_path / "r")] == ["client", "client"]  # round 1, half logged
+    experiment.run(c, tmp_path / "r", quiet=True)
+    keys = [(r["type"], r.get("round"), r.get("client")) for r in records(tmp_path / "r")]
+    assert len(keys) == len(set(keys)) and ("round", 1, None) in keys

@@ -1,0 +1,200 @@
+"""The Flower runtime end to end: a real SuperLink and SuperNodes on 127.0.0.1, started with Flower's tools.
+
+One federation serves the module: TLS on, SuperNode authentication on, two registered SuperNodes
+(partitions 0 and 1) and one whose key was never registered. Flower starts a fresh ClientApp process
+for every message, so each round costs ~10-25 s of imports and model loading on a busy 2-core machine;
+so the default suite runs the refused node and one 2-round run against the local runtime (~1.5 min), and
+the server restart and the killed SuperNode are also marked ``slow`` (~4 and ~2 min): ``pytest -m deploy``
+runs them all (timings in README.flower.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune import config as cfg
+from fedtune import experiment
+from fedtune.checkpoint import FILE as CHECKPOINT
+from fedtune.grid import error_reply
+from fedtune.progress import Bars
+from fedtune.runtime.certs import make_certificates, make_node_key
+from fedtune.runtime.flower_cluster import LocalFederation
+from fedtune.runtime.local import LocalGrid
+from fedtune.wire import decode
+
+pytestmark = pytest.mark.deploy
+
+TINY = ["model.name=tiny-llama", "data.demo_train_size=40", "data.demo_test_size=8", "federation.num_clients=2",
+        "federation.clients_per_round=2", "train.local_steps=2", "train.batch_size=4", "train.lr=0.01",
+        "train.count_flops=false", "eval.max_examples=8", "eval.base=false"]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    work = tmp_path_factory.mktemp("flower")
+    certs = make_certificates(work / "certs", ["127.0.0.1", "localhost"])
+    keys = {name: make_node_key(work / "keys", name) for name in ("node0", "node1", "intruder")}
+    federation = LocalFederation(work, tls=(certs["ca_cert"], certs["server_cert"], certs["server_key"]),
+                                 node_auth=True)
+    try:
+        federation.start_superlink()
+        for name in ("node0", "node1"):
+            federation.register(keys[name][1])
+        for i, name in enumerate(("node0", "node1", "intruder")):
+            federation.start_supernode(name, f"partition-id={i % 2} num-partitions=2", keys[name][0])
+        yield federation
+    finally:
+        federation.close()
+
+
+def write_config(path, overrides):
+    c = cfg.load(None, TINY + overrides)
+    path.write_text(cfg.to_yaml(c))
+    return c, path
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_adapter(run, ref):
+    a = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert any(float(b[k].abs().max()) > 0 for k in b if "lora_B" in k)  # training really moved it
+
+
+def checkpoint_round(run) -> int:
+    path = run / CHECKPOINT
+    return int(decode(path.read_bytes()).meta["round"]) if path.exists() else 0
+
+
+def test_unregistered_supernode_is_refused(fed):
+    fed.wait_for(lambda: fed.procs["intruder"].poll() is not None, 60, "the unregistered SuperNode to give up",
+                 "intruder")
+    assert fed.procs["intruder"].returncode != 0
+    assert "Failed to activate SuperNode" in fed.log("intruder")
+
+
+def test_two_rounds_over_flower_equal_the_local_runtime(fed, tiny, tmp_path):
+    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-2", "federation.rounds=2"])
+    experiment.run(c, tmp_path / "local", quiet=True)
+    run = tmp_path / "flower"
+    fed.submit({"config": str(path), "out": str(run), "connect-timeout": 60.0, "reply-timeout": 300.0})
+    fed.wait_for(lambda: (run / "summary.json").exists(), 300, "the run to finish", "superlink")
+
+    assert_same_adapter(run, tmp_path / "local")
+    assert sorted((r["round"], r["client"], r["status"]) for r in records(run) if r["type"] == "client") == [
+        (r, n, "ok") for r in (1, 2) for n in (0, 1)]
+    local = json.loads((tmp_path / "local" / "summary.json").read_text())
+    flower = json.loads((run / "summary.json").read_text())
+    assert flower["accuracy_by_round"] == local["accuracy_by_round"]
+    assert flower["bytes_down"] == local["bytes_down"]  # the same messages went out, counted the same way
+
+
+@pytest.mark.slow
+def test_server_killed_after_round_1_resumes_and_equals_the_local_runtime(fed, tiny, tmp_path):
+    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-resume", "federation.rounds=3"])
+    experiment.run(c, tmp_path / "local", quiet=True)
+    run = tmp_path / "flower"
+    settings = {"config": str(path), "out": str(run), "connect-timeout": 60.0, "reply-timeout": 120.0}
+
+    fed.submit(settings)
+    fed.wait_for(lambda: checkpoint_round(run) >= 1, 240, "round 1 over Flower", "superlink")
+    assert fed.kill_serverapp() >= 1  # SIGKILL, mid-way through round 2
+    stopped_at = checkpoint_round(run)
+    assert stopped_at < 3 and not (run / "summary.json").exists()
+
+    fed.submit(settings)  # the same command again: resumes after the last finished round
+    fed.wait_for(lambda: (run / "summary.json").exists(), 300, "the resumed run to finish", "superlink")
+
+    assert_same_adapter(run, tmp_path / "local")
+    rounds = [r["round"] for r in records(run) if r["type"] == "round"]
+    assert rounds == [1, 2, 3]  # no round logged twice
+    clients = [(r["round"], r["client"]) for r in records(run) if r["type"] == "client"]
+    assert sorted(clients) == [(r, n) for r in (1, 2, 3) for n in (0, 1)]
+    assert all(r["status"] == "ok" for r in records(run) if r["type"] == "client")
+    local = json.loads((tmp_path / "local" / "summary.json").read_text())
+    flower = json.loads((run / "summary.json").read_text())
+    assert flower["accuracy_by_round"] == local["accuracy_by_round"]
+    assert flower["bytes_down"] == local["bytes_down"]
+
+
+@pytest.mark.slow
+def test_kd_over_flower_equals_the_local_runtime(fed, tiny, tmp_path):
+    """KD clients keep a private adapter between rounds: over Flower it lives in the node's Context.state."""
+    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-kd", "federation.rounds=2", "federation.paradigm=kd",
+                                                   "kd.public_fraction=0.3", "kd.public_size=8", "kd.server_steps=1",
+                                                   "kd.distill_steps=1"])
+    experiment.run(c, tmp_path / "local", quiet=True)
+    run = tmp_path / "flower"
+    fed.submit({"config": str(path), "out": str(run), "connect-timeout": 60.0, "reply-timeout": 300.0})
+    fed.wait_for(lambda: (run / "summary.json").exists(), 400, "the KD run to finish", "superlink")
+    assert_same_adapter(run, tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_supernode_killed_mid_round_drops_out_and_the_round_completes(fed, tiny, tmp_path):
+    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-dropout", "federation.rounds=1"])
+    run = tmp_path / "flower"
+    rid = fed.submit({"config": str(path), "out": str(run), "connect-timeout": 60.0, "reply-timeout": 75.0})
+
+    def node1_training() -> bool:
+        log = fed.log("node1")
+        return f"[RUN {rid}]" in log and "Receiving: train message" in log[log.index(f"[RUN {rid}]"):]
+
+    fed.wait_for(node1_training, 120, "node 1 to receive its round-1 message", "node1")
+    fed.kill("node1")
+    fed.wait_for(lambda: (run / "summary.json").exists(), 180, "the round to complete without node 1", "superlink")
+
+    by_client = {r["client"]: r for r in records(run) if r["type"] == "client"}
+    assert by_client[0]["status"] == "ok"
+    assert by_client[1]["status"] == "failed" and "no reply" in by_client[1]["error"]
+    (round_record,) = [r for r in records(run) if r["type"] == "round"]
+    assert round_record["replies"] == 1 and round_record["failed"] == 1 and round_record["aggregated"]
+
+    # Independently: the local runtime with client 1 failing gives the same global adapter.
+    def without_node_1(ctx, paradigm):
+        apps = paradigm.make_clients(ctx)
+        apps[1] = lambda msg: error_reply(1, "killed")
+        return LocalGrid(apps)
+
+    experiment.run(c, tmp_path / "local", quiet=True, grid_factory=without_node_1)
+    assert_same_adapter(run, tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_nodes_reading_only_their_own_files_train_on_those_files(tiny, tmp_path):
+    """data-path: node k's file holds the rows of the *other* partition, so only reading the file reproduces
+    the simulation with the partitions swapped (and not the plain simulation)."""
+    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-files", "federation.rounds=2"])
+    _, tok = tiny
+    rows = experiment._load(c.data, c.seed)[0]
+    parts = experiment.prepare_data(c, tok, Bars(quiet=True)).parts
+    swapped = parts[::-1]
+
+    def swapped_partitions(ctx, paradigm):
+        ctx = dataclasses.replace(ctx, data=dataclasses.replace(ctx.data, parts=swapped))
+        return LocalGrid(paradigm.make_clients(ctx))
+
+    experiment.run(c, tmp_path / "plain", quiet=True)
+    experiment.run(c, tmp_path / "swapped", quiet=True, grid_factory=swapped_partitions)
+    with pytest.raises(AssertionError):
+        assert_same_adapter(tmp_path / "plain", tmp_path / "swapped")  # the two references differ
+    run = tmp_path / "flower"
+    with LocalFederation(tmp_path / "work") as federation:
+        federation.start_superlink()
+        for k, part in enumerate(swapped):
+            mine = tmp_path / f"client{k}.jsonl"
+            mine.write_text("".join(json.dumps(rows[j]) + "\n" for j in part))
+            federation.start_supernode(f"node{k}", f"partition-id={k} data-path='{mine}'")
+        federation.submit({"config": str(path), "out": str(run), "connect-timeout": 60.0, "reply-timeout": 300.0})
+        federation.wait_for(lambda: (run / "summary.json").exists(), 300, "the run to finish", "superlink")
+    assert_same_adapter(run, tmp_path / "swapped")
