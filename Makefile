@@ -41,3 +41,7 @@ test-slow: env
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# GPU benchmarks (CUDA only): every case of benchmarks/gpu.py side by side with its baseline.
+bench: env
+	$(PY) benchmarks/gpu.py --out benchmarks/results.json
