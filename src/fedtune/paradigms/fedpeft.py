@@ -55,9 +55,9 @@ def adapter_params(model) -> dict[str, torch.nn.Parameter] | None:
     if model in _ADAPTER_PARAMS:
         return _ADAPTER_PARAMS[model]
     by_address = {p.data_ptr(): p for p in model.parameters() if p.numel()}
-    found = {k: by_address.get(v.data_ptr()) for k, v in get_peft_model_state_dict(model).items()}
-    params = None if any(p is None or p.shape != v.shape for p, v in
-                         zip(found.values(), get_peft_model_state_dict(model).values())) else found
+    state = get_peft_model_state_dict(model)
+    found = {k: by_address.get(v.data_ptr()) for k, v in state.items()}
+    params = None if any(p is None or p.shape != state[k].shape for k, p in found.items()) else found
     _ADAPTER_PARAMS[model] = params
     return params
 
