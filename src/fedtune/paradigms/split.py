@@ -69,7 +69,7 @@ from ..split_model import CLIENT, SERVER, Cut, MainServer, bottom_forward, compu
 from ..strategies import make_strategy
 from ..wire import Message, WireError, check, encoded_size, spec_of
 from .fedpeft import (ServerHooks, State, TrainSettings, adapter_state, batches, load_adapter_state, make_optimizer,
-                      settings_from)
+                      screen_reply, settings_from)
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -305,6 +305,14 @@ def read_activations(msg: Message, step: int, want: Activations, *, with_labels:
     return act, msg.tensors["attention_mask"], labels
 
 
+def _fit_res_check(bottom: State):
+    """Validates a client's final reply: its bottom adapter's keys, shapes and values, and num_examples."""
+    def validate(reply: Message) -> None:
+        check(reply, spec_of(bottom))
+        meta_number(reply, "num_examples", integer=True)
+    return validate
+
+
 def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServer, want: Activations,
                  bars=None) -> tuple[dict[str, Any], tuple[State, float] | None]:
     """One client's round of split training, driven by the fed server.
@@ -353,18 +361,13 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main: MainServe
                              "fit_res" if last else "split_act")
             if bars is not None:
                 bars.advance("steps", info=f"client {node} loss {loss:.3f}")
-        check(reply, spec_of(bottom))
-        n = meta_number(reply, "num_examples", integer=True)
     except _ClientFailed as err:
         record.update(status="failed", error=str(err)[:500])
     except WireError as err:
         record.update(status="rejected", error=str(err)[:500])
     else:
-        update = (reply.tensors, float(n))
-        record["status"] = "ok"
-        for key in ("num_examples", "flops", "peak_memory_bytes", "seconds", "steps", "examples_seen"):
-            if key in reply.meta:
-                record[key] = reply.meta[key]
+        fields, update = screen_reply(reply, _fit_res_check(bottom))
+        record.update(fields)
     finally:
         main.abandon()
     record.update(bytes_down=down, bytes_up=up, server_steps=len(losses))
@@ -400,26 +403,17 @@ def train_client_remote(grid: Grid, node: int, rnd: int, bottom: State, main, wa
                   stream_bytes_up=report["stream_bytes_up"], stream_bytes_down=report["stream_bytes_down"])
     if losses:
         record.update(train_loss=sum(losses) / len(losses), train_loss_first=losses[0], train_loss_last=losses[-1])
-    update = None
-    try:
-        if is_error(reply):
-            raise _ClientFailed(str(reply.meta.get("error", "")))
+    check_fit_res = _fit_res_check(bottom)
+
+    def validate(reply: Message) -> None:
         if report["status"] != "ok":
             raise WireError(f"the split server saw this session end {report['status']}: {report['error']}")
         if reply.kind != "fit_res":
             raise WireError(f"expected a 'fit_res' reply, got {reply.kind!r}")
-        check(reply, spec_of(bottom))
-        n = meta_number(reply, "num_examples", integer=True)
-    except _ClientFailed as err:
-        record.update(status="failed", error=str(err)[:500])
-    except WireError as err:
-        record.update(status="rejected", error=str(err)[:500])
-    else:
-        update = (reply.tensors, float(n))
-        record["status"] = "ok"
-        for key in ("num_examples", "flops", "peak_memory_bytes", "seconds", "steps", "examples_seen"):
-            if key in reply.meta:
-                record[key] = reply.meta[key]
+        check_fit_res(reply)
+
+    fields, update = screen_reply(reply, validate)
+    record.update(fields)
     if bars is not None:
         bars.advance("steps")
     return record, update
