@@ -24,25 +24,10 @@ from fedtune.models import backbone
 from fedtune.split_model import CLIENT, SERVER, Cut, MainServer, bottom_forward, resolve_cut, top_forward
 from fedtune.strategies import FedAvg
 from fedtune.wire import encode, encoded_size
+from helpers import Recording
 
 CPU = torch.device("cpu")
 VOCAB, HIDDEN, LAYERS = 96, 32, 4
-
-
-class Recording:
-    """A Grid that remembers every (message, reply) pair it carried."""
-
-    def __init__(self, grid) -> None:
-        self.grid = grid
-        self.log: list = []
-
-    def node_ids(self):
-        return self.grid.node_ids()
-
-    def send_and_receive(self, messages):
-        replies = self.grid.send_and_receive(messages)
-        self.log.extend(zip(messages, replies))
-        return replies
 
 
 def settings(steps=1, lr=0.0, batch_size=4, max_grad_norm=None):

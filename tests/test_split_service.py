@@ -30,6 +30,7 @@ from fedtune.runtime.local import LocalGrid
 from fedtune.split_model import CLIENT, SERVER, Cut, MainServer
 from fedtune.strategies import FedAvg
 from fedtune.wire import Message, encode, encoded_size
+from helpers import Recording
 
 # One thread here as in the split-server subprocess (OMP_NUM_THREADS=1): the same float reduction order,
 # which the 1e-6 comparisons with the local runtime need (Adam amplifies 1e-7 differences).
@@ -147,22 +148,6 @@ def make_clients(model, tok, data, config, pki):
                                       dial=lambda address, node: svc.StepStream(
                                           address, creds(pki, svc.node_identity(node)), timeout=TIMEOUT))
                  for i in range(len(data.parts))}
-
-
-class Recording:
-    """A Grid that remembers every (message, reply) pair it carried."""
-
-    def __init__(self, grid) -> None:
-        self.grid = grid
-        self.log: list = []
-
-    def node_ids(self):
-        return self.grid.node_ids()
-
-    def send_and_receive(self, messages):
-        replies = self.grid.send_and_receive(messages)
-        self.log.extend(zip(messages, replies))
-        return replies
 
 
 def remote(address, pki, cut, model):
