@@ -154,6 +154,16 @@ class StepRunner:
             self._static_step(static, record=True)
         self.flops += self._flops_per_shape.get(shape, 0)
 
+    @property
+    def captured_shapes(self) -> int:
+        """How many batch shapes run as a captured CUDA graph."""
+        return len(self._graphs)
+
+    @property
+    def graph_failure(self) -> str | None:
+        """Why capture failed (the steps then run eagerly), or None."""
+        return self._graph_failed
+
     def last_loss(self) -> float:
         """The last step's loss (synchronises with the device)."""
         return float(self._losses[-1])
