@@ -66,9 +66,13 @@ def _to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """CPU copies of device tensors in one transfer (one synchronisation instead of one per tensor)."""
     if not tensors or tensors[0].device.type == "cpu" or len({t.dtype for t in tensors}) != 1:
         return [t.detach().to("cpu", copy=True) for t in tensors]
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).cpu()
     # Views of the one CPU buffer: no per-tensor copies (wire.encode copies views that share storage).
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    return _unflatten(torch.cat([t.detach().reshape(-1) for t in tensors]).cpu(), tensors)
+
+
+def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat` shaped like each tensor of `like`, in order (the inverse of concatenating them)."""
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
 _ON_DEVICE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -89,7 +93,7 @@ def _on_device(model, src: list[torch.Tensor], device: torch.device, dtype: torc
     else:
         flat = torch.cat([t.reshape(-1) for t in src]).to(device, dtype)
         _ON_DEVICE[model] = (key, flat)
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in src]), src)]
+    return _unflatten(flat, src)
 
 
 def adapter_state(model) -> State:
