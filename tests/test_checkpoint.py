@@ -43,7 +43,7 @@ def test_strategy_state_round_trips():
         two.load_state_dict(one.state_dict())
         torch.testing.assert_close(one.aggregate(glob, ups[2:]), two.aggregate(glob, ups[2:]))
     with pytest.raises(ValueError, match="no buffer 'velocity'"):
-        FedAdam().load_state_dict(FedAvgM().state_dict() or {"velocity:a": torch.zeros(1)})
+        FedAdam().load_state_dict({"velocity:a": torch.zeros(1)})
 
 
 def test_run_killed_after_round_1_resumes_to_the_uninterrupted_result(tiny, tmp_path, monkeypatch):
@@ -90,7 +90,7 @@ def test_checkpoint_of_another_config_is_refused(tiny, tmp_path):
 
 
 def test_a_run_that_died_in_round_1_starts_over_without_duplicate_records(tiny, tmp_path, monkeypatch):
-    c = cfg.load(None, SMALL + ["federation.rounds=1", "eval.base=false"])
+    c = cfg.load(None, SMALL + ["federation.rounds=1"])
     def die(self, *args, **kw):
         raise Crash("server killed while aggregating round 1")
 
@@ -98,7 +98,8 @@ def test_a_run_that_died_in_round_1_starts_over_without_duplicate_records(tiny, 
         m.setattr(FedAvgM, "aggregate", die)
         with pytest.raises(Crash):
             experiment.run(c, tmp_path / "r", quiet=True)
-    assert [r["type"] for r in records(tmp_path / "r")] == ["client", "client"]  # round 1, half logged
+    assert [r["type"] for r in records(tmp_path / "r")] == ["eval", "client", "client"]  # base, round 1 half logged
     experiment.run(c, tmp_path / "r", quiet=True)
     keys = [(r["type"], r.get("round"), r.get("client")) for r in records(tmp_path / "r")]
     assert len(keys) == len(set(keys)) and ("round", 1, None) in keys
+    assert keys.count(("eval", 0, None)) == 1  # one base evaluation, not one per attempt

@@ -1,18 +1,20 @@
 """Server checkpoints: resume a run after its server stopped, with the result of an uninterrupted run.
 
-After every finished round the round loop saves what the next round depends on: the global
-adapter, the strategy's state (FedAvgM/FedAdam buffers), the client sampler's RNG state, the
-evaluations so far and anything else the paradigm keeps (KD: its soft labels and the server's
-optimizer). When a run starts in a folder holding a checkpoint of the same config, the loop
-continues after the last finished round; client RNGs are seeded by (seed, round, client), so
-the rest of the run is the same as if it had never stopped.
+After every finished round the FedLLM round loop (`fedpeft.serve`) saves what the next round depends
+on: the global adapter, the strategy's state (FedAvgM/FedAdam buffers), the client sampler's RNG
+state and the evaluations so far. When a run starts in a folder holding a checkpoint of the same
+config, the loop continues after the last finished round; client RNGs are seeded by (seed, round,
+client), so the rest of the run is the same as if it had never stopped.
+
+Only `fedpeft` and `fedprox` checkpoint (`enabled`): the centralized baseline keeps its client's
+optimizer across rounds, KD clients keep private adapters, and split learning's main server keeps
+its optimizer, none of which a server checkpoint holds.
 
 The file is one `wire` message (safetensors tensors + a JSON header; no pickle), written to a
 temporary file and moved into place with `os.replace`, so a crash mid-write leaves the previous
 checkpoint intact. It also records the length of ``metrics.jsonl`` at that moment: a resumed run
-cuts the file back to it, dropping the records of the round that did not finish, so no round
-is logged twice (with no checkpoint yet, records of rounds >= 1 are from an attempt that died in
-its first round, and are dropped too).
+cuts the file back to it, dropping the records of the round that did not finish, so no round is
+logged twice. A run folder without a checkpoint starts a fresh ``metrics.jsonl`` (`resumes`).
 """
 
 from __future__ import annotations
@@ -43,9 +45,24 @@ class Saved:
     meta: dict[str, Any]  # JSON-able paradigm state (sampler, evaluations, strategy scalars, ...)
 
 
-def fingerprint(config_yaml: str) -> str:
-    """Identifies the config a checkpoint belongs to (a checkpoint never resumes another experiment)."""
-    return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+def enabled(config) -> bool:
+    """Whether this run checkpoints its server (``runtime.checkpoint`` and a paradigm whose state it holds)."""
+    return config.runtime.checkpoint and config.federation.paradigm in ("fedpeft", "fedprox")
+
+
+def resumes(folder: Path, config) -> bool:
+    """Whether a run of `config` in `folder` continues from a checkpoint there."""
+    return enabled(config) and (Path(folder) / FILE).exists()
+
+
+def fingerprint(config) -> str:
+    """Identifies the experiment a checkpoint belongs to (a checkpoint never resumes another experiment).
+
+    The ``runtime`` section is left out: the runtimes give the same result, so a run may resume
+    on another one (e.g. locally after a crash over Flower, or on fewer GPUs).
+    """
+    experiment = {k: v for k, v in config.to_dict().items() if k != "runtime"}
+    return hashlib.sha256(json.dumps(experiment, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def rng_state(rng: random.Random) -> list:
@@ -64,13 +81,13 @@ class Checkpoint:
 
     Args:
         folder: The run folder (holds ``metrics.jsonl`` and the checkpoint file).
-        config_yaml: The resolved config; a checkpoint of another config is refused.
+        config: The run's `Config`; a checkpoint of another experiment is refused.
     """
 
-    def __init__(self, folder: Path, config_yaml: str) -> None:
+    def __init__(self, folder: Path, config) -> None:
         self.path = Path(folder) / FILE
         self.metrics = Path(folder) / "metrics.jsonl"
-        self.fingerprint = fingerprint(config_yaml)
+        self.fingerprint = fingerprint(config)
 
     def save(self, rnd: int, tensors: dict[str, State], meta: dict[str, Any]) -> None:
         """Atomically replace the checkpoint with the state after round `rnd`."""
@@ -93,7 +110,6 @@ class Checkpoint:
             ValueError: The checkpoint belongs to another config, or cannot be read.
         """
         if not self.path.exists():
-            self._drop_unfinished_rounds()
             return None
         try:
             msg = decode(self.path.read_bytes())
@@ -113,12 +129,3 @@ class Checkpoint:
             group, _, name = key.partition("/")
             tensors.setdefault(group, {})[name] = t
         return Saved(int(rnd), tensors, meta)
-
-    def _drop_unfinished_rounds(self) -> None:
-        """An earlier attempt that died before its first checkpoint left round records: the rounds start over."""
-        if not self.metrics.exists():
-            return
-        lines = self.metrics.read_text().splitlines(keepends=True)
-        keep = [line for line in lines if int(json.loads(line).get("round") or 0) < 1]
-        if len(keep) < len(lines):
-            self.metrics.write_text("".join(keep))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from . import checkpoint
 from . import config as cfg
 from .data.demo import DEMO_LABELS, DEMO_PROMPT, make_demo_task
 from .data.partition import label_histogram, partition_indices, skew
@@ -170,12 +171,16 @@ def git_commit() -> str | None:
 
 
 class RunFolder:
-    """The run's files; metrics are appended and flushed as they happen, so a crash loses no finished round."""
+    """The run's files; metrics are flushed as they happen, so a crash loses no finished round.
 
-    def __init__(self, path: Path) -> None:
+    ``resume``: keep the metrics already there (a checkpointed run continues them); otherwise the run
+    starts a fresh ``metrics.jsonl``.
+    """
+
+    def __init__(self, path: Path, resume: bool = False) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(path / "metrics.jsonl", "a", buffering=1)
+        self._metrics = open(path / "metrics.jsonl", "a" if resume else "w", buffering=1)
 
     def log(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
@@ -270,7 +275,7 @@ def paradigm_module(c: cfg.Config):
 
 def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, path: Path, started: float,
                     grid_factory: GridFactory = local_grid):
-    folder = RunFolder(path)
+    folder = RunFolder(path, resume=checkpoint.resumes(path, c))
     resolved = cfg.to_yaml(c) + f"# fedtune {__version__}, git commit {git_commit()}\n"
     (path / "config.resolved.yaml").write_text(resolved)
 

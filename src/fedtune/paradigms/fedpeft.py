@@ -25,6 +25,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .. import config as cfg
 from ..checkpoint import Checkpoint, Saved, rng_state, set_rng_state
+from ..checkpoint import enabled as checkpointing
 from ..context import RunContext
 from ..data.tasks import Example, collate
 from ..grid import Grid, is_error
@@ -311,7 +312,7 @@ class ServerHooks:
             put(state)
             ctx.save_adapter()
 
-        checkpoint = Checkpoint(ctx.path, cfg.to_yaml(ctx.config)) if ctx.config.runtime.checkpoint else None
+        checkpoint = Checkpoint(ctx.path, ctx.config) if checkpointing(ctx.config) else None
         return cls(evaluate=evaluate, log=ctx.log, save=save, bars=ctx.bars, checkpoint=checkpoint)
 
     def resume(self, what: str) -> Saved | None:
