@@ -28,7 +28,8 @@ from pathlib import Path
 from fedtune import config as cfg
 from fedtune import experiment
 from fedtune.checkpoint import FILE as CHECKPOINT
-from fedtune.runtime.flower_cluster import LocalFederation, free_port
+from fedtune.runtime import free_port
+from fedtune.runtime.flower_cluster import LocalFederation
 from fedtune.wire import decode
 
 TINY = ["model.name=tiny-llama", "data.demo_train_size=80", "data.demo_test_size=16", "train.local_steps=2",

@@ -30,8 +30,6 @@ import argparse
 import gc
 import json
 import platform
-import random
-import statistics
 import sys
 import tempfile
 import time
@@ -46,12 +44,10 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from fedtune.data.tasks import Example  # noqa: E402
-from fedtune.meter import ComputeMeter  # noqa: E402
 from fedtune.paradigms import fedpeft  # noqa: E402
 from fedtune.progress import Bars  # noqa: E402
 from fedtune.runtime.local import LocalGrid  # noqa: E402
 from fedtune.strategies import FedAvg  # noqa: E402
-from fedtune.wire import Message  # noqa: E402
 
 SHAPES = {
     "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

@@ -44,6 +44,7 @@ from fedtune.progress import Bars  # noqa: E402
 from fedtune.runtime import distributed  # noqa: E402
 from fedtune.runtime.local import LocalGrid  # noqa: E402
 from fedtune.strategies import FedAvg  # noqa: E402
+from fedtune.runtime import free_port
 
 SHAPES = {
     "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -147,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
             out = Path(tmp) / f"w{world}.json"
-            mp.spawn(rank_main, args=(a, world, distributed._free_port(), str(out)), nprocs=world, join=True)
+            mp.spawn(rank_main, args=(a, world, free_port(), str(out)), nprocs=world, join=True)
             seconds = json.loads(out.read_text())
             medians[world] = statistics.median(seconds[1:] or seconds)
             results[f"{prefix}_round_seconds_{world}"] = seconds

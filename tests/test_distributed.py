@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from fedtune import config as cfg
 from fedtune import experiment
 from fedtune.runtime import distributed
+from fedtune.runtime import free_port
 
 # One thread in this process, as each of the 2 worker processes gets (an equal share of 2 cores, or
 # OMP_NUM_THREADS=1): the same float reduction order, which the 1e-6 comparisons need.
@@ -70,7 +71,7 @@ def test_torchrun_launch_gives_the_one_process_result(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     sets = [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(distributed._free_port()),
+    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()),
                            "-m", "fedtune.cli", "run", *sets, "--out", str(tmp_path / "two"), "--quiet"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,7 +123,7 @@ def _toy_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_client_failing_on_rank_1_is_dropped_from_the_round(tmp_path):
-    mp.spawn(_toy_rank, args=(distributed._free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_toy_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     server = json.loads((tmp_path / "server.json").read_text())
     # The i-th message of a round runs on rank i % 2, so clients 1 and 3 run on rank 1.
     assert server["ranks"] == [0, 1, 0, None, 0]

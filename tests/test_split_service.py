@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,7 +21,7 @@ import fedtune
 from conftest import REPO
 from fedtune import config as cfg
 from fedtune.experiment import prepare_data
-from fedtune.models import attach_lora, backbone
+from fedtune.models import attach_lora
 from fedtune.paradigms import fedpeft, split
 from fedtune.progress import Bars
 from fedtune.runtime import split_service as svc

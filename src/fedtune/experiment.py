@@ -221,18 +221,20 @@ def load(config: cfg.Config | dict | str | Path) -> cfg.Config:
     return config
 
 
-def setup(c: cfg.Config, bars: Bars) -> tuple[Any, Any, Prepared, torch.device]:
+def setup(c: cfg.Config, bars: Bars, prepare: Callable[[cfg.Config, Any, Bars], Prepared] | None = None
+          ) -> tuple[Any, Any, Prepared, torch.device]:
     """Seed, load the base, prepare the data and attach a fresh LoRA: ``(model, tokenizer, data, device)``.
 
     Every process of a multi-process run calls this with the same config, so all hold the same model and data.
-    The caller unloads the model (``model.unload()``) when done, leaving the cached base clean.
+    ``prepare`` replaces `prepare_data` (a deployed client reads its own file). The caller unloads the model
+    (``model.unload()``) when done, leaving the cached base clean.
     """
     device = resolve_device(c.model.device)
     random.seed(c.seed)
     torch.manual_seed(c.seed)
     base, tokenizer = load_base(c.model.name, dtype=c.model.dtype, device=device,
                                 attn_implementation=c.model.attn_implementation)
-    data = prepare_data(c, tokenizer, bars)
+    data = (prepare or prepare_data)(c, tokenizer, bars)
     return attach_lora(base, c.peft, c.seed), tokenizer, data, device
 
 

@@ -23,13 +23,11 @@ from typing import Any
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from .. import config as cfg
 from ..checkpoint import Checkpoint, Saved, rng_state, set_rng_state
 from ..checkpoint import enabled as checkpointing
 from ..context import RunContext
-from ..data.tasks import Example, collate
+from ..data.tasks import Example
 from ..grid import Grid, is_error
-from ..losses import lm_loss, proximal_term
 from ..meter import ComputeMeter
 from ..progress import Bars
 from ..strategies import make_strategy

@@ -1,0 +1,12 @@
+"""Runtimes: what carries a paradigm's messages (in process, Flower, gRPC, torch.distributed)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the caller binds it moments later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -20,6 +20,8 @@ The openssl / ssh-keygen equivalent (README "Deploy across machines"):
 
 from __future__ import annotations
 
+import os
+
 import datetime as dt
 import ipaddress
 from pathlib import Path
@@ -37,8 +39,12 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt=serialization.PrivateFormat.PKCS8) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
-    path.chmod(0o600)
+    data = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+    # Created owner-only (not written world-readable and then narrowed); an existing file is narrowed first.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _san(host: str) -> x509.GeneralName:

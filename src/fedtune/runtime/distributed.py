@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import struct
 import tempfile
 from datetime import timedelta
@@ -43,6 +42,7 @@ import torch.multiprocessing as mp
 from .. import config as cfg
 from .. import experiment
 from ..context import RunContext
+from . import free_port
 from ..grid import ClientApp, error_reply
 from ..models import resolve_device
 from ..progress import Bars
@@ -369,7 +369,7 @@ def launch(c: cfg.Config, out: str | Path | None = None, quiet: bool = False) ->
     path = Path(out) if out else experiment.default_out(c.name)
     errors = Path(tempfile.mkdtemp(prefix="fedtune-ranks-"))
     try:
-        mp.spawn(_spawned, args=(cfg.to_yaml(c), str(path), quiet, _free_port(), backend, str(errors)),
+        mp.spawn(_spawned, args=(cfg.to_yaml(c), str(path), quiet, free_port(), backend, str(errors)),
                  nprocs=world, join=True)
     except mp.ProcessRaisedException as err:
         # A mistake in the user's input (a missing file, a bad field) reads as it does in one process.
@@ -412,10 +412,3 @@ def _as_torchrun_rank(c: cfg.Config, out: str | Path | None, quiet: bool) -> dic
         return run_rank(c, channel, out, quiet)
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (rank 0 binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

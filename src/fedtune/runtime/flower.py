@@ -25,7 +25,6 @@ makes the node refuse any experiment but that one.
 
 from __future__ import annotations
 
-import random
 import time
 import traceback
 from dataclasses import dataclass
@@ -81,7 +80,7 @@ def unpack(content: RecordDict, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Mes
         raise WireError("Flower message has no fedtune payload (record 'fedtune', array 'message')") from None
     if array.stype != STYPE:
         raise WireError(f"fedtune payload has stype {array.stype!r}, expected {STYPE!r}")
-    run = content.get("run") if "run" in content else None
+    run = content.get("run")
     return decode(array.data, max_bytes=max_bytes), (str(run["config"]) if run is not None else None)
 
 
@@ -123,29 +122,28 @@ class FlowerGrid:
         grid: The ``flwr.serverapp.Grid`` the ServerApp's main function received.
         config: The run's config (sent to the clients with every message).
         settings: Timeouts and size limit.
-        expected: How many nodes to wait for at startup (default ``federation.num_clients``).
     """
 
     parallel = True  # a round's messages go out together; the clients train at the same time
 
-    def __init__(self, grid: FlowerServerGrid, config: cfg.Config, settings: FlowerSettings | None = None,
-                 expected: int | None = None) -> None:
+    def __init__(self, grid: FlowerServerGrid, config: cfg.Config, settings: FlowerSettings | None = None) -> None:
         self.grid = grid
         self.settings = settings or FlowerSettings()
         self.config_yaml = cfg.to_yaml(config)
-        self.expected = expected or config.federation.num_clients
         self.num_clients = config.federation.num_clients
         self.to_flower: dict[int, int] = self._discover()
 
     def node_ids(self) -> list[int]:
-        return sorted(self.to_flower)
+        # Every client of the experiment, connected or not: sampling then picks the clients a simulation
+        # picks, and one whose node is absent gets an error reply (a dropout in the metrics).
+        return list(range(self.num_clients))
 
     def _discover(self) -> dict[int, int]:
         """Wait for the nodes, then map each one's ``partition-id`` to its Flower node id."""
         deadline = time.monotonic() + self.settings.connect_timeout
         while True:
             nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.expected or time.monotonic() > deadline:
+            if len(nodes) >= self.num_clients or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         if not nodes:
@@ -166,8 +164,8 @@ class FlowerGrid:
                 raise RuntimeError(f"two SuperNodes ({mapping[pid]} and {flower_id}) have partition-id={pid}: "
                                    "give each node its own --node-config partition-id.")
             mapping[pid] = flower_id
-        if len(mapping) < self.expected:
-            log(INFO, "only %d of %d expected nodes identified themselves: %s", len(mapping), self.expected,
+        if len(mapping) < self.num_clients:
+            log(INFO, "only %d of %d expected nodes identified themselves: %s", len(mapping), self.num_clients,
                 sorted(mapping))
         if not mapping:
             raise RuntimeError("no SuperNode answered the startup query; see the SuperNodes' logs.")
@@ -189,7 +187,8 @@ class FlowerGrid:
                 if dst in self.to_flower:
                     routed.append((i, dst))
                 else:
-                    replies[i] = error_reply(dst, f"no node {dst} in this federation (nodes: {self.node_ids()})")
+                    replies[i] = error_reply(dst, f"no SuperNode with partition-id={dst} is connected "
+                                                  f"(connected: {sorted(self.to_flower)})")
             got = self._exchange([(self.to_flower[dst], messages[i]) for i, dst in routed])
             for (i, dst), reply in zip(routed, got):
                 reply.meta["src"] = dst
@@ -293,46 +292,44 @@ def own_data(c: cfg.Config, tokenizer, path: str, node: int):
 
 
 def build_client(config_yaml: str, node_config: dict[str, Any]):
-    """This node's client app, built exactly as the local runtime builds it (same seeds, same partition)."""
-    import torch
-
+    """This node's client app and its model, built exactly as the local runtime builds them (same seeds,
+    same partition)."""
     from .. import experiment
     from ..context import RunContext
-    from ..models import attach_lora, load_base, resolve_device
 
     c = cfg.from_dict(yaml.safe_load(config_yaml))
     node = partition_id(node_config)
-    device = resolve_device(c.model.device)
-    random.seed(c.seed)
-    torch.manual_seed(c.seed)
-    base, tokenizer = load_base(c.model.name, dtype=c.model.dtype, device=device,
-                                           attn_implementation=c.model.attn_implementation)
-    bars = Bars(quiet=True)
     if node_config.get("data-path"):
-        data = own_data(c, tokenizer, str(node_config["data-path"]), node)
+        path = str(node_config["data-path"])
+
+        def prepare(c, tokenizer, bars):
+            return own_data(c, tokenizer, path, node)
     else:
         parts = int(node_config.get("num-partitions", c.federation.num_clients))
         if parts != c.federation.num_clients or not 0 <= node < parts:
             raise ValueError(f"node config partition-id={node} num-partitions={parts} does not fit the experiment's "
                              f"federation.num_clients = {c.federation.num_clients}: use num-partitions="
                              f"{c.federation.num_clients} and a partition-id below it, or data-path=FILE.")
-        data = experiment.prepare_data(c, tokenizer, bars)
-    model = attach_lora(base, c.peft, c.seed)
+        prepare = None
+    bars = Bars(quiet=True)
+    model, tokenizer, data, device = experiment.setup(c, bars, prepare)
     ctx = RunContext(config=c, model=model, tokenizer=tokenizer, data=data, device=device, bars=bars,
                      log=lambda record: None, score=lambda: float("nan"), path=Path("."))
-    return experiment.paradigm_module(c).make_clients(ctx)[node]
+    return experiment.paradigm_module(c).make_clients(ctx)[node], model
 
 
-_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS: dict[tuple, tuple[Any, Any]] = {}
 
 
 def client_for(config_yaml: str, node_config: dict[str, Any]):
     """The node's client app, built once per process for a given config and node config."""
     key = (config_yaml, tuple(sorted((k, str(v)) for k, v in node_config.items())))
     if key not in _CLIENTS:
+        for _, model in _CLIENTS.values():
+            model.unload()  # the base is cached per process: take the old adapter off it before the next
         _CLIENTS.clear()
         _CLIENTS[key] = build_client(config_yaml, node_config)
-    return _CLIENTS[key]
+    return _CLIENTS[key][0]
 
 
 def agree(config_yaml: str, path: str) -> None:

@@ -12,20 +12,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from . import free_port
 
 FLOWER_APP = Path(__file__).resolve().parents[3] / "deploy" / "flower"
 """The Flower app folder (``flwr run`` builds its FAB from it)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flower_bin(name: str) -> str:
@@ -85,10 +79,9 @@ class LocalFederation:
                     "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.work / f"{name}.log", "w")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
-                                start_new_session=True)
-        log.close()
+        with open(self.work / f"{name}.log", "w") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
+                                    start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -170,7 +163,7 @@ class LocalFederation:
                 if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
                     killed += 1
-            except (OSError, ProcessLookupError):
+            except OSError:  # includes ProcessLookupError: it ended meanwhile
                 pass
         return killed
 
