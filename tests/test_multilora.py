@@ -166,7 +166,7 @@ def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings):
         assert max(float((a.tensors[k] - init[k]).abs().max()) for k in init) > 1e-3  # it really trained
 
 
-def test_batched_flops_split_by_tokens_add_up_to_the_pass(setup):
+def test_batched_flops_per_client_are_close_to_each_client_alone(setup):
     model, tok, data = setup
     apps = make_apps(model, tok, data, local_steps=1, count_flops=True)
     init = fedpeft.adapter_state(model)

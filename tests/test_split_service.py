@@ -247,6 +247,7 @@ def test_an_oversize_message_is_refused_and_the_service_goes_on(tiny, pki, small
     main = service.main
     fed = remote(address, pki, main.cut, main.model)
     try:
+        before = main.state()
         fed.begin(1, 0)
         big = Message({"activations": torch.zeros(1, 512, 64)}, {"kind": "split_act"})  # 128 KiB > 64 KiB
         assert encoded_size(big) > 64 * 1024
@@ -257,7 +258,7 @@ def test_an_oversize_message_is_refused_and_the_service_goes_on(tiny, pki, small
         assert report["status"] == "incomplete" and report["server_steps"] == 0
         # the service still answers, and its top adapter is untouched
         for k, v in fed.state().items():
-            torch.testing.assert_close(v, main.state()[k], rtol=0, atol=0)
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     finally:
         fed.close()
         server.stop(grace=None).wait(TIMEOUT)

@@ -40,7 +40,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from .data.tasks import IGNORE, collate
 from .losses import hidden_states, proximal_term, target_positions
 from .meter import ComputeMeter
-from .paradigms.fedpeft import FedPeftClient, State, batches, make_optimizer, round_rng
+from .paradigms.fedpeft import FedPeftClient, State, batches, cpu_copies, make_optimizer, round_rng
 from .wire import Message, WireError
 
 
@@ -131,7 +131,7 @@ class StackedLora:
         for name, layer in self.layers.items():
             for which, table in (("A", self.A), ("B", self.B)):
                 ref = getattr(layer, f"lora_{which}")[self.adapter].weight
-                stacked = torch.stack([s[f"{name}.lora_{which}.weight"].to(ref.device, ref.dtype) for s in states])
+                stacked = torch.stack([s[f"{name}.lora_{which}.weight"] for s in states]).to(ref.device, ref.dtype)
                 if stacked.shape[1:] != ref.shape:
                     raise WireError(f"{name}.lora_{which}.weight has shape {tuple(stacked.shape[1:])}, "
                                     f"the model's is {tuple(ref.shape)}")
@@ -145,12 +145,10 @@ class StackedLora:
         return [p for name in self.layers for p in (self.A[name], self.B[name])]
 
     def state(self, slot: int) -> State:
-        """A detached copy of one client's adapter state, in PEFT key names."""
-        out: State = {}
-        for name in self.layers:
-            out[f"{name}.lora_A.weight"] = self.A[name][slot].detach().clone()
-            out[f"{name}.lora_B.weight"] = self.B[name][slot].detach().clone()
-        return out
+        """A detached CPU copy of one client's adapter state, in PEFT key names (as `fedpeft.adapter_state`)."""
+        keys = [f"{name}.lora_{which}.weight" for name in self.layers for which in ("A", "B")]
+        tensors = [table[name][slot] for name in self.layers for table in (self.A, self.B)]
+        return dict(zip(keys, cpu_copies(tensors)))
 
     # ------------------------------------------------------------------ forward
 
@@ -272,7 +270,7 @@ class BatchedFedPeft:
         first = apps[0]
         model, s, device = first.model, first.settings, first.device
         rounds = [int(m.meta["round"]) for m in messages]
-        stacked = StackedLora(model, [{k: v.to(device) for k, v in m.tensors.items()} for m in messages])
+        stacked = StackedLora(model, [m.tensors for m in messages])
         params = stacked.params
         anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
         opt = make_optimizer(params, s)

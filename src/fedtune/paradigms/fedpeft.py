@@ -61,7 +61,7 @@ def adapter_params(model) -> dict[str, torch.nn.Parameter] | None:
     return params
 
 
-def _to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def cpu_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """CPU copies of device tensors in one transfer (one synchronisation instead of one per tensor)."""
     if not tensors or tensors[0].device.type == "cpu" or len({t.dtype for t in tensors}) != 1:
         return [t.detach().to("cpu", copy=True) for t in tensors]
@@ -104,7 +104,7 @@ def adapter_state(model) -> State:
     params = adapter_params(model)
     if params is None:
         return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
-    return dict(zip(params, _to_cpu(list(params.values()))))
+    return dict(zip(params, cpu_copies(list(params.values()))))
 
 
 def load_adapter_state(model, state: State, expected: set[str] | None = None, what: str = "adapter") -> None:

@@ -138,6 +138,9 @@ class Credentials:
             raise ValueError(f"{self.identity}: a client certificate needs its key and vice versa "
                              f"({ENV['cert']} and {ENV['key']}).")
         if self.ca is None:
+            if self.cert is not None:
+                raise ValueError(f"{self.identity}: a client certificate is set ({ENV['cert']}) but no CA to check the "
+                                 f"service against: set {ENV['ca']} too (TLS needs it).")
             return grpc.insecure_channel(address, options=options)
         creds = grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
                                              certificate_chain=self.cert)
@@ -235,8 +238,6 @@ class SplitService:
         self._one_session = threading.Lock()  # sessions run one at a time
         self._expected: _Session | None = None
         self._active: grpc.ServicerContext | None = None
-        self._flops = 0
-        self._seconds = 0.0
 
     @property
     def session_running(self) -> bool:
@@ -357,9 +358,13 @@ class SplitService:
                 session.bytes_up += len(raw)
                 reply = self._one_step(session, raw, context)
                 session.bytes_down += len(reply)
-                yield reply
-                if session.done == session.steps:
+                finished = session.done == session.steps
+                if finished:
+                    # Before the yield: a client that has its last reply may cancel the call at once, and
+                    # grpc then never resumes this generator.
                     session.status = "ok"
+                yield reply
+                if finished:
                     return
         finally:
             self.main.abandon()  # a U-shaped forward left without its gradient takes no step
@@ -427,6 +432,9 @@ class ServerSecurity:
 def start_server(service: SplitService, address: str, security: ServerSecurity) -> tuple[grpc.Server, int]:
     """Serve `service` on ``address`` (port 0 picks a free port); returns the started server and its port."""
     security.check()
+    if service.mtls != (security.ca is not None) or service.tokens != security.tokens:
+        raise ValueError("the service's authentication (mtls, tokens) must match the server's security settings: "
+                         "build both from one ServerSecurity (see build_service).")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[service.handler()],
                          options=_options(service.max_bytes) + [
                              # accept the clients' keepalive pings (every 30 s), even between calls
