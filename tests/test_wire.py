@@ -166,7 +166,7 @@ def test_encoded_size_explicit_cases(tensors: dict[str, torch.Tensor]) -> None:
     msg = Message(tensors, {"kind": "update", "round": 1, "note": 'ü"\\\n'})
     data = encode(msg)
     assert encoded_size(msg) == len(data)
-    header, data_len = wire._header(msg.tensors, wire._meta_json(msg.meta))
+    header, data_len = wire._header(wire._layout(msg.tensors), wire._meta_json(msg.meta))
     assert data[8 : 8 + len(header)] == header
     assert len(header) % 8 == 0
     assert data_len == sum(t.numel() * t.element_size() for t in tensors.values())
@@ -199,7 +199,7 @@ def test_encoded_size_randomized() -> None:
         data = encode(msg)
         assert encoded_size(msg) == len(data), f"case {case}: {list(msg.tensors)} {msg.meta!r}"
         # Stronger than the length: our reconstructed header is byte-identical.
-        header, _ = wire._header(msg.tensors, wire._meta_json(msg.meta))
+        header, _ = wire._header(wire._layout(msg.tensors), wire._meta_json(msg.meta))
         assert _header_of(data) == header, f"case {case}"
         out = decode(data, expect=spec_of(msg.tensors))
         _assert_same_tensors(msg.tensors, out.tensors)
@@ -213,7 +213,7 @@ def test_encoded_size_needs_no_data() -> None:
     meta_dev = Message({k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in shapes.items()}, {"kind": "x"})
     assert encoded_size(meta_dev) == encoded_size(real) == len(encode(real))
     huge = Message({"w": torch.empty(200_000, 100_000, dtype=torch.bfloat16, device="meta")}, {})
-    header, _ = wire._header(huge.tensors, wire._meta_json(huge.meta))
+    header, _ = wire._header(wire._layout(huge.tensors), wire._meta_json(huge.meta))
     assert encoded_size(huge) == 8 + len(header) + 200_000 * 100_000 * 2
     with pytest.raises(WireError, match="meta device"):
         encode(meta_dev)

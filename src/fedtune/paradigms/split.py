@@ -69,7 +69,7 @@ from ..split_model import CLIENT, SERVER, Cut, MainServer, bottom_forward, compu
 from ..strategies import make_strategy
 from ..wire import Message, WireError, check, encoded_size, spec_of
 from .fedpeft import (ServerHooks, State, TrainSettings, adapter_state, batches, load_adapter_state, make_optimizer,
-                      screen_reply, settings_from)
+                      round_rng, screen_reply, settings_from)
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -153,9 +153,8 @@ class SplitClient:
         load_part(self.model, self.cut, CLIENT, {k: v.to(self.device) for k, v in msg.tensors.items()})
         params = self.cut.params(self.model, CLIENT)
         steps = self.settings.steps_for(len(self.examples))
-        # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
-        rng = random.Random(hash((self.seed, rnd, self.node_id)) & 0xFFFFFFFF)
-        torch.manual_seed(rng.getrandbits(62))
+        rng, torch_seed = round_rng(self.seed, rnd, self.node_id)
+        torch.manual_seed(torch_seed)
         self._round = _Round(rnd, steps, batches(self.examples, self.settings.batch_size, steps, rng),
                              make_optimizer(params, self.settings), params)
         self.model.train()
