@@ -86,8 +86,8 @@ class BatchedLocalGrid(LocalGrid):
                 continue
             try:
                 ready.append((i, decode(encode(msg), max_bytes=self.max_bytes) if self.serialize else msg))
-            except WireError:
-                replies[i] = self._deliver(msg)  # gives the decoding error as that client's reply
+            except WireError as err:
+                replies[i] = error_reply(int(msg.meta["dst"]), f"{type(err).__name__}: {err}")
         for start in range(0, len(ready), self.batch_size):
             group = ready[start: start + self.batch_size]
             try:
