@@ -208,3 +208,23 @@ def test_cuda_peak_memory_is_per_block() -> None:
     assert big.peak_memory_bytes - empty.peak_memory_bytes >= 256 * MiB
     assert big.peak_memory_bytes - big.start_memory_bytes >= 256 * MiB
     assert "cuda" in big.memory_method.lower()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_meter_without_sync_times_the_device_work_and_never_waits() -> None:
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    synced = ComputeMeter("cuda", count_flops=False)
+    with synced:
+        for _ in range(20):
+            a @ a
+    meter = ComputeMeter("cuda", count_flops=False, sync=False)
+    with meter:
+        for _ in range(20):
+            a @ a
+        extra = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    assert not meter._events[1].query()  # the block returned while its matmuls were still queued
+    assert meter.peak_memory_bytes >= meter.start_memory_bytes + extra.numel()  # booked when queued
+    # The same work timed on the device agrees with the synchronised wall clock (loose: a shared GPU).
+    assert 0.5 * synced.seconds < meter.seconds < 2.0 * synced.seconds
+    assert meter._events[1].query()  # reading the seconds waited for the end event

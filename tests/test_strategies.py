@@ -54,3 +54,24 @@ def test_fedadam_first_step_moves_by_lr_in_sign_direction():
     out = FedAdam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-9).aggregate(g, [(upd, 1.0)])
     # m = 0.1 g, v = 0.01 g^2 -> m / sqrt(v) = sign(g)
     torch.testing.assert_close(out["w"], 0.1 * torch.sign(upd["w"]), atol=1e-6, rtol=1e-5)
+
+
+def test_weighted_mean_of_packed_states_equals_the_per_tensor_mean():
+    """States that are views of one buffer each (as decoded replies are) take the one-add-per-client path."""
+    from fedtune.strategies import packed
+
+    s = states(3)
+    keys = list(s[0])
+    flat = [torch.cat([x[k].reshape(-1) for k in keys]) for x in s]
+    views = [dict(zip(keys, (part.view(x[k].shape) for part, k in zip(f.split([x[k].numel() for k in keys]), keys))))
+             for f, x in zip(flat, s)]
+    assert packed([views[0][k] for k in keys]).data_ptr() == flat[0].data_ptr()
+    assert packed([s[0][k] for k in keys]) is None  # separate tensors: the per-tensor path
+    assert packed([views[0][k] for k in reversed(keys)]) is None  # out of order
+    n = [1.0, 2.0, 5.0]
+    out = weighted_mean(views, n)
+    for k in keys:
+        torch.testing.assert_close(out[k], (1 * s[0][k] + 2 * s[1][k] + 5 * s[2][k]) / 8)
+    mixed = weighted_mean([views[0], s[1], views[2]], n)  # one unpacked state: the per-tensor path, same result
+    for k in keys:
+        torch.testing.assert_close(mixed[k], out[k])

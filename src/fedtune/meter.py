@@ -10,7 +10,10 @@ actually cost on this machine, rather than an analytic estimate:
   (see ``_sdpa_formulas``), so we pass GQA-aware formulas for those ops.
 * Peak memory is the CUDA caching allocator's high-water mark on CUDA, and the
   process's peak resident set size on CPU (reset per block where Linux allows).
-* Seconds are wall-clock, with CUDA synchronised at both ends.
+* Seconds are wall-clock, with CUDA synchronised at both ends; or, with
+  ``sync=False`` on CUDA, the GPU time between two CUDA events recorded at the
+  ends of the block, so the block never waits for the device (a simulation can
+  queue the next client's work before this one's has run).
 """
 
 from __future__ import annotations
@@ -228,9 +231,14 @@ class ComputeMeter:
             CUDA device.
         count_flops: Count FLOPs with FlopCounterMode. It intercepts every op,
             so turn it off where only memory and time are wanted.
+        sync: On CUDA, synchronise at both ends and time the wall clock (True), or
+            record CUDA events and time the device's work between them (False):
+            nothing waits, and ``seconds`` waits for the end event when first read.
+            The peak is the allocator's high-water mark either way (allocations
+            are booked when work is queued, not when it runs).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", count_flops: bool = True) -> None:
+    def __init__(self, device: torch.device | str = "cpu", count_flops: bool = True, sync: bool = True) -> None:
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(
@@ -251,6 +259,9 @@ class ComputeMeter:
         self._peak: int | None = None
         self._start_memory = 0
         self._seconds: float | None = None
+        self.sync = sync or self.device.type != "cuda"
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._done = False
 
     # ----------------------------------------------------------------- API
 
@@ -281,9 +292,13 @@ class ComputeMeter:
 
     @property
     def seconds(self) -> float:
-        """Wall-clock seconds of the block."""
+        """Seconds of the block: wall clock, or the device's time between the events with ``sync=False``."""
         self._require_done("seconds")
-        assert self._seconds is not None
+        if self._seconds is None:
+            assert self._events is not None
+            start, end = self._events
+            end.synchronize()
+            self._seconds = start.elapsed_time(end) / 1000.0
         return self._seconds
 
     @property
@@ -296,14 +311,19 @@ class ComputeMeter:
     def __enter__(self) -> ComputeMeter:
         if self._active:
             raise RuntimeError("this ComputeMeter is already measuring a block; use a separate meter to nest")
-        self._flops = self._peak = self._seconds = None
+        self._flops = self._peak = self._seconds = self._events = None
+        self._done = False
         self._flops_by_op = {}
         self._peak_seen = 0
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self._resource = ("cuda", index)
-            # Work queued before the block must not be billed to it.
-            torch.cuda.synchronize(index)
+            if self.sync:
+                # Work queued before the block must not be billed to it.
+                torch.cuda.synchronize(index)
+            else:
+                self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                self._events[0].record()
         else:
             self._resource = ("cpu", -1)
         self._fold_current_peak_into_outer_meters()
@@ -323,9 +343,12 @@ class ComputeMeter:
         tb: TracebackType | None,
     ) -> None:
         try:
-            if self._resource[0] == "cuda":
-                torch.cuda.synchronize(self._resource[1])
-            self._seconds = time.perf_counter() - self._start
+            if self._events is not None:
+                self._events[1].record()
+            else:
+                if self._resource[0] == "cuda":
+                    torch.cuda.synchronize(self._resource[1])
+                self._seconds = time.perf_counter() - self._start
             if self._counter is not None:
                 self._counter.__exit__(exc_type, exc, tb)
                 counts = self._counter.get_flop_counts().get("Global", {})
@@ -335,6 +358,7 @@ class ComputeMeter:
         finally:
             self._counter = None
             self._active = False
+            self._done = True
             assert _ACTIVE and _ACTIVE[-1] is self, "ComputeMeter blocks exited out of order"
             _ACTIVE.pop()
         for outer in _ACTIVE:
@@ -344,7 +368,7 @@ class ComputeMeter:
     # ------------------------------------------------------------ internals
 
     def _require_done(self, name: str) -> None:
-        if self._seconds is None or self._active:
+        if not self._done or self._active:
             raise RuntimeError(f"ComputeMeter.{name} is available after the `with meter:` block has finished")
 
     def _fold_current_peak_into_outer_meters(self) -> None:

@@ -38,11 +38,34 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
         if set(s) != keys:
             raise ValueError(f"states have different keys: {sorted(keys ^ set(s))}")
     keys = list(states[0])
+    flats = [packed([s[k] for k in keys]) for s in states]
+    if all(f is not None and f.shape == flats[0].shape and f.device == flats[0].device for f in flats):
+        # Every state is one buffer (a client's adapter copied off a GPU in one transfer, a mean from here):
+        # one vectorised add per client over the whole buffer instead of one per tensor.
+        acc = torch.zeros(flats[0].shape, dtype=torch.float32, device=flats[0].device)
+        for f, w in zip(flats, weights):
+            acc.add_(f, alpha=w / total)
+        like = [states[0][k] for k in keys]
+        return dict(zip(keys, (part.view(t.shape) for part, t in zip(acc.split([t.numel() for t in like]), like))))
     acc = [torch.zeros_like(states[0][k], dtype=torch.float32) for k in keys]
     for s, w in zip(states, weights):
         # One fused call per client over all its tensors (hundreds of adapter tensors per client).
         torch._foreach_add_(acc, [s[k].to(a.device, torch.float32) for k, a in zip(keys, acc)], alpha=w / total)
     return dict(zip(keys, acc))
+
+
+def packed(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D view of one buffer of which `tensors` are consecutive contiguous parts, in order; else None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (t.dtype != first.dtype or t.device != first.device or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,))
 
 
 Update = tuple[Mapping[str, torch.Tensor], float]  # (client state, number of examples)

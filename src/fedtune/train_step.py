@@ -170,9 +170,13 @@ class StepRunner:
 
     def losses(self) -> list[float]:
         """The losses of the steps since `reset` (one host synchronisation)."""
+        return self.loss_tensor().tolist()
+
+    def loss_tensor(self) -> torch.Tensor:
+        """The losses of the steps since `reset` as one float32 tensor on the device (no synchronisation)."""
         if not self._losses:
-            return []
-        return torch.stack([x.float() for x in self._losses]).tolist()
+            return torch.zeros(0)
+        return torch.stack([x.float() for x in self._losses])
 
     # ------------------------------------------------------------------ internals
 

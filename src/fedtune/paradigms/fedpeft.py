@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..data.tasks import Example
 from ..grid import Grid, is_error
 from ..meter import ComputeMeter
 from ..progress import Bars
-from ..strategies import make_strategy
+from ..strategies import make_strategy, packed
 from ..train_step import StepRunner
 from ..wire import Message, WireError, check, encoded_size, spec_of
 
@@ -90,7 +90,8 @@ def _on_device(model, src: list[torch.Tensor], device: torch.device, dtype: torc
             a is b and va == vb for (a, va), (b, vb) in zip(last[0], key)) and last[1].device == device:
         flat = last[1]
     else:
-        flat = torch.cat([t.reshape(-1) for t in src]).to(device, dtype)
+        whole = packed(src)  # the state is one buffer already (an aggregate): no concatenation on the host
+        flat = (whole if whole is not None else torch.cat([t.reshape(-1) for t in src])).to(device, dtype)
         _ON_DEVICE[model] = (key, flat)
     return _unflatten(flat, src)
 
@@ -105,6 +106,31 @@ def adapter_state(model) -> State:
     if params is None:
         return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
     return dict(zip(params, cpu_copies(list(params.values()))))
+
+
+def pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a CUDA tensor in pinned memory, queued on the stream (valid once the stream reaches it)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def adapter_snapshot(model) -> tuple[State, Callable[[], None]]:
+    """Like `adapter_state`, without waiting for the device: returns the state and a function to call first.
+
+    On a GPU the parameters are copied into one pinned host buffer asynchronously, in stream order, so
+    later work (the next client loading its own adapter into the same parameters) may be queued at once;
+    the returned tensors hold the values only after the returned function has waited for the copy.
+    Elsewhere this is `adapter_state` and the function does nothing.
+    """
+    params = adapter_params(model)
+    tensors = list(params.values()) if params is not None else []
+    if not tensors or tensors[0].device.type != "cuda" or len({t.dtype for t in tensors}) != 1:
+        return adapter_state(model), lambda: None
+    flat = pinned_copy(torch.cat([t.detach().reshape(-1) for t in tensors]))
+    copied = torch.cuda.Event()  # also covers every copy queued before this call (stream order)
+    copied.record()
+    return dict(zip(params, _unflatten(flat, tensors))), copied.synchronize
 
 
 def load_adapter_state(model, state: State, expected: set[str] | None = None, what: str = "adapter") -> None:
@@ -236,6 +262,16 @@ class FedPeftClient:
         self._trained = False
 
     def __call__(self, msg: Message) -> Message:
+        return self.start(msg)()
+
+    def start(self, msg: Message) -> Callable[[], Message]:
+        """Queue this client's round; return the function that waits for it and gives the reply.
+
+        With CUDA graphs nothing here waits for the GPU (the steps, the losses and the copy of the
+        adapter are queued in stream order), so a runtime can queue the next client's round before
+        taking this one's reply (`fedtune.runtime.local.LocalGrid`): the GPU never idles while the
+        host screens replies or prepares batches. Elsewhere the work is done when this returns.
+        """
         rnd = int(msg.meta["round"])
         load_adapter_state(self.model, msg.tensors)
         runner = self.runner
@@ -251,7 +287,9 @@ class FedPeftClient:
             self.model.train()
         # With CUDA graphs the runner counts FLOPs itself (once per batch shape); counting every
         # replayed step under FlopCounterMode is impossible (nothing is dispatched) and would be slow.
-        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops and not runner.graphs)
+        # It also times the client on the GPU (CUDA events) instead of waiting for it.
+        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops and not runner.graphs,
+                             sync=not runner.graphs)
         with meter:
             for chunk in batches(self.examples, self.settings.batch_size, steps, rng):
                 runner.step(chunk)
@@ -259,25 +297,32 @@ class FedPeftClient:
                 # Showing the loss would synchronise with the GPU every step: only on the CPU.
                 self.bars.advance("steps", info=None if runner.graphs else
                                   f"client {self.node_id} loss {runner.last_loss():.3f}")
-            losses = runner.losses()
-        flops = runner.flops if runner.graphs else meter.flops
-        return Message(
-            adapter_state(self.model),
-            {
+        losses = runner.loss_tensor()
+        if losses.is_cuda:
+            # Read on the host only after `wait`: a blocking copy later would wait for the next client too.
+            losses = pinned_copy(losses)
+        flops = (runner.flops if runner.graphs else meter.flops) if self.settings.count_flops else None
+        state, wait = adapter_snapshot(self.model)  # waiting for it also covers the losses, queued first
+
+        def reply() -> Message:
+            wait()
+            values = losses.tolist()
+            return Message(state, {
                 "kind": "fit_res",
                 "round": rnd,
                 "src": self.node_id,
                 "num_examples": len(self.examples),
                 "examples_seen": seen,
-                "steps": len(losses),
-                "train_loss": sum(losses) / len(losses),
-                "train_loss_first": losses[0],
-                "train_loss_last": losses[-1],
-                "flops": flops if self.settings.count_flops else None,
+                "steps": len(values),
+                "train_loss": sum(values) / len(values),
+                "train_loss_first": values[0],
+                "train_loss_last": values[-1],
+                "flops": flops,
                 "peak_memory_bytes": meter.peak_memory_bytes,
                 "seconds": meter.seconds,
-            },
-        )
+            })
+
+        return reply
 
 
 # --------------------------------------------------------------------------- server side
@@ -356,22 +401,26 @@ def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[d
     return {"status": "ok", **{k: reply.meta[k] for k in REPORTED if k in reply.meta}}, (reply.tensors, n)
 
 
-def exchange(grid: Grid, messages: list[Message], bars: Bars) -> list[Message]:
-    """Send a round's messages and return the replies in order.
+def exchange(grid: Grid, messages: list[Message], bars: Bars) -> Iterator[Message]:
+    """Send a round's messages and yield the replies in order, as they come.
 
     A grid whose ``parallel`` attribute is true (a networked or multi-process runtime, batched clients)
-    gets the whole list in one call so it can run the clients concurrently; otherwise one message at a
-    time, so the progress bar moves with each client.
+    gets the whole list in one call so it can run the clients concurrently. A grid with a ``stream``
+    method (the local runtime) yields each reply while it already runs the next client, so the caller's
+    screening of a reply overlaps the next client's training. Otherwise one message at a time. The
+    progress bar moves with each reply.
     """
     if getattr(grid, "parallel", False):
         replies = grid.send_and_receive(messages)
         bars.advance("clients", by=len(messages))
-        return replies
-    replies = []
-    for m in messages:
-        replies.extend(grid.send_and_receive([m]))
+        yield from replies
+        return
+    stream = getattr(grid, "stream", None)
+    replies = stream(messages) if stream is not None else (
+        reply for m in messages for reply in grid.send_and_receive([m]))
+    for reply in replies:
         bars.advance("clients")
-    return replies
+        yield reply
 
 
 def serve(

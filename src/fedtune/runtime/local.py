@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from ..grid import ClientApp, error_reply
 from ..wire import DEFAULT_MAX_BYTES, Message, WireError, decode, encode
@@ -32,17 +32,51 @@ class LocalGrid:
         return sorted(self.apps)
 
     def send_and_receive(self, messages: list[Message]) -> list[Message]:
-        return [self._deliver(m) for m in messages]
+        return list(self.stream(messages))
+
+    def stream(self, messages: Sequence[Message]) -> Iterator[Message]:
+        """The replies to `messages`, in order, each yielded as soon as it is taken.
+
+        A client app with a ``start`` method (`fedtune.paradigms.fedpeft.FedPeftClient`) is started
+        on message k+1 before reply k is taken: on a GPU the next client's steps are queued before
+        the host waits for this one's, and the caller screens reply k while they run. Apps run in
+        message order either way, so results do not change.
+        """
+        pending = None
+        for msg in messages:
+            started = self._start(msg)
+            if pending is not None:
+                yield self._finish(*pending)
+            pending = started
+        if pending is not None:
+            yield self._finish(*pending)
 
     def _deliver(self, msg: Message) -> Message:
+        return self._finish(*self._start(msg))
+
+    def _start(self, msg: Message) -> tuple[int, Callable[[], Message]]:
+        """Decode and hand over one message; return its destination and what gives its reply."""
         dst = int(msg.meta["dst"])
         if dst not in self.apps:
-            return error_reply(dst, f"no node {dst} in this grid (nodes: {self.node_ids()})")
+            missing = error_reply(dst, f"no node {dst} in this grid (nodes: {self.node_ids()})")
+            return dst, lambda: missing
         try:
             inbound = decode(encode(msg), max_bytes=self.max_bytes) if self.serialize else msg
-            reply = self.apps[dst](inbound)
+            app = self.apps[dst]
+            start = getattr(app, "start", None)
+            if start is not None:
+                return dst, start(inbound)
+            reply = app(inbound)
+            return dst, lambda: reply
         except Exception as err:  # a client's failure must never take the server down
-            return error_reply(dst, f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+            failed = _failure(dst, err)
+            return dst, lambda: failed
+
+    def _finish(self, dst: int, take: Callable[[], Message]) -> Message:
+        try:
+            reply = take()
+        except Exception as err:
+            return _failure(dst, err)
         return self._outbound(dst, reply)
 
     def _outbound(self, dst: int, reply: Message) -> Message:
@@ -53,6 +87,10 @@ class LocalGrid:
             return decode(encode(reply), max_bytes=self.max_bytes)
         except WireError as err:
             return error_reply(dst, f"rejected reply: {err}")
+
+
+def _failure(dst: int, err: Exception) -> Message:
+    return error_reply(dst, f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
 
 
 BatchApp = Callable[[Sequence[Message]], list[Message]]
