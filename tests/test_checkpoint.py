@@ -1,4 +1,4 @@
-"""Server checkpoints: a run stopped after a round and started again ends as if never stopped."""
+"""Server checkpoints: a run stopped after a round and started again ends as if never stopped (FedLLM, KD, split)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedtune import checkpoint
 from fedtune import config as cfg
 from fedtune import experiment
-from fedtune.paradigms import fedpeft
+from fedtune.paradigms import fedpeft, kd
 from fedtune.strategies import FedAdam, FedAvgM
 
 # FedAvgM (a strategy with state) and 2 of 3 clients a round (a sampler whose state matters).
@@ -19,6 +20,12 @@ SMALL = ["name=ckpt", "model.name=tiny-llama", "data.demo_train_size=60", "data.
          "federation.strategy=fedavgm", "federation.server_lr=1.0", "federation.server_momentum=0.5",
          "train.local_steps=2", "train.batch_size=4", "train.lr=0.01", "train.count_flops=false",
          "eval.max_examples=12"]
+# KD: clients keep private adapters between rounds, the server an optimizer and the soft labels.
+KD = [*SMALL, "federation.paradigm=kd", "kd.public_fraction=0.3", "kd.public_size=8", "kd.server_steps=2",
+      "kd.distill_steps=2"]
+# Split: the main server's top adapter and its AdamW state carry over, besides the bottom's FedAvgM buffers.
+SPLIT = [*SMALL, "federation.paradigm=split", "data.max_length=48"]
+PARADIGMS = {"fedpeft": SMALL, "kd": KD, "split": SPLIT}
 
 
 def adapter(path):
@@ -46,10 +53,8 @@ def test_strategy_state_round_trips():
         FedAdam().load_state_dict({"velocity:a": torch.zeros(1)})
 
 
-def test_run_killed_after_round_1_resumes_to_the_uninterrupted_result(tiny, tmp_path, monkeypatch):
-    c = cfg.load(None, SMALL)
-    whole = experiment.run(c, tmp_path / "whole", quiet=True)
-
+def crash_after_round_2(c, path, monkeypatch):
+    """Run `c` into `path` and kill the server after round 2 is logged and evaluated, before its checkpoint."""
     end_round = fedpeft.ServerHooks.end_round
 
     def crash_in_round_2(self, rnd, *args, **kw):
@@ -60,8 +65,15 @@ def test_run_killed_after_round_1_resumes_to_the_uninterrupted_result(tiny, tmp_
     with monkeypatch.context() as m:
         m.setattr(fedpeft.ServerHooks, "end_round", crash_in_round_2)
         with pytest.raises(Crash):
-            experiment.run(c, tmp_path / "cut", quiet=True)
-    assert [r["round"] for r in records(tmp_path / "cut") if r["type"] == "round"] == [1, 2]
+            experiment.run(c, path, quiet=True)
+    assert [r["round"] for r in records(path) if r["type"] == "round"] == [1, 2]
+
+
+@pytest.mark.parametrize("paradigm", PARADIGMS)
+def test_run_killed_after_round_1_resumes_to_the_uninterrupted_result(tiny, tmp_path, monkeypatch, paradigm):
+    c = cfg.load(None, PARADIGMS[paradigm])
+    whole = experiment.run(c, tmp_path / "whole", quiet=True)
+    crash_after_round_2(c, tmp_path / "cut", monkeypatch)
 
     resumed = experiment.run(c, tmp_path / "cut", quiet=True)
 
@@ -81,10 +93,11 @@ def test_run_killed_after_round_1_resumes_to_the_uninterrupted_result(tiny, tmp_
     assert len(cut_keys) == len(set(cut_keys))
 
 
-def test_checkpoint_of_another_config_is_refused(tiny, tmp_path):
-    c = cfg.load(None, SMALL + ["federation.rounds=1"])
+@pytest.mark.parametrize("paradigm", PARADIGMS)
+def test_checkpoint_of_another_config_is_refused(tiny, tmp_path, paradigm):
+    c = cfg.load(None, PARADIGMS[paradigm] + ["federation.rounds=1"])
     experiment.run(c, tmp_path / "r", quiet=True)
-    other = cfg.load(None, SMALL + ["federation.rounds=1", "train.lr=0.02"])
+    other = cfg.load(None, PARADIGMS[paradigm] + ["federation.rounds=1", "train.lr=0.02"])
     with pytest.raises(ValueError, match="checkpoint of a different config"):
         experiment.run(other, tmp_path / "r", quiet=True)
 
