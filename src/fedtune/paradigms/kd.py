@@ -10,7 +10,9 @@ Round r, as the server sees it (`serve`):
   3. validate every reply, turn the logits into probabilities at temperature ``kd.temperature``,
      take their example-weighted mean (`distill.aggregate_dense` / `distill.aggregate_topk`),
      distil that into the global adapter for ``kd.server_steps`` steps, keep it as the next
-     round's soft labels, and evaluate every k rounds.
+     round's soft labels, evaluate every k rounds, and checkpoint (`fedtune.checkpoint`: the global
+     adapter, the server's optimizer, the soft labels, the sampler; clients keep their own adapters
+     by round in a `checkpoint.ClientStore`, so a resumed run equals an uninterrupted one).
 
 What travels (`PublicSet`), one row per "position":
   * classification: the logits of the label words' first tokens at the last prompt position,

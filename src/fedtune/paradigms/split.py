@@ -16,7 +16,8 @@ Round r, as the fed server sees it (`serve`), one sampled client at a time:
      activations (``split_top``) and the client replies with their gradient and the loss
      (``split_top_grad``): one more round trip per step;
   3. FedAvg the valid bottom adapters (weighted by num_examples); evaluate and save the combined
-     adapter (global bottom + the main server's top).
+     adapter (global bottom + the main server's top); checkpoint the bottom, the strategy, the top
+     adapter and the main server's optimizer (`fedtune.checkpoint`; in-process main server only).
 
 Messages (all Grid messages, so a networked runtime carries them unchanged):
 
