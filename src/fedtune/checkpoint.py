@@ -1,14 +1,27 @@
 """Server checkpoints: resume a run after its server stopped, with the result of an uninterrupted run.
 
-After every finished round the FedLLM round loop (`fedpeft.serve`) saves what the next round depends
-on: the global adapter, the strategy's state (FedAvgM/FedAdam buffers), the client sampler's RNG
-state and the evaluations so far. When a run starts in a folder holding a checkpoint of the same
-config, the loop continues after the last finished round; client RNGs are seeded by (seed, round,
-client), so the rest of the run is the same as if it had never stopped.
+After every finished round the server's round loop saves what the next round depends on:
 
-Only `fedpeft` and `fedprox` checkpoint (`enabled`): the centralized baseline keeps its client's
-optimizer across rounds, KD clients keep private adapters, and split learning's main server keeps
-its optimizer, none of which a server checkpoint holds.
+* FedLLM (`fedpeft.serve`): the global adapter, the strategy's state (FedAvgM/FedAdam buffers);
+* KD-FedLLM (`kd.serve`): the global adapter, the server optimizer's state (its distillation runs
+  all run long) and the soft labels it will send next round;
+* Split-FedLLM (`split.serve`): the global bottom adapter, the strategy's state, the main server's
+  top adapter and its optimizer's state;
+
+and, for all three, the client sampler's RNG state and the evaluations so far. When a run starts in
+a folder holding a checkpoint of the same config, the loop continues after the last finished round.
+Client RNGs are seeded by (seed, round, client), so the rest of the run is the same as if it had
+never stopped.
+
+KD clients keep a private adapter from round to round. That is client state, so it is not in the
+server's checkpoint: each simulated client keeps its own in a `ClientStore` (``<run>/kd-clients``),
+by round, so that a round the server redoes after a restart starts from the adapter the client had
+before it. A client without a run folder (a Flower node, whose adapter lives in Flower's per-run node
+state) starts a resumed run from its initial adapter; see ``README`` for what that changes.
+
+Not checkpointed (`enabled` is false): the centralized baseline, whose one client keeps its optimizer
+across rounds, and split learning against a networked main server (``runtime.split_server``), whose
+top adapter and optimizer live in the service's process.
 
 The file is one `wire` message (safetensors tensors + a JSON header; no pickle), written to a
 temporary file and moved into place with `os.replace`, so a crash mid-write leaves the previous
@@ -47,7 +60,10 @@ class Saved:
 
 def enabled(config) -> bool:
     """Whether this run checkpoints its server (``runtime.checkpoint`` and a paradigm whose state it holds)."""
-    return config.runtime.checkpoint and config.federation.paradigm in ("fedpeft", "fedprox")
+    paradigm = config.federation.paradigm
+    if paradigm == "split":
+        return config.runtime.checkpoint and not config.runtime.split_server
+    return config.runtime.checkpoint and paradigm in ("fedpeft", "fedprox", "kd")
 
 
 def resumes(folder: Path, config) -> bool:
@@ -76,6 +92,60 @@ def set_rng_state(rng: random.Random, state: list) -> None:
     rng.setstate((version, tuple(internal), gauss))
 
 
+def optimizer_state(opt: torch.optim.Optimizer) -> tuple[State, dict[str, Any]]:
+    """A torch optimizer's per-parameter state as CPU tensors named ``"<param index>.<name>"``, plus JSON meta.
+
+    The meta holds the non-tensor entries and the parameter count of each group. The groups'
+    hyperparameters are not saved: they come from the config, which the checkpoint's fingerprint pins.
+    """
+    sd = opt.state_dict()
+    tensors: State = {}
+    scalars: dict[str, Any] = {}
+    for index, entries in sd["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu", copy=True)
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"scalars": scalars, "group_sizes": [len(g["params"]) for g in sd["param_groups"]]}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: State, meta: dict[str, Any]) -> None:
+    """Put the state `optimizer_state` saved back into `opt` (built the same way, over the same parameters).
+
+    Raises:
+        ValueError: `opt` has other parameter groups than the saved one.
+    """
+    current = opt.state_dict()
+    sizes = [len(g["params"]) for g in current["param_groups"]]
+    if sizes != meta["group_sizes"]:
+        raise ValueError(f"the checkpoint's optimizer has parameter groups of sizes {meta['group_sizes']}, this "
+                         f"run's has {sizes}: the checkpoint is of another model or adapter.")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def _write_atomic(path: Path, msg: Message) -> None:
+    """Write `msg` encoded to `path` through a temporary file, so a crash mid-write leaves the old file."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(encode(msg))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _split_groups(flat: State) -> dict[str, State]:
+    groups: dict[str, State] = {}
+    for key, t in flat.items():
+        group, _, name = key.partition("/")
+        groups.setdefault(group, {})[name] = t
+    return groups
+
+
 class Checkpoint:
     """The checkpoint of one run folder.
 
@@ -94,12 +164,7 @@ class Checkpoint:
         flat = {f"{group}/{name}": t for group, state in tensors.items() for name, t in state.items()}
         metrics_bytes = self.metrics.stat().st_size if self.metrics.exists() else 0
         header = {"round": rnd, "config": self.fingerprint, "metrics_bytes": metrics_bytes, "state": meta}
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(encode(Message(flat, header)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        _write_atomic(self.path, Message(flat, header))
 
     def load(self) -> Saved | None:
         """The saved state, or None when the folder holds no checkpoint.
@@ -124,8 +189,53 @@ class Checkpoint:
             )
         if self.metrics.exists() and self.metrics.stat().st_size > metrics_bytes:
             os.truncate(self.metrics, metrics_bytes)
-        tensors: dict[str, State] = {}
-        for key, t in msg.tensors.items():
-            group, _, name = key.partition("/")
-            tensors.setdefault(group, {})[name] = t
-        return Saved(int(rnd), tensors, meta)
+        return Saved(int(rnd), _split_groups(msg.tensors), meta)
+
+
+class ClientStore:
+    """A client's own state by round (a KD client's private adapter), so a redone round starts where it did.
+
+    A server checkpoints after its round; a client finishes its part of the round before that. When the
+    server stops in between and resumes, it redoes the round, and the client must start it again from
+    the state it had *before* it. So the store keeps two states: the one the client last started from
+    and the one it ended with, each tagged with its round (0: the initial state, which is not stored).
+
+    Args:
+        path: The file (one `wire` message; tensors named ``"<round>/<key>"``).
+        config: The run's `Config`; a store of another experiment is refused.
+    """
+
+    def __init__(self, path: Path, config) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint(config)
+
+    def _read(self) -> dict[int, State]:
+        if not self.path.exists():
+            return {}
+        try:
+            msg = decode(self.path.read_bytes())
+            owner = msg.meta["config"]
+        except (WireError, KeyError) as err:
+            raise ValueError(f"{self.path} is not a readable fedtune client state ({err}); delete it to start this "
+                             "client over.") from None
+        if owner != self.fingerprint:
+            raise ValueError(f"{self.path} holds a client state of a different config; delete it to start this "
+                             "client over.")
+        return {int(r): state for r, state in _split_groups(msg.tensors).items()}
+
+    def before(self, rnd: int) -> tuple[int, State] | None:
+        """The latest stored state of a round before `rnd`, with its round; None: start from the initial state."""
+        earlier = {r: state for r, state in self._read().items() if r < rnd}
+        if not earlier:
+            return None
+        latest = max(earlier)
+        return latest, earlier[latest]
+
+    def save(self, rnd: int, state: State, start: tuple[int, State] | None) -> None:
+        """Record `state` as the client's state after round `rnd`, which it started from `start`."""
+        rounds = {rnd: state}
+        if start is not None:
+            rounds[start[0]] = start[1]
+        flat = {f"{r}/{k}": t.detach().to("cpu") for r, st in rounds.items() for k, t in st.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.path, Message(flat, {"config": self.fingerprint, "rounds": sorted(rounds)}))

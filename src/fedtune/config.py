@@ -175,7 +175,7 @@ class RuntimeConfig:
     batch_clients: int = 1
     """FedLLM: train up to this many clients' adapters in one forward/backward over the shared base (1 = one after another)."""
     checkpoint: bool = True
-    """Save the server state (global adapter, strategy, sampler, evaluations) after every round, to resume a restarted server."""
+    """Save the server state (global adapter, strategy or server optimizer, sampler, evaluations) after every round, to resume a restarted server (fedpeft, fedprox, kd, and split with an in-process main server; see fedtune.checkpoint)."""
     split_server: str | None = None
     """Split learning over a network: host:port of the main-server gRPC service (`fedtune split-server`); null = in process."""
 

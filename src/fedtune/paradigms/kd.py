@@ -10,7 +10,9 @@ Round r, as the server sees it (`serve`):
   3. validate every reply, turn the logits into probabilities at temperature ``kd.temperature``,
      take their example-weighted mean (`distill.aggregate_dense` / `distill.aggregate_topk`),
      distil that into the global adapter for ``kd.server_steps`` steps, keep it as the next
-     round's soft labels, and evaluate every k rounds.
+     round's soft labels, evaluate every k rounds, and checkpoint (`fedtune.checkpoint`: the global
+     adapter, the server's optimizer, the soft labels, the sampler; clients keep their own adapters
+     by round in a `checkpoint.ClientStore`, so a resumed run equals an uninterrupted one).
 
 What travels (`PublicSet`), one row per "position":
   * classification: the logits of the label words' first tokens at the last prompt position,
@@ -35,13 +37,17 @@ compared over the tokenizer's ids ``0 .. len(tokenizer) - 1`` (embedding rows pa
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import distill
+from ..checkpoint import ClientStore, load_optimizer_state, optimizer_state, resumes, rng_state, set_rng_state
+from ..checkpoint import enabled as checkpointing
 from ..context import RunContext
 from ..data.tasks import Example, collate
 from ..grid import Grid
@@ -278,7 +284,11 @@ class KDClient:
     """One client: its private examples, its own adapter state (kept on the CPU between rounds), the public set.
 
     In simulation all clients share one `PeftModel` and swap their adapter state in and out;
-    no weights ever travel.
+    no weights ever travel. With a `ClientStore` (a checkpointed run) the client also keeps its adapter
+    by round on disk, and starts round r from its latest adapter of a round before r: the same as
+    `state` in a run that never stopped, and the right one when a restarted server redoes a round
+    this client had already trained. Without one it starts from `state` (which Flower's runtime
+    sets from the node's state before every message).
     """
 
     def __init__(
@@ -295,6 +305,7 @@ class KDClient:
         pad_id: int,
         seed: int,
         bars: Bars | None = None,
+        store: ClientStore | None = None,
     ) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
@@ -304,6 +315,8 @@ class KDClient:
         self.public = public
         self.settings = settings
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in init_state.items()}
+        self.initial = self.state
+        self.store = store
         self.distill_steps = distill_steps
         self.device = device
         self.pad_id = pad_id
@@ -313,6 +326,9 @@ class KDClient:
     def __call__(self, msg: Message) -> Message:
         rnd = int(msg.meta["round"])
         labels = self.public.from_wire(msg.tensors, self.device) if msg.tensors else None
+        start = self.store.before(rnd) if self.store is not None else None
+        if self.store is not None:
+            self.state = start[1] if start is not None else self.initial
         load_adapter_state(self.model, {k: v.to(self.device) for k, v in self.state.items()})
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = make_optimizer(params, self.settings)
@@ -343,6 +359,8 @@ class KDClient:
             tensors = self.public.reply_tensors(self.model, self.device)
         self.model.eval()
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state(self.model).items()}
+        if self.store is not None:
+            self.store.save(rnd, self.state, start)
         return Message(
             tensors,
             {
@@ -406,8 +424,19 @@ def serve(
     opt = make_optimizer(params, settings)  # the server trains one adapter all run long: its optimizer persists
     labels: SoftLabels | None = None
     evaluations: list[dict[str, Any]] = []
+    done = 0
+    saved = hooks.resume("KD-FedLLM")
+    if saved is not None:
+        check(Message(saved.tensors.get("global", {})), spec_of(global_state))
+        global_state = saved.tensors["global"]
+        load_optimizer_state(opt, saved.tensors.get("optimizer", {}), saved.meta["optimizer"])
+        if "labels" in saved.tensors:
+            labels = {k: v.to(device) for k, v in saved.tensors["labels"].items()}
+        set_rng_state(sampler, saved.meta["sampler"])
+        evaluations, done = saved.meta["evaluations"], saved.round
     hooks.bars.start("rounds", rounds)
-    for rnd in range(1, rounds + 1):
+    hooks.bars.advance("rounds", by=done)
+    for rnd in range(done + 1, rounds + 1):
         chosen = sorted(sampler.sample(nodes, clients_per_round))
         hooks.bars.start("clients", len(chosen), info=f"round {rnd}")
         down_tensors = public.to_wire(labels) if labels is not None else {}
@@ -429,7 +458,10 @@ def serve(
             if aggregated:
                 labels = public.soft_labels(updates, device)
                 load_adapter_state(model, global_state)
-                rng = random.Random(hash((seed, rnd, -1)) & 0xFFFFFFFF)
+                round_seed = hash((seed, rnd, -1)) & 0xFFFFFFFF
+                rng = random.Random(round_seed)
+                # Torch seeded per round too (LoRA dropout), so a restarted server draws the same masks.
+                torch.manual_seed(round_seed)
                 kd_losses = distil(model, opt, public, labels, server_steps, rng, device=device,
                                    max_grad_norm=settings.max_grad_norm)
                 model.eval()
@@ -438,6 +470,13 @@ def serve(
                    "peak_memory_bytes": meter.peak_memory_bytes, "steps": len(kd_losses),
                    "distill_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None})
         hooks.end_round(rnd, rounds, eval_every, global_state, evaluations, len(updates), len(chosen), aggregated)
+        if hooks.checkpoint is not None:
+            opt_tensors, opt_meta = optimizer_state(opt)
+            tensors = {"global": global_state, "optimizer": opt_tensors}
+            if labels is not None:
+                tensors["labels"] = {k: v.to("cpu") for k, v in labels.items()}
+            hooks.checkpoint.save(rnd, tensors, {"sampler": rng_state(sampler), "evaluations": evaluations,
+                                                 "optimizer": opt_meta})
     return global_state, evaluations
 
 
@@ -487,15 +526,33 @@ def release_client_model(ctx: RunContext) -> None:
         entry[1].unload()
 
 
+def client_store_dir(ctx: RunContext) -> Path | None:
+    """Where the clients of a checkpointed run keep their adapters by round: ``<run>/kd-clients``.
+
+    None when the run does not checkpoint, or the context has no run folder (a Flower node, a worker
+    rank started without ``--out``: ``ctx.path`` is ``.``); such clients keep their adapter in `KDClient.state`.
+    A run that starts afresh (no server checkpoint to resume from) empties the folder first, so no
+    client resumes an adapter of an earlier run.
+    """
+    if not checkpointing(ctx.config) or ctx.path == Path("."):
+        return None
+    folder = ctx.path / "kd-clients"
+    if not resumes(ctx.path, ctx.config):
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
 def make_clients(ctx: RunContext) -> dict[int, KDClient]:
     """One client app per partition, each starting from the same fresh adapter of the client model."""
     public = public_set_from(ctx)
     model = client_model(ctx)
     try:
         init, settings, steps = adapter_state(model), settings_from(ctx), ctx.config.kd.distill_steps
+        stores = client_store_dir(ctx)
         return {
             i: KDClient(i, model, ctx.client_examples(i), public, settings, init, distill_steps=steps,
-                        device=ctx.device, pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars)
+                        device=ctx.device, pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars,
+                        store=ClientStore(stores / f"client-{i}.safetensors", ctx.config) if stores else None)
             for i in range(len(ctx.data.parts))
         }
     except Exception:

@@ -16,7 +16,8 @@ Round r, as the fed server sees it (`serve`), one sampled client at a time:
      activations (``split_top``) and the client replies with their gradient and the loss
      (``split_top_grad``): one more round trip per step;
   3. FedAvg the valid bottom adapters (weighted by num_examples); evaluate and save the combined
-     adapter (global bottom + the main server's top).
+     adapter (global bottom + the main server's top); checkpoint the bottom, the strategy, the top
+     adapter and the main server's optimizer (`fedtune.checkpoint`; in-process main server only).
 
 Messages (all Grid messages, so a networked runtime carries them unchanged):
 
@@ -60,6 +61,7 @@ from typing import Any
 import torch
 from peft import get_peft_model_state_dict
 
+from ..checkpoint import Saved, load_optimizer_state, optimizer_state, rng_state, set_rng_state
 from ..context import RunContext
 from ..data.tasks import IGNORE, Example, collate
 from ..grid import Grid, is_error
@@ -452,8 +454,18 @@ def serve(
     train = train_client_remote if getattr(main, "address", None) else train_client
     sampler = random.Random(seed)
     evaluations: list[dict[str, Any]] = []
+    done = 0
+    saved = hooks.resume("Split-FedLLM")
+    if saved is not None:
+        check(Message(saved.tensors.get("global", {})), spec_of(bottom))
+        bottom = saved.tensors["global"]
+        strategy.load_state_dict(saved.tensors.get("strategy", {}))
+        restore_main_server(main, saved)
+        set_rng_state(sampler, saved.meta["sampler"])
+        evaluations, done = saved.meta["evaluations"], saved.round
     hooks.bars.start("rounds", rounds)
-    for rnd in range(1, rounds + 1):
+    hooks.bars.advance("rounds", by=done)
+    for rnd in range(done + 1, rounds + 1):
         chosen = sorted(sampler.sample(nodes, clients_per_round))
         hooks.bars.start("clients", len(chosen), info=f"round {rnd}")
         updates = []
@@ -469,7 +481,23 @@ def serve(
         if aggregated:
             bottom = strategy.aggregate(bottom, updates)
         hooks.end_round(rnd, rounds, eval_every, bottom, evaluations, len(updates), len(chosen), aggregated)
+        if hooks.checkpoint is not None:
+            opt_tensors, opt_meta = optimizer_state(main.optimizer)
+            hooks.checkpoint.save(rnd, {"global": bottom, "strategy": strategy.state_dict(), "top": main.state(),
+                                        "optimizer": opt_tensors},
+                                  {"sampler": rng_state(sampler), "evaluations": evaluations, "optimizer": opt_meta})
     return bottom, evaluations
+
+
+def restore_main_server(main: MainServer, saved: Saved) -> None:
+    """Put the checkpointed top adapter and its optimizer's state back into an in-process main server.
+
+    A networked main server (``runtime.split_server``) keeps both in its own process, out of the fed
+    server's reach; `checkpoint.enabled` turns checkpoints off for it, so it never gets here.
+    """
+    assert isinstance(main, MainServer), "only an in-process main server resumes from a checkpoint"
+    load_part(main.model, main.cut, SERVER, {k: v.to(main.device) for k, v in saved.tensors["top"].items()})
+    load_optimizer_state(main.optimizer, saved.tensors.get("optimizer", {}), saved.meta["optimizer"])
 
 
 # --------------------------------------------------------------------------- wiring
