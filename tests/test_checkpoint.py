@@ -202,3 +202,15 @@ def test_kd_client_stores_are_emptied_when_a_run_starts_afresh(tmp_path):
     assert kd.client_store_dir(types.SimpleNamespace(config=c, path=Path("."))) is None  # a Flower node
     off = cfg.load(None, KD + ["runtime.checkpoint=false"])
     assert kd.client_store_dir(types.SimpleNamespace(config=off, path=tmp_path)) is None
+
+
+def test_a_fresh_start_without_checkpointing_removes_the_folders_old_checkpoint(tiny, tmp_path):
+    """Its metrics are overwritten, so a later checkpointed run must not resume the old rounds against them."""
+    c = cfg.load(None, SMALL + ["federation.rounds=1"])
+    experiment.run(c, tmp_path / "r", quiet=True)
+    assert (tmp_path / "r" / checkpoint.FILE).exists()
+    off = cfg.load(None, SMALL + ["federation.rounds=1", "runtime.checkpoint=false"])
+    experiment.run(off, tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r" / checkpoint.FILE).exists()
+    experiment.run(c, tmp_path / "r", quiet=True)  # starts over: round 1 logged once, in this run
+    assert [r.get("round") for r in records(tmp_path / "r") if r["type"] == "round"] == [1]

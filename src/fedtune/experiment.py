@@ -277,7 +277,12 @@ def paradigm_module(c: cfg.Config):
 
 def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, path: Path, started: float,
                     grid_factory: GridFactory = local_grid):
-    folder = RunFolder(path, resume=checkpoint.resumes(path, c))
+    resume = checkpoint.resumes(path, c)
+    if not resume:
+        # A fresh start overwrites the metrics: a checkpoint left by an earlier run in this folder (one that
+        # checkpointed where this one does not) would otherwise be resumed by a later run, against them.
+        (path / checkpoint.FILE).unlink(missing_ok=True)
+    folder = RunFolder(path, resume=resume)
     resolved = cfg.to_yaml(c) + f"# fedtune {__version__}, git commit {git_commit()}\n"
     (path / "config.resolved.yaml").write_text(resolved)
 
