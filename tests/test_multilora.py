@@ -21,7 +21,8 @@ from fedtune.multilora import BatchedFedPeft, StackedLora, combine, lora_layers
 from fedtune.paradigms import fedpeft
 from fedtune.progress import Bars
 from fedtune.runtime.local import BatchedLocalGrid
-from fedtune.wire import Message
+from fedtune.train_step import pad_to_bucket
+from fedtune.wire import Message, WireError
 
 SMALL = ["model.name=tiny-llama", "data.demo_train_size=60", "data.demo_test_size=12", "federation.num_clients=4",
          "federation.clients_per_round=4", "federation.rounds=1", "train.local_steps=2", "train.batch_size=4",
@@ -126,6 +127,64 @@ def test_batched_gradients_equal_each_clients_own(setup_dtype, sizes):
     model.eval()
 
 
+def test_static_batched_loss_gives_each_client_its_own_loss_and_gradients(setup):
+    """The static pass's loss (right-padded to a bucket, no mask, fixed-shape per-client means), float32."""
+    model, tok, data = setup
+    model.train()
+    k, b = 3, 2
+    states = random_states(model, k)
+    per_client = [collate(data.train[i * b: (i + 1) * b], tok.pad_token_id) for i in range(k)]
+    assert len({x["input_ids"].shape[1] for x in per_client}) > 1, "want ragged widths"
+    expected = [sequential_grads(model, state, x) for state, x in zip(states, per_client)]
+    combined, _ = combine(per_client, tok.pad_token_id)
+    static = pad_to_bucket(combined, 64, tok.pad_token_id)
+    assert static["input_ids"].shape[1] % 64 == 0 and static["input_ids"].shape[1] > combined["input_ids"].shape[1]
+    stacked = StackedLora(model, states)
+    with stacked:
+        stacked.route_all(b)
+        total, means = stacked.static_loss(model, static["input_ids"], static["labels"])
+        total.backward()
+    model.eval()
+    assert means.shape == (k,)
+    for slot, (loss, grads) in enumerate(expected):
+        assert float(means[slot].detach()) == pytest.approx(loss, rel=2e-6)
+        for key, grad in grads.items():
+            name, ab = key.rsplit(".lora_", 1)
+            table = stacked.A if ab.startswith("A") else stacked.B
+            torch.testing.assert_close(table[name].grad[slot], grad, atol=1e-5, rtol=0)
+    assert float(total) == pytest.approx(sum(loss for loss, _ in expected), rel=2e-6)
+
+
+def test_static_loss_refuses_a_batch_it_is_not_routed_for(setup):
+    model, tok, data = setup
+    stacked = StackedLora(model, random_states(model, 2))
+    ids = torch.ones(4, 8, dtype=torch.long)
+    with stacked, pytest.raises(RuntimeError, match="route_all"):
+        stacked.route_all(1)  # routes 2 samples, the batch has 4
+        stacked.static_loss(model, ids, ids)
+
+
+def test_load_in_place_keeps_the_parameters_and_checks_every_state_first(setup):
+    model, tok, data = setup
+    first, second = random_states(model, 2), random_states(model, 3)[1:]
+    stacked = StackedLora(model, first)
+    addresses = [p.data_ptr() for p in stacked.params]
+    shared = [second[0], second[0]]  # the same tensors for both slots: one broadcast copy
+    for states in (second, shared):
+        stacked.load_(states)
+        assert [p.data_ptr() for p in stacked.params] == addresses
+        for slot, state in enumerate(states):
+            assert all(torch.equal(stacked.state(slot)[k], v) for k, v in state.items())
+    before = stacked.states()
+    bad = {k: v[..., :1].clone() for k, v in first[0].items()}
+    with pytest.raises(WireError, match="shape"):
+        stacked.load_([first[0], bad])
+    with pytest.raises(ValueError, match="holds 2 clients"):
+        stacked.load_(first + first)
+    # A refused load changed nothing.
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, stacked.states()) for k in a)
+
+
 def make_apps(model, tok, data, **settings):
     s = fedpeft.TrainSettings(**{"local_steps": 3, "local_epochs": None, "batch_size": 4, "lr": 0.01,
                                  "count_flops": False, **settings})
@@ -134,14 +193,17 @@ def make_apps(model, tok, data, **settings):
             for i in range(len(data.parts))}
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("settings", [
     dict(weight_decay=0.1, max_grad_norm=0.05),  # AdamW, decoupled weight decay, clipping that bites
     dict(optimizer="sgd", prox_mu=0.5, max_grad_norm=None),  # FedProx
     dict(local_steps=None, local_epochs=0.4, batch_size=2),  # different step counts per client
 ], ids=["adamw-clip", "fedprox-sgd", "epochs"])
-def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings):
+def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings, static):
     """In float64, so that equal means equal (measured: 1e-13). In float32 AdamW turns the ~1e-7 rounding of
-    near-zero gradient elements into differences up to ~5e-4 after 3-4 steps at lr 0.01 (SGD: ~1e-8)."""
+    near-zero gradient elements into differences up to ~5e-4 after 3-4 steps at lr 0.01 (SGD: ~1e-8).
+    The static pass (CUDA graphs' math, run without graphs here) applies when every client takes the same
+    steps; with different step counts it falls back to the eager pass."""
     model, tok, data = prepared(*tiny64)
     try:
         # Clients of different sizes, so local_epochs gives them different numbers of steps.
@@ -150,11 +212,13 @@ def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings):
         init = fedpeft.adapter_state(model)
         messages = [Message(init, {"kind": "fit_ins", "round": 2, "dst": i}) for i in apps]
         alone = [apps[i](m) for i, m in zip(apps, messages)]
-        together = BatchedFedPeft(apps)(messages)
+        batched = BatchedFedPeft(apps, static=static)
+        together = batched(messages)
     finally:
         model.unload()
     if "local_epochs" in settings:
         assert len({r.meta["steps"] for r in alone}) > 1
+    assert list(batched.passes) == ([4] if static and "local_epochs" not in settings else [])
     for a, b in zip(alone, together):
         for key in ("src", "num_examples", "examples_seen", "steps"):
             assert a.meta[key] == b.meta[key], key
@@ -164,6 +228,36 @@ def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings):
         for key in a.tensors:
             torch.testing.assert_close(b.tensors[key], a.tensors[key], atol=1e-10, rtol=0)
         assert max(float((a.tensors[k] - init[k]).abs().max()) for k in init) > 1e-3  # it really trained
+
+
+@pytest.mark.parametrize("settings", [
+    dict(optimizer="sgd", max_grad_norm=0.05, prox_mu=0.5, lr=0.5),  # clipping that bites, FedProx
+    dict(weight_decay=0.1, max_grad_norm=None, lr=1e-3),  # AdamW: its first steps are sign-like, so small lr
+], ids=["sgd-clip-prox", "adamw"])
+def test_static_pass_in_float32_ends_where_each_client_alone_ends(setup, settings):
+    """The static pass against `FedPeftClient` alone in float32, run twice on the same buffers: the second
+    pass (new states, a new round) loads them in place and starts a fresh optimizer."""
+    model, tok, data = setup
+    apps = make_apps(model, tok, data, **settings)
+    batched = BatchedFedPeft(dict(list(apps.items())[:3]), static=True)
+    for rnd, states in ((1, random_states(model, 3)), (2, random_states(model, 4)[1:])):
+        messages = [Message(state, {"kind": "fit_ins", "round": rnd, "dst": i}) for i, state in enumerate(states)]
+        together = batched(messages)
+        fresh = make_apps(model, tok, data, **settings)  # new optimizers: nothing left from the first round
+        alone = [fresh[i](m) for i, m in enumerate(messages)]
+        if rnd == 1:
+            stacked, runner = batched.passes[3]
+            params, optimizer = [p.data_ptr() for p in stacked.params], runner.optimizer
+        assert list(batched.passes) == [3] and batched.passes[3][1].optimizer is optimizer
+        assert [p.data_ptr() for p in batched.passes[3][0].params] == params
+        for a, b, state in zip(alone, together, states):
+            for key in ("steps", "examples_seen", "num_examples"):
+                assert a.meta[key] == b.meta[key], key
+            for key in ("train_loss", "train_loss_first", "train_loss_last"):
+                assert b.meta[key] == pytest.approx(a.meta[key], rel=1e-5), key
+            for key in a.tensors:
+                torch.testing.assert_close(b.tensors[key], a.tensors[key], atol=1e-5, rtol=0)
+            assert max(float((a.tensors[k] - state[k]).abs().max()) for k in state) > 1e-4  # it trained
 
 
 def test_batched_flops_per_client_are_close_to_each_client_alone(setup):
