@@ -11,12 +11,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
 
 from fedtune import config as cfg
-from fedtune.data.tasks import collate
+from fedtune.data.tasks import Example, collate
 from fedtune.experiment import prepare_data, run
 from fedtune.losses import lm_loss
-from fedtune.models import attach_lora
+from fedtune.models import attach_lora, tiny_llama_config
 from fedtune.multilora import BatchedFedPeft, StackedLora, combine, lora_layers
 from fedtune.paradigms import fedpeft
 from fedtune.progress import Bars
@@ -258,6 +259,48 @@ def test_static_pass_in_float32_ends_where_each_client_alone_ends(setup, setting
             for key in a.tensors:
                 torch.testing.assert_close(b.tensors[key], a.tensors[key], atol=1e-5, rtol=0)
             assert max(float((a.tensors[k] - state[k]).abs().max()) for k in state) > 1e-4  # it trained
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_graph_pass_ends_where_each_client_alone_ends(device):
+    """The static pass as it runs on a GPU (CUDA graphs: captured, then replayed for later steps and passes)
+    against each client alone through the sequential path (its own CUDA graphs), in float32 with SGD and
+    clipping; on the CPU the same test runs both without graphs. A random tiny Llama, no tokenizer needed."""
+    torch.manual_seed(0)
+    vocab, k = 512, 3
+    base = LlamaForCausalLM(tiny_llama_config(vocab)).to(device).eval()
+    base.requires_grad_(False)
+    model = attach_lora(base, cfg.PeftConfig(r=4, alpha=8), seed=0)
+    g = torch.Generator().manual_seed(1)
+    rows = [[Example(torch.randint(1, vocab, (int(n) - 6,), generator=g).tolist(),
+                     torch.randint(1, vocab, (6,), generator=g).tolist())
+             for n in torch.randint(40, 60, (8,), generator=g)] for _ in range(k)]  # one bucket: 64
+    s = fedpeft.TrainSettings(local_steps=3, local_epochs=None, batch_size=2, lr=0.5, optimizer="sgd",
+                              max_grad_norm=0.05, count_flops=False)
+    dev = torch.device(device)
+    runner = fedpeft.make_runner(model, s, device=dev, pad_id=0)
+    apps = {i: fedpeft.FedPeftClient(i, model, r, s, device=dev, pad_id=0, seed=0, runner=runner)
+            for i, r in enumerate(rows)}
+    batched = BatchedFedPeft(apps)
+    assert batched.static == (device == "cuda")
+    batched.static = True  # on the CPU: the same static pass, without graphs
+    for rnd in (1, 2):  # the second pass replays the graphs captured in the first
+        states = random_states(model, k + rnd)[rnd:]
+        messages = [Message(state, {"kind": "fit_ins", "round": rnd, "dst": i}) for i, state in enumerate(states)]
+        together = batched(messages)
+        alone = [apps[i](m) for i, m in enumerate(messages)]
+        for a, b, state in zip(alone, together, states):
+            assert b.meta["train_loss"] == pytest.approx(a.meta["train_loss"], rel=1e-5)
+            for key in state:
+                torch.testing.assert_close(b.tensors[key], a.tensors[key], atol=1e-5, rtol=0)
+            assert max(float((a.tensors[key] - state[key]).abs().max()) for key in state) > 1e-4
+    stacked_runner = batched.passes[k][1]
+    assert stacked_runner.graph_failure is None and runner.graph_failure is None
+    assert stacked_runner.captured_shapes == runner.captured_shapes == (1 if device == "cuda" else 0)
+    model.unload()
 
 
 def test_batched_flops_per_client_are_close_to_each_client_alone(setup):
