@@ -29,6 +29,7 @@ time the GPU work in the same interval); the first round of each setting is a wa
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import time
@@ -144,7 +145,7 @@ def bench(model, k: int, batch: int, args, device: torch.device) -> dict:
     runner = make_runner(model, settings, device=device, pad_id=PAD)  # shared, as `fedpeft.make_clients` does
     apps = {i: FedPeftClient(i, model, rows, settings, device=device, pad_id=PAD, seed=0, runner=runner)
             for i, rows in enumerate(examples)}
-    batched = BatchedFedPeft(apps)
+    batched = BatchedFedPeft(apps, static={"auto": None, "eager": False, "static": True}[args.batched_path])
     init = adapter_state(model)
 
     def messages(rnd: int) -> list[Message]:
@@ -180,6 +181,10 @@ def bench(model, k: int, batch: int, args, device: torch.device) -> dict:
     result["sequential_graphs"] = runner.captured_shapes
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # This setting's graphs and their memory pools go before the next setting captures its own.
+        del apps, batched, runner
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     return result
 
@@ -196,6 +201,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=4, help="local steps per client per round")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up round)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (q,k,v,o projections)")
+    ap.add_argument("--batched-path", choices=["auto", "eager", "static"], default="auto",
+                    help="the batched pass: auto (static with CUDA graphs on CUDA, eager on the CPU), or forced")
     ap.add_argument("--compile", action="store_true", help="torch.compile the static step (both paths; CUDA)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
@@ -223,7 +230,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model.unload()
         del model
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": args.dtype,
-            "torch": torch.__version__, "compile": args.compile}
+            "torch": torch.__version__, "compile": args.compile,
+            "batched_path": args.batched_path}
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as f:

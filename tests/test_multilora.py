@@ -417,8 +417,11 @@ def test_benchmark_runs_and_reports_equal_gradients():
     spec = importlib.util.spec_from_file_location("batched_clients", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    results = bench.main(["--device", "cpu", "--models", "tiny", "--clients", "3", "--batch-sizes", "2",
-                          "--seq", "40", "--steps", "2", "--rounds", "1"])
-    (r,) = results
-    assert r["clients"] == 3 and r["sequential_steps_per_s"] > 0 and r["batched_steps_per_s"] > 0
-    assert 0 < r["max_grad_diff"] < 1e-5 * max(1.0, r["max_grad"])
+    for path in ("auto", "static"):
+        results = bench.main(["--device", "cpu", "--models", "tiny", "--clients", "3", "--batch-sizes", "2",
+                              "--seq", "40", "--steps", "2", "--rounds", "1", "--batched-path", path])
+        (r,) = results
+        assert r["clients"] == 3 and r["sequential_steps_per_s"] > 0 and r["batched_steps_per_s"] > 0
+        assert 0 < r["max_grad_diff"] < 1e-5 * max(1.0, r["max_grad"])
+        assert r["batched_path"] == {"auto": "eager", "static": "static"}[path]  # no graphs on the CPU
+        assert r["max_adapter_diff"] < 1e-3 * r["max_update"]

@@ -21,6 +21,12 @@ the per-client results of the sequential path (`fedtune.paradigms.fedpeft.FedPef
   attends to earlier real tokens, and position ids run 0.. from the left, so no client's
   loss depends on the padding the others bring.
 
+On a GPU the pass is launch-bound unless it is one graph: when every client takes the same
+number of steps of the same batch size, `BatchedFedPeft` steps the combined, right-padded batch
+through a `fedtune.train_step.StepRunner` over the stacked parameters (`StackedLora.static_loss`,
+`StackedLora.clip_`, capturable AdamW), one CUDA graph replay per step, with the stacked
+parameters, optimizer and graphs of each K kept across passes (see `BatchedFedPeft`).
+
 Bit-for-bit equality is not promised: matmuls over a different batch shape round
 differently (~1e-7 relative in float32). With ``peft.dropout > 0`` the dropout masks are
 drawn from one generator for the whole pass, so results agree in distribution only.
