@@ -210,11 +210,8 @@ class StepRunner:
         """The last step's loss (synchronises with the device)."""
         return float(self._losses[-1])
 
-    def losses(self) -> list:
-        """The losses of the steps since `reset` (one host synchronisation).
-
-        One float per step, or one list per step when the loss records a vector (e.g. one loss per client).
-        """
+    def losses(self) -> list[float]:
+        """The losses of the steps since `reset` (one host synchronisation)."""
         if not self._losses:
             return []
         return torch.stack([x.float() for x in self._losses]).tolist()
