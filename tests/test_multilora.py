@@ -157,7 +157,7 @@ def test_static_batched_loss_gives_each_client_its_own_loss_and_gradients(setup)
 
 
 def test_static_loss_refuses_a_batch_it_is_not_routed_for(setup):
-    model, tok, data = setup
+    model, _, _ = setup
     stacked = StackedLora(model, random_states(model, 2))
     ids = torch.ones(4, 8, dtype=torch.long)
     with stacked, pytest.raises(RuntimeError, match="route_all"):
@@ -166,7 +166,7 @@ def test_static_loss_refuses_a_batch_it_is_not_routed_for(setup):
 
 
 def test_load_in_place_keeps_the_parameters_and_checks_every_state_first(setup):
-    model, tok, data = setup
+    model, _, _ = setup
     first, second = random_states(model, 2), random_states(model, 3)[1:]
     stacked = StackedLora(model, first)
     addresses = [p.data_ptr() for p in stacked.params]
