@@ -1,7 +1,9 @@
 """Micro-benchmark: K FedLLM clients trained in one batched pass vs one after another.
 
-Measures client-steps per second of the real client code (`FedPeftClient` one by one, and
-`fedtune.multilora.BatchedFedPeft` for all K at once) on random-weight models of two sizes:
+Measures client-steps per second of the real client code (`FedPeftClient` one by one, sharing one
+`StepRunner` as a simulation's clients do, and `fedtune.multilora.BatchedFedPeft` for all K at once)
+on random-weight models of two sizes. On CUDA both run as captured CUDA graphs (train.cuda_graphs):
+the sequential path one graph replay per client step, the batched path one replay per K-client step.
 
 * ``smollm2``: SmolLM2-135M's architecture (hidden 576, 30 layers, 9 heads / 3 KV heads,
   intermediate 1536, vocab 49152, tied embeddings);
@@ -10,10 +12,14 @@ Measures client-steps per second of the real client code (`FedPeftClient` one by
 Speed does not depend on the weights, and random ones need no download. Each client has its
 own random sequences of about ``--seq`` tokens (lengths vary, so batches carry padding) whose
 last ``--target`` tokens are the training targets. It also prints the largest difference between
-a client's gradient in the batched pass and the same client's gradient alone.
+a client's gradient in the batched pass and the same client's gradient alone (one eager step), and
+the largest difference between a client's adapter after a whole round batched and alone (the paths
+as timed, graphs included) next to the largest change a round makes to the adapter.
 
     python benchmarks/batched_clients.py --device cpu --models tiny --clients 4 --batch-sizes 1 2 --seq 64
     python benchmarks/batched_clients.py --device cuda --dtype bfloat16             # the full sweep
+    python benchmarks/batched_clients.py --device cuda --dtype bfloat16 --models smollm2 --clients 8 16 \
+        --batch-sizes 1 4 --json batched.json                                        # batched_clients_speedup
 
 Run from the repository root with ``PYTHONPATH=src``. Timings are wall-clock around whole client
 rounds (adapter load, optimizer, steps, reply), with CUDA synchronised before and after (CUDA events
@@ -23,6 +29,7 @@ time the GPU work in the same interval); the first round of each setting is a wa
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import time
@@ -35,7 +42,7 @@ from fedtune.data.tasks import Example, collate
 from fedtune.losses import lm_loss
 from fedtune.models import DTYPES, attach_lora, tiny_llama_config
 from fedtune.multilora import BatchedFedPeft, StackedLora, combine, lora_layers
-from fedtune.paradigms.fedpeft import FedPeftClient, TrainSettings, adapter_state, load_adapter_state
+from fedtune.paradigms.fedpeft import FedPeftClient, TrainSettings, adapter_state, load_adapter_state, make_runner
 from fedtune.wire import Message
 
 VOCAB = 49152
@@ -133,10 +140,12 @@ def max_grad_difference(model, examples: list[list[Example]], batch: int) -> tup
 
 def bench(model, k: int, batch: int, args, device: torch.device) -> dict:
     examples = client_examples(k, max(batch * args.steps, batch), args.seq, args.target, seed=k * 100 + batch)
-    settings = TrainSettings(local_steps=args.steps, local_epochs=None, batch_size=batch, lr=1e-4, count_flops=False)
-    apps = {i: FedPeftClient(i, model, rows, settings, device=device, pad_id=PAD, seed=0)
+    settings = TrainSettings(local_steps=args.steps, local_epochs=None, batch_size=batch, lr=1e-4, count_flops=False,
+                             compile=args.compile)
+    runner = make_runner(model, settings, device=device, pad_id=PAD)  # shared, as `fedpeft.make_clients` does
+    apps = {i: FedPeftClient(i, model, rows, settings, device=device, pad_id=PAD, seed=0, runner=runner)
             for i, rows in enumerate(examples)}
-    batched = BatchedFedPeft(apps)
+    batched = BatchedFedPeft(apps, static={"auto": None, "eager": False, "static": True}[args.batched_path])
     init = adapter_state(model)
 
     def messages(rnd: int) -> list[Message]:
@@ -151,7 +160,7 @@ def bench(model, k: int, batch: int, args, device: torch.device) -> dict:
 
     result = {"model": args.model_name, "clients": k, "batch": batch, "seq": args.seq, "steps": args.steps}
     for label, fn in (("sequential", one_by_one), ("batched", together)):
-        fn(0)  # warm-up: allocator, kernels, autotuning
+        fn(0)  # warm-up: allocator, kernels, autotuning, graph capture
         with Timer(device) as t:
             for rnd in range(1, args.rounds + 1):
                 fn(rnd)
@@ -160,8 +169,22 @@ def bench(model, k: int, batch: int, args, device: torch.device) -> dict:
             result[f"{label}_gpu_seconds"] = t.gpu_seconds
     result["ratio"] = result["batched_steps_per_s"] / result["sequential_steps_per_s"]
     result["max_grad_diff"], result["max_grad"] = max_grad_difference(model, examples, batch)
+    # The same round both ways, as timed: how far apart the adapters end, next to how far a round moves them.
+    alone = [apps[int(m.meta["dst"])](m) for m in messages(args.rounds + 1)]
+    together_replies = batched(messages(args.rounds + 1))
+    result["max_adapter_diff"] = max(float((a.tensors[key] - b.tensors[key]).abs().max())
+                                     for a, b in zip(alone, together_replies) for key in init)
+    result["max_update"] = max(float((a.tensors[key] - init[key]).abs().max()) for a in alone for key in init)
+    static = batched.passes.get(k)
+    result["batched_path"] = "eager" if static is None else ("graphs" if static[1].captured_shapes else "static")
+    result["graph_failure"] = static[1].graph_failure if static is not None else None
+    result["sequential_graphs"] = runner.captured_shapes
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # This setting's graphs and their memory pools go before the next setting captures its own.
+        del apps, batched, runner
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     return result
 
@@ -178,6 +201,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=4, help="local steps per client per round")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up round)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (q,k,v,o projections)")
+    ap.add_argument("--batched-path", choices=["auto", "eager", "static"], default="auto",
+                    help="the batched pass: auto (static with CUDA graphs on CUDA, eager on the CPU), or forced")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the static step (both paths; CUDA)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -187,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--seq {args.seq} leaves no prompt before --target {args.target} tokens: raise --seq")
     results = []
     print(f"{'model':8} {'K':>3} {'b':>2} {'seq':>4} {'seq steps/s':>12} {'batched steps/s':>16} {'ratio':>6} "
-          f"{'max |dgrad|':>12} {'max |grad|':>10}")
+          f"{'max |dgrad|':>12} {'max |grad|':>10} {'max |dadapter|':>14} {'max |update|':>12} {'path':>6}")
     for name in args.models:
         args.model_name = name
         model = build(name, device, DTYPES[args.dtype], args.rank)
@@ -197,11 +223,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 results.append(r)
                 print(f"{name:8} {k:>3} {b:>2} {args.seq:>4} {r['sequential_steps_per_s']:>12.1f} "
                       f"{r['batched_steps_per_s']:>16.1f} {r['ratio']:>6.2f} {r['max_grad_diff']:>12.2e} "
-                      f"{r['max_grad']:>10.2e}", flush=True)
+                      f"{r['max_grad']:>10.2e} {r['max_adapter_diff']:>14.2e} {r['max_update']:>12.2e} "
+                      f"{r['batched_path']:>6}", flush=True)
+                if r["graph_failure"]:
+                    print(f"  graph capture failed: {r['graph_failure']}", flush=True)
         model.unload()
         del model
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": args.dtype,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "compile": args.compile,
+            "batched_path": args.batched_path}
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as f:

@@ -11,17 +11,19 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
 
 from fedtune import config as cfg
-from fedtune.data.tasks import collate
+from fedtune.data.tasks import Example, collate
 from fedtune.experiment import prepare_data, run
 from fedtune.losses import lm_loss
-from fedtune.models import attach_lora
+from fedtune.models import attach_lora, tiny_llama_config
 from fedtune.multilora import BatchedFedPeft, StackedLora, combine, lora_layers
 from fedtune.paradigms import fedpeft
 from fedtune.progress import Bars
 from fedtune.runtime.local import BatchedLocalGrid
-from fedtune.wire import Message
+from fedtune.train_step import pad_to_bucket
+from fedtune.wire import Message, WireError
 
 SMALL = ["model.name=tiny-llama", "data.demo_train_size=60", "data.demo_test_size=12", "federation.num_clients=4",
          "federation.clients_per_round=4", "federation.rounds=1", "train.local_steps=2", "train.batch_size=4",
@@ -126,6 +128,64 @@ def test_batched_gradients_equal_each_clients_own(setup_dtype, sizes):
     model.eval()
 
 
+def test_static_batched_loss_gives_each_client_its_own_loss_and_gradients(setup):
+    """The static pass's loss (right-padded to a bucket, no mask, fixed-shape per-client means), float32."""
+    model, tok, data = setup
+    model.train()
+    k, b = 3, 2
+    states = random_states(model, k)
+    per_client = [collate(data.train[i * b: (i + 1) * b], tok.pad_token_id) for i in range(k)]
+    assert len({x["input_ids"].shape[1] for x in per_client}) > 1, "want ragged widths"
+    expected = [sequential_grads(model, state, x) for state, x in zip(states, per_client)]
+    combined, _ = combine(per_client, tok.pad_token_id)
+    static = pad_to_bucket(combined, 64, tok.pad_token_id)
+    assert static["input_ids"].shape[1] % 64 == 0 and static["input_ids"].shape[1] > combined["input_ids"].shape[1]
+    stacked = StackedLora(model, states)
+    with stacked:
+        stacked.route_all(b)
+        total, means = stacked.static_loss(model, static["input_ids"], static["labels"])
+        total.backward()
+    model.eval()
+    assert means.shape == (k,)
+    for slot, (loss, grads) in enumerate(expected):
+        assert float(means[slot].detach()) == pytest.approx(loss, rel=2e-6)
+        for key, grad in grads.items():
+            name, ab = key.rsplit(".lora_", 1)
+            table = stacked.A if ab.startswith("A") else stacked.B
+            torch.testing.assert_close(table[name].grad[slot], grad, atol=1e-5, rtol=0)
+    assert float(total) == pytest.approx(sum(loss for loss, _ in expected), rel=2e-6)
+
+
+def test_static_loss_refuses_a_batch_it_is_not_routed_for(setup):
+    model, _, _ = setup
+    stacked = StackedLora(model, random_states(model, 2))
+    ids = torch.ones(4, 8, dtype=torch.long)
+    with stacked, pytest.raises(RuntimeError, match="route_all"):
+        stacked.route_all(1)  # routes 2 samples, the batch has 4
+        stacked.static_loss(model, ids, ids)
+
+
+def test_load_in_place_keeps_the_parameters_and_checks_every_state_first(setup):
+    model, _, _ = setup
+    first, second = random_states(model, 2), random_states(model, 3)[1:]
+    stacked = StackedLora(model, first)
+    addresses = [p.data_ptr() for p in stacked.params]
+    shared = [second[0], second[0]]  # the same tensors for both slots: one broadcast copy
+    for states in (second, shared):
+        stacked.load_(states)
+        assert [p.data_ptr() for p in stacked.params] == addresses
+        for slot, state in enumerate(states):
+            assert all(torch.equal(stacked.state(slot)[k], v) for k, v in state.items())
+    before = stacked.states()
+    bad = {k: v[..., :1].clone() for k, v in first[0].items()}
+    with pytest.raises(WireError, match="shape"):
+        stacked.load_([first[0], bad])
+    with pytest.raises(ValueError, match="holds 2 clients"):
+        stacked.load_(first + first)
+    # A refused load changed nothing.
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, stacked.states()) for k in a)
+
+
 def make_apps(model, tok, data, **settings):
     s = fedpeft.TrainSettings(**{"local_steps": 3, "local_epochs": None, "batch_size": 4, "lr": 0.01,
                                  "count_flops": False, **settings})
@@ -134,14 +194,17 @@ def make_apps(model, tok, data, **settings):
             for i in range(len(data.parts))}
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("settings", [
     dict(weight_decay=0.1, max_grad_norm=0.05),  # AdamW, decoupled weight decay, clipping that bites
     dict(optimizer="sgd", prox_mu=0.5, max_grad_norm=None),  # FedProx
     dict(local_steps=None, local_epochs=0.4, batch_size=2),  # different step counts per client
 ], ids=["adamw-clip", "fedprox-sgd", "epochs"])
-def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings):
+def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings, static):
     """In float64, so that equal means equal (measured: 1e-13). In float32 AdamW turns the ~1e-7 rounding of
-    near-zero gradient elements into differences up to ~5e-4 after 3-4 steps at lr 0.01 (SGD: ~1e-8)."""
+    near-zero gradient elements into differences up to ~5e-4 after 3-4 steps at lr 0.01 (SGD: ~1e-8).
+    The static pass (CUDA graphs' math, run without graphs here) applies when every client takes the same
+    steps; with different step counts it falls back to the eager pass."""
     model, tok, data = prepared(*tiny64)
     try:
         # Clients of different sizes, so local_epochs gives them different numbers of steps.
@@ -150,11 +213,13 @@ def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings):
         init = fedpeft.adapter_state(model)
         messages = [Message(init, {"kind": "fit_ins", "round": 2, "dst": i}) for i in apps]
         alone = [apps[i](m) for i, m in zip(apps, messages)]
-        together = BatchedFedPeft(apps)(messages)
+        batched = BatchedFedPeft(apps, static=static)
+        together = batched(messages)
     finally:
         model.unload()
     if "local_epochs" in settings:
         assert len({r.meta["steps"] for r in alone}) > 1
+    assert list(batched.passes) == ([4] if static and "local_epochs" not in settings else [])
     for a, b in zip(alone, together):
         for key in ("src", "num_examples", "examples_seen", "steps"):
             assert a.meta[key] == b.meta[key], key
@@ -164,6 +229,78 @@ def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings):
         for key in a.tensors:
             torch.testing.assert_close(b.tensors[key], a.tensors[key], atol=1e-10, rtol=0)
         assert max(float((a.tensors[k] - init[k]).abs().max()) for k in init) > 1e-3  # it really trained
+
+
+@pytest.mark.parametrize("settings", [
+    dict(optimizer="sgd", max_grad_norm=0.05, prox_mu=0.5, lr=0.5),  # clipping that bites, FedProx
+    dict(weight_decay=0.1, max_grad_norm=None, lr=1e-3),  # AdamW: its first steps are sign-like, so small lr
+], ids=["sgd-clip-prox", "adamw"])
+def test_static_pass_in_float32_ends_where_each_client_alone_ends(setup, settings):
+    """The static pass against `FedPeftClient` alone in float32, run twice on the same buffers: the second
+    pass (new states, a new round) loads them in place and starts a fresh optimizer."""
+    model, tok, data = setup
+    apps = make_apps(model, tok, data, **settings)
+    batched = BatchedFedPeft(dict(list(apps.items())[:3]), static=True)
+    for rnd, states in ((1, random_states(model, 3)), (2, random_states(model, 4)[1:])):
+        messages = [Message(state, {"kind": "fit_ins", "round": rnd, "dst": i}) for i, state in enumerate(states)]
+        together = batched(messages)
+        fresh = make_apps(model, tok, data, **settings)  # new optimizers: nothing left from the first round
+        alone = [fresh[i](m) for i, m in enumerate(messages)]
+        if rnd == 1:
+            stacked, runner = batched.passes[3]
+            params, optimizer = [p.data_ptr() for p in stacked.params], runner.optimizer
+        assert list(batched.passes) == [3] and batched.passes[3][1].optimizer is optimizer
+        assert [p.data_ptr() for p in batched.passes[3][0].params] == params
+        for a, b, state in zip(alone, together, states):
+            for key in ("steps", "examples_seen", "num_examples"):
+                assert a.meta[key] == b.meta[key], key
+            for key in ("train_loss", "train_loss_first", "train_loss_last"):
+                assert b.meta[key] == pytest.approx(a.meta[key], rel=1e-5), key
+            for key in a.tensors:
+                torch.testing.assert_close(b.tensors[key], a.tensors[key], atol=1e-5, rtol=0)
+            assert max(float((a.tensors[k] - state[k]).abs().max()) for k in state) > 1e-4  # it trained
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_graph_pass_ends_where_each_client_alone_ends(device):
+    """The static pass as it runs on a GPU (CUDA graphs: captured, then replayed for later steps and passes)
+    against each client alone through the sequential path (its own CUDA graphs), in float32 with SGD and
+    clipping; on the CPU the same test runs both without graphs. A random tiny Llama, no tokenizer needed."""
+    torch.manual_seed(0)
+    vocab, k = 512, 3
+    base = LlamaForCausalLM(tiny_llama_config(vocab)).to(device).eval()
+    base.requires_grad_(False)
+    model = attach_lora(base, cfg.PeftConfig(r=4, alpha=8), seed=0)
+    g = torch.Generator().manual_seed(1)
+    rows = [[Example(torch.randint(1, vocab, (int(n) - 6,), generator=g).tolist(),
+                     torch.randint(1, vocab, (6,), generator=g).tolist())
+             for n in torch.randint(40, 60, (8,), generator=g)] for _ in range(k)]  # one bucket: 64
+    s = fedpeft.TrainSettings(local_steps=3, local_epochs=None, batch_size=2, lr=0.5, optimizer="sgd",
+                              max_grad_norm=0.05, count_flops=False)
+    dev = torch.device(device)
+    runner = fedpeft.make_runner(model, s, device=dev, pad_id=0)
+    apps = {i: fedpeft.FedPeftClient(i, model, r, s, device=dev, pad_id=0, seed=0, runner=runner)
+            for i, r in enumerate(rows)}
+    batched = BatchedFedPeft(apps)
+    assert batched.static == (device == "cuda")
+    batched.static = True  # on the CPU: the same static pass, without graphs
+    for rnd in (1, 2):  # the second pass replays the graphs captured in the first
+        states = random_states(model, k + rnd)[rnd:]
+        messages = [Message(state, {"kind": "fit_ins", "round": rnd, "dst": i}) for i, state in enumerate(states)]
+        together = batched(messages)
+        alone = [apps[i](m) for i, m in enumerate(messages)]
+        for a, b, state in zip(alone, together, states):
+            assert b.meta["train_loss"] == pytest.approx(a.meta["train_loss"], rel=1e-5)
+            for key in state:
+                torch.testing.assert_close(b.tensors[key], a.tensors[key], atol=1e-5, rtol=0)
+            assert max(float((a.tensors[key] - state[key]).abs().max()) for key in state) > 1e-4
+    stacked_runner = batched.passes[k][1]
+    assert stacked_runner.graph_failure is None and runner.graph_failure is None
+    assert stacked_runner.captured_shapes == runner.captured_shapes == (1 if device == "cuda" else 0)
+    model.unload()
 
 
 def test_batched_flops_per_client_are_close_to_each_client_alone(setup):
@@ -280,8 +417,11 @@ def test_benchmark_runs_and_reports_equal_gradients():
     spec = importlib.util.spec_from_file_location("batched_clients", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    results = bench.main(["--device", "cpu", "--models", "tiny", "--clients", "3", "--batch-sizes", "2",
-                          "--seq", "40", "--steps", "2", "--rounds", "1"])
-    (r,) = results
-    assert r["clients"] == 3 and r["sequential_steps_per_s"] > 0 and r["batched_steps_per_s"] > 0
-    assert 0 < r["max_grad_diff"] < 1e-5 * max(1.0, r["max_grad"])
+    for path in ("auto", "static"):
+        results = bench.main(["--device", "cpu", "--models", "tiny", "--clients", "3", "--batch-sizes", "2",
+                              "--seq", "40", "--steps", "2", "--rounds", "1", "--batched-path", path])
+        (r,) = results
+        assert r["clients"] == 3 and r["sequential_steps_per_s"] > 0 and r["batched_steps_per_s"] > 0
+        assert 0 < r["max_grad_diff"] < 1e-5 * max(1.0, r["max_grad"])
+        assert r["batched_path"] == {"auto": "eager", "static": "static"}[path]  # no graphs on the CPU
+        assert r["max_adapter_diff"] < 1e-3 * r["max_update"]

@@ -87,3 +87,75 @@ def test_graphs_need_cuda(setup):
     with pytest.raises(ValueError, match="train.cuda_graphs"):
         StepRunner(model, lambda params, capturable: torch.optim.AdamW(params), max_grad_norm=1.0, prox_mu=0.0,
                    device=torch.device("cpu"), pad_id=tok.pad_token_id, graphs=True)
+
+
+def _runner(model, tok, **kw):
+    s = fedpeft.TrainSettings(local_steps=3, local_epochs=None, batch_size=4, lr=0.5, optimizer="sgd",
+                              max_grad_norm=0.05, prox_mu=0.3, count_flops=False)
+    return StepRunner(model, lambda params, capturable: fedpeft.make_optimizer(params, s, capturable),
+                      max_grad_norm=s.max_grad_norm, prox_mu=s.prox_mu, device=torch.device("cpu"),
+                      pad_id=tok.pad_token_id, **kw)
+
+
+def test_static_runner_without_graphs_steps_like_the_masked_eager_runner(setup):
+    """The captured step's math (right padding, no mask, head on every position, clipping, FedProx, the
+    optimizer) run eagerly on the CPU ends where the masked eager step ends (SGD, clipping that bites)."""
+    _, model, tok, data = setup
+    init = fedpeft.adapter_state(model)
+    chunks = [data.train[i: i + 4] for i in (0, 4, 8)]
+    ends = []
+    for static in (False, True):
+        fedpeft.load_adapter_state(model, init)
+        runner = _runner(model, tok, static=static, count_flops=True)
+        runner.reset()
+        for chunk in chunks:
+            runner.step(chunk)
+        ends.append((fedpeft.adapter_state(model), runner.losses(), runner.flops))
+    (eager, eager_losses, _), (static, static_losses, flops) = ends
+    assert static_losses == pytest.approx(eager_losses, rel=1e-5)
+    for k in init:
+        torch.testing.assert_close(static[k], eager[k], atol=1e-6, rtol=0)
+    assert max(float((static[k] - init[k]).abs().max()) for k in init) > 1e-3  # it trained
+    # FLOPs of the static path: each shape counted once and multiplied by its steps.
+    shapes = [tuple(pad_to_bucket(collate(c, tok.pad_token_id), 64, tok.pad_token_id)["input_ids"].shape)
+              for c in chunks]
+    assert len(set(shapes)) == 1
+    one = _runner(model, tok, static=True, count_flops=True)
+    one.reset()
+    one.step(chunks[0])
+    assert one.flops > 0 and flops == 3 * one.flops
+
+
+def test_pluggable_params_loss_and_clip_are_used(setup):
+    """A runner over other tensors, with a loss that records a vector and a custom clip, steps those tensors."""
+    _, model, tok, data = setup
+    extra = torch.nn.Parameter(torch.ones(3))
+    clipped = []
+
+    def loss(m, ids, labels):
+        base = static_loss(m, ids, labels).detach()
+        per = base * extra  # a vector loss: recorded as is, its sum minimised
+        return per.sum(), per
+
+    def clip(params, max_norm):
+        clipped.append((tuple(p.shape for p in params), max_norm))
+
+    runner = _runner(model, tok, static=True, params=[extra], loss=loss, clip=clip)
+    runner.reset()
+    before = fedpeft.adapter_state(model)
+    batch = pad_to_bucket(collate(data.train[:2], tok.pad_token_id), 64, tok.pad_token_id)
+    runner.step_static(batch)
+    (recorded,) = runner.losses()
+    with torch.no_grad():
+        expected = float(static_loss(model, batch["input_ids"], batch["labels"]))
+    assert recorded == pytest.approx([expected] * 3, rel=1e-6)
+    assert clipped == [(((3,),), 0.05)]
+    # SGD on sum(base * extra) with FedProx at the start (no pull yet): extra -= lr * base.
+    torch.testing.assert_close(extra.detach(), torch.full((3,), 1 - 0.5 * expected), atol=1e-5, rtol=0)
+    assert all(torch.equal(v, fedpeft.adapter_state(model)[k]) for k, v in before.items())  # adapter untouched
+
+
+def test_runner_refuses_conflicting_options(setup):
+    _, model, tok, _ = setup
+    with pytest.raises(ValueError, match="static=True"):
+        _runner(model, tok, static=False, loss=lambda m, i, l: static_loss(m, i, l))

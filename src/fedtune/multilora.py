@@ -21,6 +21,12 @@ the per-client results of the sequential path (`fedtune.paradigms.fedpeft.FedPef
   attends to earlier real tokens, and position ids run 0.. from the left, so no client's
   loss depends on the padding the others bring.
 
+On a GPU the pass is launch-bound unless it is one graph: when every client takes the same
+number of steps of the same batch size, `BatchedFedPeft` steps the combined, right-padded batch
+through a `fedtune.train_step.StepRunner` over the stacked parameters (`StackedLora.static_loss`,
+`StackedLora.clip_`, capturable AdamW), one CUDA graph replay per step, with the stacked
+parameters, optimizer and graphs of each K kept across passes (see `BatchedFedPeft`).
+
 Bit-for-bit equality is not promised: matmuls over a different batch shape round
 differently (~1e-7 relative in float32). With ``peft.dropout > 0`` the dropout masks are
 drawn from one generator for the whole pass, so results agree in distribution only.
@@ -40,7 +46,9 @@ from peft.tuners.lora import Linear as LoraLinear
 from .data.tasks import IGNORE, collate
 from .losses import hidden_states, proximal_term, target_positions
 from .meter import ComputeMeter
+from .models import backbone
 from .paradigms.fedpeft import FedPeftClient, State, batches, cpu_copies, make_optimizer, round_rng
+from .train_step import StepRunner, pad_to_bucket
 from .wire import Message, WireError
 
 
@@ -121,23 +129,52 @@ class StackedLora:
         self.layers = lora_layers(model)
         self.num_clients = len(states)
         self.adapter = model.active_adapter
-        expected = {f"{name}.lora_{ab}.weight" for name in self.layers for ab in "AB"}
-        for state in states:
-            if set(state) != expected:
-                missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-                raise WireError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        self.keys = [f"{name}.lora_{which}.weight" for name in self.layers for which in ("A", "B")]
         self.A: dict[str, torch.nn.Parameter] = {}
         self.B: dict[str, torch.nn.Parameter] = {}
         for name, layer in self.layers.items():
             for which, table in (("A", self.A), ("B", self.B)):
                 ref = getattr(layer, f"lora_{which}")[self.adapter].weight
-                stacked = torch.stack([s[f"{name}.lora_{which}.weight"] for s in states]).to(ref.device, ref.dtype)
-                if stacked.shape[1:] != ref.shape:
-                    raise WireError(f"{name}.lora_{which}.weight has shape {tuple(stacked.shape[1:])}, "
-                                    f"the model's is {tuple(ref.shape)}")
-                table[name] = torch.nn.Parameter(stacked)
+                table[name] = torch.nn.Parameter(ref.new_zeros(self.num_clients, *ref.shape))
         self.routing: Routing | None = None
         self._saved: dict[str, Any] = {}
+        self.load_(states)
+
+    def load_(self, states: Sequence[State]) -> None:
+        """Copy one adapter state per client into the stacked parameters, in place.
+
+        The parameters keep their addresses, so an optimizer and CUDA graphs built over them stay
+        valid from one pass to the next. Every state is checked (keys, shapes) before anything is
+        copied; the distinct states go to the device in one transfer (in simulation the clients of
+        a round often receive the very same tensors, which then travel once).
+        """
+        if len(states) != self.num_clients:
+            raise ValueError(f"this StackedLora holds {self.num_clients} clients, got {len(states)} states")
+        expected = set(self.keys)
+        params = self.params
+        for state in states:
+            if set(state) != expected:
+                missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+                raise WireError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+            for key, p in zip(self.keys, params):
+                if tuple(state[key].shape) != tuple(p.shape[1:]):
+                    raise WireError(f"{key} has shape {tuple(state[key].shape)}, the model's is {tuple(p.shape[1:])}")
+        # Distinct states (by tensor identity) and the slots that receive each.
+        groups: dict[tuple[int, ...], tuple[list[torch.Tensor], list[int]]] = {}
+        for slot, state in enumerate(states):
+            src = [state[k] for k in self.keys]
+            groups.setdefault(tuple(map(id, src)), (src, []))[1].append(slot)
+        every = [t for src, _ in groups.values() for t in src]
+        flat = torch.cat([t.reshape(-1) for t in every]).to(params[0].device, params[0].dtype)
+        views = iter(part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in every]), every))
+        with torch.no_grad():
+            for src, slots in groups.values():
+                mine = [next(views) for _ in src]
+                if len(slots) == self.num_clients:  # everyone starts from this state: one broadcast copy
+                    torch._foreach_copy_(params, [v.unsqueeze(0).expand_as(p) for v, p in zip(mine, params)])
+                    continue
+                for slot in slots:
+                    torch._foreach_copy_([p[slot] for p in params], mine)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -146,9 +183,23 @@ class StackedLora:
 
     def state(self, slot: int) -> State:
         """A detached CPU copy of one client's adapter state, in PEFT key names (as `fedpeft.adapter_state`)."""
-        keys = [f"{name}.lora_{which}.weight" for name in self.layers for which in ("A", "B")]
-        tensors = [table[name][slot] for name in self.layers for table in (self.A, self.B)]
-        return dict(zip(keys, cpu_copies(tensors)))
+        return dict(zip(self.keys, cpu_copies([p[slot] for p in self.params])))
+
+    def states(self) -> list[State]:
+        """Every client's adapter state (as `state`), read from the device in one transfer."""
+        stacked = cpu_copies(self.params)
+        return [dict(zip(self.keys, (t[slot] for t in stacked))) for slot in range(self.num_clients)]
+
+    def route_all(self, per_client: int) -> None:
+        """Route a combined batch of ``per_client`` samples from every client, slot 0 first (`static_loss`'s input).
+
+        Set inside the ``with`` block, before the static loss runs (or is captured); leaving the block clears it.
+        """
+        k = self.num_clients
+        device = self.params[0].device
+        slots = torch.arange(k, device=device)
+        self.routing = Routing(slots.repeat_interleave(per_client), [(slot, per_client) for slot in range(k)],
+                               slots, uniform=True, all_slots=True)
 
     # ------------------------------------------------------------------ forward
 
@@ -202,12 +253,33 @@ class StackedLora:
         means = sums.index_select(0, routing.slots) / counts.index_select(0, routing.slots)
         return means.sum(), means
 
+    def static_loss(self, model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fedtune.train_step.static_loss` for K clients at once: (sum of the clients' means, the means (K,)).
+
+        ``input_ids`` and ``labels`` are right-padded to one width, every client's samples contiguous and
+        in slot order, as `route_all` routes them. No attention mask, the head on every position, and
+        each client's mean over its own target tokens taken with fixed shapes (a (K, tokens) view):
+        nothing here synchronises with the host, so a CUDA graph can capture it.
+        """
+        r = self.routing
+        k = self.num_clients
+        if r is None or not r.all_slots or not r.uniform or r.index.shape[0] != input_ids.shape[0]:
+            raise RuntimeError("static_loss needs route_all(per_client) for this batch inside the with block")
+        hidden = backbone(model)(input_ids=input_ids).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1]).float()
+        nxt = labels[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), nxt.reshape(-1), ignore_index=IGNORE,
+                             reduction="none")
+        means = ce.view(k, -1).sum(1) / (nxt != IGNORE).reshape(k, -1).sum(1).clamp(min=1)
+        return means.sum(), means
+
     def clip_(self, max_norm: float) -> torch.Tensor:
         """Clip each client's gradient by the norm of its own slices, as `clip_grad_norm_` clips a client alone.
 
         Returns the per-client norms before clipping, shape (K,).
         """
         grads = [p.grad for p in self.params if p.grad is not None]
+        # Capturable: no host synchronisation (the norm and the coefficient stay on the device).
         # One concatenation and one norm instead of a norm per layer: few kernels whatever the depth.
         flat = torch.cat([g.reshape(self.num_clients, -1) for g in grads], dim=1)
         total = torch.linalg.vector_norm(flat, dim=1)
@@ -243,11 +315,25 @@ class BatchedFedPeft:
     proportion to the real (unpadded) tokens each fed it, and ``peak_memory_bytes`` is the whole
     pass's peak.
 
+    Two ways to run a pass:
+
+    * **static** (default on CUDA with ``train.cuda_graphs``): when every client takes the same
+      number of steps of the same batch size, the K clients' batches are combined into one
+      right-padded, bucketed batch and stepped by a `StepRunner` over the stacked parameters
+      (`StackedLora.static_loss`, per-client clipping, capturable AdamW): on CUDA one graph
+      replay per step, captured once per (K, batch, width). The stacked parameters, the
+      optimizer and the graphs of each K are kept across passes (states are loaded in place,
+      the optimizer state zeroed in place), and the losses are read once, after the last step.
+    * **eager** otherwise (clients with different step or batch counts, or ``static=False``):
+      the routed masked forward of `StackedLora.loss`, one step at a time.
+
     Args:
         clients: The FedLLM client apps by node id; they must share one model, device and settings.
+        static: Use the static pass where it applies; default: on CUDA when ``cuda_graphs`` is set.
+            On the CPU it runs the same static math without graphs (how the tests check it).
     """
 
-    def __init__(self, clients: Mapping[int, FedPeftClient]) -> None:
+    def __init__(self, clients: Mapping[int, FedPeftClient], static: bool | None = None) -> None:
         apps = list(clients.values())
         if not apps:
             raise ValueError("BatchedFedPeft needs at least one client")
@@ -264,21 +350,91 @@ class BatchedFedPeft:
                 raise ValueError("batched clients must share one model, device, padding id and training settings")
         lora_layers(first.model)  # fail at start-up, not in the first round, on adapters it cannot batch
         self.clients = dict(clients)
+        cuda = torch.device(first.device).type == "cuda"
+        self.static = first.settings.cuda_graphs and cuda if static is None else static
+        self.passes: dict[int, tuple[StackedLora, StepRunner]] = {}
+        """The static pass of each K: the stacked parameters and the runner (optimizer, graphs) over them."""
 
     def __call__(self, messages: Sequence[Message]) -> list[Message]:
         apps = [self.clients[int(m.meta["dst"])] for m in messages]
+        s = apps[0].settings
+        rounds = [int(m.meta["round"]) for m in messages]
+        steps = [s.steps_for(len(app.examples)) for app in apps]
+        # Uniform: every step of every client is exactly batch_size examples (`batches` takes fewer only
+        # from a client with fewer examples than that), and all clients take the same number of steps.
+        uniform = len(set(steps)) == 1 and all(len(app.examples) >= s.batch_size for app in apps)
+        if self.static and uniform:
+            return self._static_pass(apps, messages, rounds, steps[0])
+        return self._eager_pass(apps, messages, rounds, steps)
+
+    # ------------------------------------------------------------------ static (CUDA graphs)
+
+    def _pass_for(self, apps: list[FedPeftClient], messages: Sequence[Message]) -> tuple[StackedLora, StepRunner]:
+        """The stacked parameters and runner for K = len(apps), loaded with the messages' states."""
+        k = len(apps)
+        states = [m.tensors for m in messages]
+        if k in self.passes:
+            stacked, runner = self.passes[k]
+            stacked.load_(states)
+            return stacked, runner
+        first = apps[0]
+        s, device = first.settings, torch.device(first.device)
+        cuda = device.type == "cuda"
+        stacked = StackedLora(first.model, states)
+        runner = StepRunner(first.model, lambda params, capturable: make_optimizer(params, s, capturable),
+                            max_grad_norm=s.max_grad_norm, prox_mu=s.prox_mu, device=device, pad_id=first.pad_id,
+                            graphs=s.cuda_graphs and cuda, static=True, count_flops=s.count_flops,
+                            compile=s.compile and cuda, params=stacked.params, loss=stacked.static_loss,
+                            clip=lambda params, max_norm: stacked.clip_(max_norm))
+        self.passes[k] = (stacked, runner)
+        return stacked, runner
+
+    def _static_pass(self, apps: list[FedPeftClient], messages: Sequence[Message], rounds: list[int],
+                     steps: int) -> list[Message]:
+        first = apps[0]
+        model, s, device, pad = first.model, first.settings, first.device, first.pad_id
+        k = len(apps)
+        stacked, runner = self._pass_for(apps, messages)
+        runner.reset()
+        streams = [batches(app.examples, s.batch_size, steps, round_rng(app.seed, rnd, app.node_id)[0])
+                   for app, rnd in zip(apps, rounds)]
+        # One generator for the pass (only LoRA dropout draws from it).
+        torch.manual_seed(round_rng(first.seed, rounds[0], first.node_id)[1])
+        seen, tokens = [0] * k, [0] * k
+        ids = ", ".join(str(a.node_id) for a in apps)
+        first.bars.start("steps", steps, info=f"clients {ids}")
+        if not model.training:
+            model.train()
+        # The runner counts FLOPs itself (once per batch shape, eagerly): the meter only times.
+        meter = ComputeMeter(device, count_flops=False)
+        with meter, stacked:
+            stacked.route_all(s.batch_size)
+            for _ in range(steps):
+                per_client = [collate(next(stream), pad) for stream in streams]
+                combined, _ = combine(per_client, pad)  # on the CPU; the runner copies it in
+                runner.step_static(pad_to_bucket(combined, runner.bucket, pad))
+                for slot, b in enumerate(per_client):
+                    seen[slot] += b["input_ids"].shape[0]
+                    tokens[slot] += int(b["attention_mask"].sum())
+                first.bars.advance("steps", info=f"clients {ids}")  # no loss: it would wait for the device
+            per_step = runner.losses()  # (steps, K): the pass's one wait for the device
+            finals = stacked.states()
+        losses = [[row[slot] for row in per_step] for slot in range(k)]
+        flops = runner.flops if s.count_flops else None
+        return self._replies(apps, rounds, finals, losses, seen, tokens, flops, meter)
+
+    # ------------------------------------------------------------------ eager (any mix of clients)
+
+    def _eager_pass(self, apps: list[FedPeftClient], messages: Sequence[Message], rounds: list[int],
+                    steps: list[int]) -> list[Message]:
         first = apps[0]
         model, s, device = first.model, first.settings, first.device
-        rounds = [int(m.meta["round"]) for m in messages]
         stacked = StackedLora(model, [m.tensors for m in messages])
         params = stacked.params
         anchor = [p.detach().clone() for p in params] if s.prox_mu > 0 else None
         opt = make_optimizer(params, s)
-        steps, streams = [], []
-        for app, rnd in zip(apps, rounds):
-            rng, _ = round_rng(app.seed, rnd, app.node_id)
-            steps.append(s.steps_for(len(app.examples)))
-            streams.append(batches(app.examples, s.batch_size, steps[-1], rng))
+        streams = [batches(app.examples, s.batch_size, n, round_rng(app.seed, rnd, app.node_id)[0])
+                   for app, rnd, n in zip(apps, rounds, steps)]
         # One generator for the pass (only LoRA dropout draws from it).
         torch.manual_seed(round_rng(first.seed, rounds[0], first.node_id)[1])
         k = len(apps)
@@ -311,10 +467,17 @@ class BatchedFedPeft:
                     first.bars.advance("steps", info=f"clients {ids} loss {float(loss.detach()) / len(means):.3f}")
         finally:
             model.eval()
+        values = [torch.stack(x).cpu().tolist() for x in losses]
+        return self._replies(apps, rounds, finals, values, seen, tokens, meter.flops, meter)
+
+    @staticmethod
+    def _replies(apps: list[FedPeftClient], rounds: list[int], finals: Sequence[State], losses: list[list[float]],
+                 seen: list[int], tokens: list[int], flops: float | None, meter: ComputeMeter) -> list[Message]:
+        """`FedPeftClient`'s replies, the pass's FLOPs and seconds split by each client's share of real tokens."""
         share = [t / sum(tokens) for t in tokens]
         replies = []
         for slot, (app, rnd) in enumerate(zip(apps, rounds)):
-            values = [float(v) for v in torch.stack(losses[slot]).cpu()]
+            values = losses[slot]
             replies.append(Message(finals[slot], {
                 "kind": "fit_res",
                 "round": rnd,
@@ -325,10 +488,9 @@ class BatchedFedPeft:
                 "train_loss": sum(values) / len(values),
                 "train_loss_first": values[0],
                 "train_loss_last": values[-1],
-                "flops": round(meter.flops * share[slot]) if meter.flops is not None else None,
+                "flops": round(flops * share[slot]) if flops is not None else None,
                 "peak_memory_bytes": meter.peak_memory_bytes,
                 "seconds": meter.seconds * share[slot],
-                "batched_clients": k,
+                "batched_clients": len(apps),
             }))
         return replies
-

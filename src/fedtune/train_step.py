@@ -30,14 +30,21 @@ under ``FlopCounterMode`` during its warm-up, and multiplied by the steps run
 with that shape (padding included: it is work the GPU really does).
 
 On the CPU (and with ``graphs=False``) the step is the eager, masked one, so the
-test suite and CPU runs are unchanged.
+test suite and CPU runs are unchanged; ``static=True`` runs the static step without
+graphs on any device (the CPU tests check the captured math that way).
+
+The trainable tensors, the loss and the clipping are pluggable, so other passes get
+the same machinery: `fedtune.multilora` trains K clients' stacked LoRA through one
+runner, with a loss that records one mean per client and a per-client clip.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,11 +80,16 @@ def static_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
     return total / (nxt != IGNORE).sum().clamp(min=1)
 
 
+def _clip_all(params: list[torch.Tensor], max_norm: float) -> None:
+    """Clip the gradient of all `params` together by its total norm (capturable: foreach, no host sync)."""
+    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True if params and params[0].is_cuda else None)
+
+
 class StepRunner:
     """Runs the local steps of the clients that share one model (see the module docstring).
 
     Args:
-        model: The PEFT model; its trainable parameters are the adapter.
+        model: The PEFT model; its trainable parameters are the adapter (unless ``params`` says otherwise).
         make_optimizer: Builds the optimizer over a parameter list (``capturable`` is added on CUDA).
         max_grad_norm: Clip each step's gradient to this norm (None: no clipping).
         prox_mu: FedProx coefficient (0: none).
@@ -85,26 +97,45 @@ class StepRunner:
         pad_id: The tokenizer's pad id.
         graphs: Use static shapes and CUDA graphs; default: on CUDA.
         bucket: Sequence lengths are padded up to a multiple of this in the static path.
+        static: Use the static-shape step (right-padded, unmasked, `loss`) even without graphs; default:
+            ``graphs``. The static step without graphs runs on any device: it is how the CPU tests check
+            the math that the graphs capture.
+        params: The trainable tensors the optimizer, clipping and FedProx act on; default: the model's
+            parameters that require a gradient.
+        loss: The static step's loss, ``loss(model, input_ids, labels)``, returning the scalar to minimise,
+            or a pair (scalar to minimise, tensor recorded as the step's loss); default: `static_loss`.
+            It must not synchronise with the host (it is captured in the graph).
+        clip: ``clip(params, max_norm)`` clips the gradients in place; default: one norm over all ``params``
+            (`torch.nn.utils.clip_grad_norm_`).
     """
 
     def __init__(self, model, make_optimizer, *, max_grad_norm: float | None, prox_mu: float,
                  device: torch.device, pad_id: int, graphs: bool | None = None, bucket: int = 64,
-                 count_flops: bool = True, compile: bool = False) -> None:
+                 count_flops: bool = True, compile: bool = False, static: bool | None = None,
+                 params: list[torch.Tensor] | None = None, loss: Callable | None = None,
+                 clip: Callable[[list[torch.Tensor], float], Any] | None = None) -> None:
         self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.device = torch.device(device)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device; set train.cuda_graphs: false on the CPU.")
+        self.static = self.graphs if static is None else static
+        if self.graphs and not self.static:
+            raise ValueError("CUDA graphs need the static-shape step: static=False and graphs=True conflict.")
+        if loss is not None and not self.static:
+            raise ValueError("a custom loss is a static-shape loss: it needs static=True (or graphs=True).")
         self.optimizer = make_optimizer(self.params, capturable=self.graphs)
         self.max_grad_norm = max_grad_norm
         self.prox_mu = prox_mu
         self.pad_id = pad_id
         self.bucket = bucket
         self.count_flops = count_flops
+        self._loss_eager = loss or static_loss
         # torch.compile fuses the elementwise work (norms, rotary, activations, LoRA scaling) of the static
         # step; one compilation per batch shape, then captured in the graph like the eager kernels.
-        self._loss = torch.compile(static_loss, dynamic=False) if compile else static_loss
+        self._loss = torch.compile(self._loss_eager, dynamic=False) if compile else self._loss_eager
+        self._clip = clip or _clip_all
         self.anchor = [torch.zeros_like(p) for p in self.params] if prox_mu > 0 else None
         dtypes = {p.dtype for p in backbone(model).parameters() if not p.requires_grad}
         low = [d for d in dtypes if d in (torch.bfloat16, torch.float16)]
@@ -133,23 +164,34 @@ class StepRunner:
     def step(self, examples) -> None:
         """One optimizer step on a list of examples; the loss stays on the device until `losses`."""
         batch = collate(examples, self.pad_id)
-        if not self.graphs:
+        if not self.static:
             self._eager_step(batch)
             return
-        static = pad_to_bucket(batch, self.bucket, self.pad_id)
+        self.step_static(pad_to_bucket(batch, self.bucket, self.pad_id))
+
+    def step_static(self, static: dict[str, torch.Tensor]) -> None:
+        """One optimizer step on a right-padded batch (``input_ids`` and ``labels``, CPU or device tensors).
+
+        The first batch of each shape is captured (with graphs); later ones are copied into the
+        graph's inputs and replayed. Nothing here waits for the device.
+        """
         shape = tuple(static["input_ids"].shape)
-        if shape not in self._graphs and self._graph_failed is None:
+        if self.graphs and shape not in self._graphs and self._graph_failed is None:
             self._capture(shape, static)
-        if shape not in self._graphs and shape not in self._flops_per_shape and self.count_flops:
-            self._count_flops(shape, static)
         if shape in self._graphs:
             graph, inputs, loss = self._graphs[shape]
             for k, v in static.items():
                 # From pinned memory the copy is asynchronous; from pageable memory CUDA would first wait
                 # for the stream to drain, leaving the GPU idle while the host prepares the next batch.
-                inputs[k].copy_(v.pin_memory(), non_blocking=True)
+                inputs[k].copy_(v.pin_memory() if v.device.type == "cpu" else v, non_blocking=True)
             graph.replay()
             self._losses.append(loss.detach().clone())
+        elif self.count_flops and shape not in self._flops_per_shape:
+            # Not captured (no graphs, or capture failed): count this shape's FLOPs on its first real step.
+            meter = ComputeMeter(self.device, count_flops=True)
+            with meter:
+                self._static_step(static, record=True, eager=True)
+            self._flops_per_shape[shape] = int(meter.flops or 0)
         else:
             self._static_step(static, record=True)
         self.flops += self._flops_per_shape.get(shape, 0)
@@ -189,8 +231,14 @@ class StepRunner:
         total = loss + proximal_term(self.params, self.anchor, self.prox_mu) if self.anchor is not None else loss
         total.backward()
         if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=self.graphs or None)
+            self._clip(self.params, self.max_grad_norm)
         self.optimizer.step()
+
+    def _static_loss(self, ids: torch.Tensor, labels: torch.Tensor, eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the scalar to minimise, what the step records as its loss) of the static step."""
+        with self._autocast():
+            out = (self._loss_eager if eager else self._loss)(self.model, ids, labels)
+        return out if isinstance(out, tuple) else (out, out)
 
     def _eager_step(self, batch: dict[str, torch.Tensor]) -> None:
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -203,24 +251,12 @@ class StepRunner:
     def _static_step(self, static: dict[str, torch.Tensor], record: bool, eager: bool = False) -> torch.Tensor:
         ids, labels = (static[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels"))
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            # FLOPs are counted on the eager step: the same math, and what FlopCounterMode can see.
-            loss = (static_loss if eager else self._loss)(self.model, ids, labels)
-        self._finish_step(loss)
+        # FLOPs are counted on the eager step: the same math, and what FlopCounterMode can see.
+        objective, loss = self._static_loss(ids, labels, eager)
+        self._finish_step(objective)
         if record:
             self._losses.append(loss.detach())
         return loss
-
-    def _count_flops(self, shape: tuple[int, int], static: dict[str, torch.Tensor]) -> None:
-        """Count one step of this shape eagerly, on a snapshot that is then restored."""
-        snap = self._snapshot()
-        try:
-            meter = ComputeMeter(self.device, count_flops=True)
-            with meter:
-                self._static_step(static, record=False, eager=True)
-            self._flops_per_shape[shape] = int(meter.flops or 0)
-        finally:
-            self._restore(snap)
 
     def _snapshot(self):
         params = [p.detach().clone() for p in self.params]
@@ -266,9 +302,8 @@ class StepRunner:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                with self._autocast():
-                    loss = self._loss(self.model, inputs["input_ids"], inputs["labels"])
-                self._finish_step(loss)
+                objective, loss = self._static_loss(inputs["input_ids"], inputs["labels"], eager=False)
+                self._finish_step(objective)
             self._graphs[shape] = (graph, inputs, loss)
         except RuntimeError as err:  # an op that cannot be captured: run this model's steps eagerly
             self._graph_failed = f"{type(err).__name__}: {err}"
