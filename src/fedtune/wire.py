@@ -19,6 +19,7 @@ be accounted for without serialising (and without copying tensors off a GPU).
 
 from __future__ import annotations
 
+import cmath
 import json
 import sys
 from collections.abc import Mapping
@@ -448,7 +449,7 @@ def _count_nonfinite(t: torch.Tensor) -> int:
     # dominated the split service's per-step latency (tests/test_wire.py covers both paths).
     # Summed in float32 at least: a float16 sum of ordinary values overflows past 65504.
     total = t.sum(dtype=torch.float32) if t.is_floating_point() and t.element_size() < 4 else t.sum()
-    if bool(torch.isfinite(total)):
+    if cmath.isfinite(total.item()):  # a Python scalar test: a tensor isfinite costs ~10 us more per call
         return 0
     return int((~torch.isfinite(t)).sum().item())
 
