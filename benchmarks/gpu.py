@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import paradigm_throughput  # noqa: E402  (KD and split cases; imports this module as `gpu`)
 from fedtune.data.tasks import Example  # noqa: E402
 from fedtune.paradigms import fedpeft  # noqa: E402
 from fedtune.progress import Bars  # noqa: E402
@@ -303,7 +304,8 @@ def versions() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results.json")
-    ap.add_argument("--cases", default="client_step,throughput,many_clients,anchor_style")
+    ap.add_argument("--cases", default="client_step,throughput,many_clients,anchor_style,kd_throughput,"
+                                       "split_throughput")
     ap.add_argument("--quick", action="store_true", help="fewer steps: a smoke run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -327,6 +329,9 @@ def main() -> None:
         "throughput_1b": lambda: throughput("1b", 4),
         "many_clients_135m": lambda: many_clients("135m", 4, 2),
         "anchor_style_1b": lambda: anchor_style("1b", 4, 10, 10),
+        # KD and split beside FedLLM (benchmarks/paradigm_throughput.py)
+        "kd_throughput_135m": lambda: paradigm_throughput.kd_throughput("135m", 4),
+        "split_throughput_135m": lambda: paradigm_throughput.split_throughput("135m", 4),
     }
     for name, fn in plan.items():
         if not any(name.startswith(c) for c in cases):
@@ -355,6 +360,10 @@ def main() -> None:
         "throughput_ratio_1b": get("throughput_1b", "ratio"),
         "many_clients_memory_ratio": get("many_clients_135m", "memory_ratio"),
         "anchor_style_ratio": get("anchor_style_1b", "ratio"),
+        "kd_tokens_per_s_135m": get("kd_throughput_135m", "tokens_per_s"),
+        "kd_to_fedllm_ratio_135m": get("kd_throughput_135m", "ratio_to_fedllm"),
+        "split_tokens_per_s_135m": get("split_throughput_135m", "tokens_per_s"),
+        "split_to_fedllm_ratio_135m": get("split_throughput_135m", "ratio_to_fedllm"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
@@ -363,7 +372,7 @@ def main() -> None:
                "throughput_ratio_1b": ">= 0.95", "many_clients_memory_ratio": "<= 1.1", "anchor_style_ratio": ">= 3"}
     for k, v in results["summary"].items():
         if k != "device":
-            log(f"{k:27s} {v if v is None else round(v, 3)!s:>7}   {targets[k]}")
+            log(f"{k:27s} {v if v is None else round(v, 3)!s:>7}   {targets.get(k, 'reported')}")
 
 
 if __name__ == "__main__":
