@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import paradigm_throughput  # noqa: E402  (KD and split cases; imports this module as `gpu`)
 from fedtune.data.tasks import Example  # noqa: E402
 from fedtune.paradigms import fedpeft  # noqa: E402
 from fedtune.progress import Bars  # noqa: E402
@@ -320,6 +319,8 @@ def main() -> None:
     peak = peak_matmul_flops()
     results["measured_peak_bf16_tflops"] = peak / 1e12
     log(f"{results['versions']}; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    import paradigm_throughput  # the KD and split cases (it imports this file as `gpu`, hence not at the top)
+
     plan = {
         "client_step_135m_b4": lambda: client_step("135m", 4, steps, peak),
         "client_step_1b_b16": lambda: client_step("1b", 16, max(5, steps // 2), peak),
