@@ -20,6 +20,7 @@ be accounted for without serialising (and without copying tensors off a GPU).
 from __future__ import annotations
 
 import cmath
+import functools
 import json
 import math
 import sys
@@ -335,16 +336,9 @@ def _layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor
 
 def _header(layout: list[tuple[str, torch.Tensor, str]], meta_json: str) -> tuple[bytes, int]:
     """Rebuild the padded safetensors JSON header of a `_layout`; return it and the data length."""
-    parts = ['{"__metadata__":{', _json_str(META_KEY), ":", _json_str(meta_json), "}"]
-    offset = 0
-    for name, t, code in layout:
-        nbytes = t.numel() * t.element_size()
-        shape = ",".join(str(int(d)) for d in t.shape)
-        parts.append(
-            f',{_json_str(name)}:{{"dtype":"{code}","shape":[{shape}],"data_offsets":[{offset},{offset + nbytes}]}}'
-        )
-        offset += nbytes
-    parts.append("}")
+    entries, offset = _tensor_entries(tuple((name, code, t.shape, t.numel() * t.element_size())
+                                            for name, t, code in layout))
+    parts = ['{"__metadata__":{', _json_str(META_KEY), ":", _json_str(meta_json), "}", entries, "}"]
     header = "".join(parts).encode("utf-8")
     # safetensors pads the header with spaces so tensor data starts 8-aligned.
     header += b" " * (-len(header) % _PREFIX_BYTES)
@@ -354,6 +348,21 @@ def _header(layout: list[tuple[str, torch.Tensor, str]], meta_json: str) -> tupl
             f"{_MAX_HEADER_BYTES}; send fewer tensors or less metadata per message"
         )
     return header, offset
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_entries(signature: tuple[tuple[str, str, torch.Size, int], ...]) -> tuple[str, int]:
+    """The header's tensor entries for ``(name, dtype code, shape, nbytes)`` rows in layout order, and the data
+    length. Cached: a sender repeats one layout message after message (split learning's activations every
+    step, an adapter every round), and only the metadata before these entries changes."""
+    parts = []
+    offset = 0
+    for name, code, shape, nbytes in signature:
+        dims = ",".join(str(int(d)) for d in shape)
+        parts.append(f',{_json_str(name)}:{{"dtype":"{code}","shape":[{dims}],'
+                     f'"data_offsets":[{offset},{offset + nbytes}]}}')
+        offset += nbytes
+    return "".join(parts), offset
 
 
 def _to_cpu(name: str, t: torch.Tensor) -> torch.Tensor:
