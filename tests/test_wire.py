@@ -488,3 +488,16 @@ def test_decode_of_an_unaligned_tensor_gives_it_an_aligned_copy() -> None:
     assert out.tensors["x"].data_ptr() % 4 == 0
     out.tensors["x"].add_(1.0)  # writable
     assert torch.equal(safetensors.torch.load(data)["x"], x)
+
+
+def test_decode_without_copy_views_the_payload_and_equals_the_copy(payload: tuple[bytes, dict]) -> None:
+    data, expect = payload
+    copied, viewed = decode(data, expect=expect), decode(data, expect=expect, copy=False)
+    _assert_same_tensors(copied.tensors, viewed.tensors)
+    assert viewed.meta == copied.meta
+    start = struct.unpack("<Q", data[:8])[0] + 8  # the tensors' bytes are the payload's own
+    head = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    for t in viewed.tensors.values():
+        assert head + start <= t.data_ptr() < head + len(data)
+    for t in copied.tensors.values():
+        assert not head <= t.data_ptr() < head + len(data)

@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +193,7 @@ def decode(
     expect: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     allow_extra: bool = False,
+    copy: bool = True,
 ) -> Message:
     """Parse and validate a payload received from a peer.
 
@@ -205,9 +207,12 @@ def decode(
             ``spec_of``. None skips the tensor checks.
         max_bytes: Payloads longer than this are rejected before parsing.
         allow_extra: Accept (and return) tensors that ``expect`` does not name.
+        copy: False returns tensors that are views of `data` itself (no copy) for a receiver that only
+            reads them and drops them soon (split learning's per-step activations and gradients, which
+            are moved or cast before use): writing into them would write into the immutable payload.
 
     Returns:
-        The decoded message; tensors are on the CPU and own writable memory.
+        The decoded message; tensors are on the CPU and own writable memory (unless ``copy=False``).
 
     Raises:
         WireError: The payload is oversized, malformed, or does not match
@@ -225,7 +230,7 @@ def decode(
         )
     if not isinstance(data, bytes):
         data = bytes(data)
-    tensors, header = _load(data)
+    tensors, header = _load(data, copy)
     meta = _read_meta(header)
     if expect is not None:
         _check_tensors(tensors, expect, allow_extra)
@@ -383,7 +388,7 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _load(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _load(data: bytes, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Parse a safetensors payload by the rules of safetensors' own reader; return its tensors and header.
 
     The checks are safetensors' (header length, a JSON object, known dtypes, offsets that tile the data
@@ -391,7 +396,7 @@ def _load(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     writable buffer and every tensor is a view of it, where ``safetensors.torch.load`` zero-fills a
     buffer per tensor and then copies into it (two passes over every byte, which showed in split
     learning's per-step latency). A tensor whose offset is not a multiple of its item size gets its
-    own aligned copy.
+    own aligned copy. With ``copy=False`` the tensors view `data` itself (see `decode`).
     """
     def invalid(why: str) -> WireError:
         return WireError(f"payload is not valid safetensors ({why})")
@@ -434,24 +439,34 @@ def _load(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     end = 0
     for start, stop, name, dtype, shape in entries:
         if start != end or stop < start:
-            raise invalid(f"tensor {name!r}: data_offsets [{start}, {stop}] do not follow the previous tensor's end {end}")
+            raise invalid(f"tensor {name!r}: data_offsets [{start}, {stop}] do not start at the previous "
+                          f"tensor's end {end}")
         if stop - start != math.prod(shape) * dtype.itemsize:
             raise invalid(f"tensor {name!r}: {stop - start} bytes do not hold shape {shape} of {dtype}")
         end = stop
     if end != body_len:
         raise invalid(f"the tensors cover {end} of the {body_len} data bytes")
-    body = bytearray(memoryview(data)[_PREFIX_BYTES + n :]) if body_len else bytearray()
+    if copy:
+        body, base = (bytearray(memoryview(data)[_PREFIX_BYTES + n :]) if body_len else bytearray()), 0
+    else:
+        body, base = data, _PREFIX_BYTES + n
     tensors = {}
-    for start, stop, name, dtype, shape in entries:
-        if stop == start:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        elif start % dtype.itemsize:
-            raw_bytes = torch.frombuffer(body, dtype=torch.uint8, count=stop - start, offset=start)
-            tensors[name] = raw_bytes.clone().view(dtype).view(shape)
-        else:
-            tensors[name] = torch.frombuffer(body, dtype=dtype, count=(stop - start) // dtype.itemsize,
-                                             offset=start).view(shape)
+    with warnings.catch_warnings():
+        # torch warns (once) that `data` is not writable: with copy=False that is the contract.
+        warnings.simplefilter("ignore", UserWarning)
+        for start, stop, name, dtype, shape in entries:
+            tensors[name] = _view(body, base + start, stop - start, dtype, shape)
     return tensors, header
+
+
+def _view(buffer, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """The tensor of `nbytes` bytes at `offset` of `buffer`; a misaligned one is copied to aligned memory."""
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
+    if flat.data_ptr() % dtype.itemsize:
+        flat = flat.clone()
+    return flat.view(dtype).view(shape)
 
 
 def _read_meta(header: dict[str, Any]) -> dict[str, Any]:
