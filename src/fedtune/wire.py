@@ -95,6 +95,7 @@ def _dtype_table() -> dict[torch.dtype, tuple[str, int]]:
 
 
 _DTYPES = _dtype_table()
+_CODES = {code: dtype for dtype, (code, _) in _DTYPES.items()}
 
 
 class WireError(ValueError):
@@ -419,13 +420,12 @@ def _load(data: bytes, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict
     st_meta = header.get("__metadata__")
     if st_meta is not None and not (isinstance(st_meta, dict) and all(isinstance(v, str) for v in st_meta.values())):
         raise invalid("__metadata__ must map str to str")
-    codes = {code: dtype for dtype, (code, _) in _DTYPES.items()}
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         code = info.get("dtype") if isinstance(info, dict) else None
-        dtype = codes.get(code) if isinstance(code, str) else None
+        dtype = _CODES.get(code) if isinstance(code, str) else None
         if dtype is None:
             raise invalid(f"tensor {name!r}: no dtype this reader can load ({code!r})")
         shape, offsets = info.get("shape"), info.get("data_offsets")
@@ -447,16 +447,14 @@ def _load(data: bytes, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict
     if end != body_len:
         raise invalid(f"the tensors cover {end} of the {body_len} data bytes")
     if copy:
-        body, base = (bytearray(memoryview(data)[_PREFIX_BYTES + n :]) if body_len else bytearray()), 0
-    else:
-        body, base = data, _PREFIX_BYTES + n
-    tensors = {}
+        body = bytearray(memoryview(data)[_PREFIX_BYTES + n :]) if body_len else bytearray()
+        return {name: _view(body, start, stop - start, dtype, shape)
+                for start, stop, name, dtype, shape in entries}, header
     with warnings.catch_warnings():
         # torch warns (once) that `data` is not writable: with copy=False that is the contract.
         warnings.simplefilter("ignore", UserWarning)
-        for start, stop, name, dtype, shape in entries:
-            tensors[name] = _view(body, base + start, stop - start, dtype, shape)
-    return tensors, header
+        return {name: _view(data, _PREFIX_BYTES + n + start, stop - start, dtype, shape)
+                for start, stop, name, dtype, shape in entries}, header
 
 
 def _view(buffer, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
