@@ -461,10 +461,8 @@ def _view(buffer, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]
     """The tensor of `nbytes` bytes at `offset` of `buffer`; a misaligned one is copied to aligned memory."""
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
-    if flat.data_ptr() % dtype.itemsize:
-        flat = flat.clone()
-    return flat.view(dtype).view(shape)
+    flat = torch.frombuffer(buffer, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+    return (flat.clone() if flat.data_ptr() % dtype.itemsize else flat).view(shape)
 
 
 def _read_meta(header: dict[str, Any]) -> dict[str, Any]:
