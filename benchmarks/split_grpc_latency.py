@@ -10,6 +10,7 @@ What it measures, on 127.0.0.1 (plain TCP, token authentication):
   of the same size, which the client decodes and validates. The main server's own compute is left out (a stub
   returns the activations as the gradient), so the figure is the protocol's cost, not the model's.
 * ``echo``: a bare gRPC bidirectional stream that sends the same number of bytes and gets them back.
+  The steps cycle four sets of tensors as the echo cycles four payloads (the same cache exposure).
 * bytes: what crossed the socket (a counting TCP relay between client and service) against what fedtune
   counts (the sum of the payloads' lengths): the difference is gRPC/HTTP2 framing and headers.
 
