@@ -311,7 +311,8 @@ def versions() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results.json")
-    ap.add_argument("--cases", default="client_step,throughput,many_clients,anchor_style")
+    ap.add_argument("--cases", default="client_step,throughput,many_clients,anchor_style,kd_throughput,"
+                                       "split_throughput")
     ap.add_argument("--quick", action="store_true", help="fewer steps: a smoke run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -326,6 +327,8 @@ def main() -> None:
     peak = peak_matmul_flops()
     results["measured_peak_bf16_tflops"] = peak / 1e12
     log(f"{results['versions']}; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    import paradigm_throughput  # the KD and split cases (it imports this file as `gpu`, hence not at the top)
+
     plan = {
         "client_step_135m_b4": lambda: client_step("135m", 4, steps, peak),
         "client_step_1b_b16": lambda: client_step("1b", 16, max(5, steps // 2), peak),
@@ -335,6 +338,9 @@ def main() -> None:
         "throughput_1b": lambda: throughput("1b", 4),
         "many_clients_135m": lambda: many_clients("135m", 4, 2),
         "anchor_style_1b": lambda: anchor_style("1b", 4, 10, 10),
+        # KD and split beside FedLLM (benchmarks/paradigm_throughput.py)
+        "kd_throughput_135m": lambda: paradigm_throughput.kd_throughput("135m", 4),
+        "split_throughput_135m": lambda: paradigm_throughput.split_throughput("135m", 4),
     }
     for name, fn in plan.items():
         if not any(name.startswith(c) for c in cases):
@@ -363,6 +369,10 @@ def main() -> None:
         "throughput_ratio_1b": get("throughput_1b", "ratio"),
         "many_clients_memory_ratio": get("many_clients_135m", "memory_ratio"),
         "anchor_style_ratio": get("anchor_style_1b", "ratio"),
+        "kd_tokens_per_s_135m": get("kd_throughput_135m", "tokens_per_s"),
+        "kd_to_fedllm_ratio_135m": get("kd_throughput_135m", "ratio_to_fedllm"),
+        "split_tokens_per_s_135m": get("split_throughput_135m", "tokens_per_s"),
+        "split_to_fedllm_ratio_135m": get("split_throughput_135m", "ratio_to_fedllm"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
@@ -371,7 +381,7 @@ def main() -> None:
                "throughput_ratio_1b": ">= 0.95", "many_clients_memory_ratio": "<= 1.1", "anchor_style_ratio": ">= 3"}
     for k, v in results["summary"].items():
         if k != "device":
-            log(f"{k:27s} {v if v is None else round(v, 3)!s:>7}   {targets[k]}")
+            log(f"{k:27s} {v if v is None else round(v, 3)!s:>7}   {targets.get(k, 'reported')}")
 
 
 if __name__ == "__main__":

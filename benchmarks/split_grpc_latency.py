@@ -10,6 +10,7 @@ What it measures, on 127.0.0.1 (plain TCP, token authentication):
   of the same size, which the client decodes and validates. The main server's own compute is left out (a stub
   returns the activations as the gradient), so the figure is the protocol's cost, not the model's.
 * ``echo``: a bare gRPC bidirectional stream that sends the same number of bytes and gets them back.
+  The steps cycle four sets of tensors as the echo cycles four payloads (the same cache exposure).
 * bytes: what crossed the socket (a counting TCP relay between client and service) against what fedtune
   counts (the sum of the payloads' lengths): the difference is gRPC/HTTP2 framing and headers.
 
@@ -100,14 +101,19 @@ class CountingRelay:
         self._listener.close()
 
 
-def act_message(mb: float, step: int, steps: int) -> Message:
+def act_tensors(mb: float) -> dict[str, torch.Tensor]:
+    """A ``split_act``'s tensors: about `mb` MiB of fp32 activations, the attention mask, the labels."""
     seq = 256
     batch = max(1, round(mb * 1024**2 / (seq * HIDDEN * 4)))
     labels = torch.full((batch, seq), IGNORE, dtype=torch.int32)
     labels[:, -4:] = 7
-    return Message({"activations": torch.randn(batch, seq, HIDDEN), "attention_mask": torch.ones(batch, seq, dtype=torch.bool),
-                    "labels": labels}, {"kind": "split_act", "round": 1, "step": step, "steps": steps,
-                                        "num_examples": batch})
+    return {"activations": torch.randn(batch, seq, HIDDEN), "attention_mask": torch.ones(batch, seq, dtype=torch.bool),
+            "labels": labels}
+
+
+def act_message(tensors: dict[str, torch.Tensor], step: int, steps: int) -> Message:
+    return Message(tensors, {"kind": "split_act", "round": 1, "step": step, "steps": steps,
+                             "num_examples": len(tensors["labels"])})
 
 
 class Echo:
@@ -150,7 +156,10 @@ def bench(mb: float, steps: int, warmup: int, *, relay: bool) -> dict:
                                cut=EchoMain.cut, wire_dtype=torch.float32, expect={})
     echo = Echo()
     total = warmup + steps
-    messages = [act_message(mb, s, total) for s in range(1, total + 1)]
+    # Four sets of tensors in turn, as the echo cycles four payloads: both sides of the comparison read
+    # buffers that have the same chance of being in the cache (a real client's activations are fresh too).
+    pool = [act_tensors(mb) for _ in range(4)]
+    messages = [act_message(pool[s % 4], s, total) for s in range(1, total + 1)]
     size = len(encode(messages[0]))
     payloads = [os.urandom(size) for _ in range(4)]
     step_times, echo_times = [], []

@@ -23,7 +23,8 @@ from fedtune.runtime.local import LocalGrid
 from fedtune.models import backbone
 from fedtune.split_model import CLIENT, SERVER, Cut, MainServer, bottom_forward, resolve_cut, top_forward
 from fedtune.strategies import FedAvg
-from fedtune.wire import encode, encoded_size
+from fedtune import wire
+from fedtune.wire import Message, WireError, decode, encode, encoded_size
 from helpers import Recording
 
 CPU = torch.device("cpu")
@@ -237,3 +238,50 @@ def test_end_to_end_split_run_reports_bytes_and_both_sides_flops(tmp_path):
         assert {"bytes_down", "bytes_up", "num_examples", "train_loss", "flops", "peak_memory_bytes", "seconds",
                 "steps"} <= set(r)
     assert (tmp_path / "split" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class ServiceStandIn:
+    """A client's end of a split-service session without gRPC: each step's reply comes from a `MainServer`, as
+    real wire bytes decoded the way `StepStream.exchange` decodes them (views; checked only when given `expect`)."""
+
+    def __init__(self, main: MainServer, nan_at_step: int | None = None) -> None:
+        self.main, self.nan_at_step = main, nan_at_step
+        self.bytes_up = self.bytes_down = 0
+
+    def exchange(self, msg: Message, expect=None) -> Message:
+        act = decode(encode(msg)).tensors
+        grad, loss = self.main.forward_backward(act["activations"], act["attention_mask"], act["labels"])
+        if msg.meta["step"] == self.nan_at_step:
+            grad[0, 0, 0] = float("nan")
+        reply = Message({"grad": grad}, {"kind": "split_grad", "round": msg.meta["round"], "step": msg.meta["step"],
+                                         "last": msg.meta["step"] == msg.meta["steps"], "loss": loss})
+        return decode(encode(reply), expect=expect, copy=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+@pytest.mark.parametrize("nan_at_step", [None, 2])
+def test_a_remote_client_checks_each_service_reply_once_and_refuses_a_bad_one(tiny_setup, monkeypatch, nan_at_step):
+    model, tok, data = tiny_setup
+    cut, clients, main, want = tiny_parts(model, tok, data, torch.float32, steps=3)
+    client = clients[0]
+    client.dial = lambda address, node: ServiceStandIn(main, nan_at_step)
+    checked = []  # every tensor check, wherever it runs (wire.decode with expect, or wire.check)
+    real_check = wire._check_tensors
+    monkeypatch.setattr(wire, "_check_tensors", lambda tensors, spec, extra: checked.append(sorted(spec))
+                        or real_check(tensors, spec, extra))
+    bottom = cut.part(fedpeft.adapter_state(model), CLIENT)
+    ins = Message(bottom, {"kind": "split_fit_ins", "round": 1, "cut_layer": cut.layer, "u_shaped": False,
+                           "wire_dtype": "float32", "split_server": "stand-in:0"})
+    if nan_at_step is None:
+        reply = client(ins)
+        assert reply.kind == "fit_res" and reply.meta["steps"] == 3
+        assert checked == [["grad"]] * 3  # one check of each step's gradient, none twice
+    else:
+        with pytest.raises(WireError, match="NaN"):
+            client(ins)
+        assert checked == [["grad"]] * nan_at_step  # the bad gradient was checked, and refused, before its step

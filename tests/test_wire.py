@@ -444,3 +444,60 @@ def test_oversized_header_rejected_consistently(monkeypatch: pytest.MonkeyPatch)
         encoded_size(msg)
     with pytest.raises(WireError, match="header would be"):
         encode(msg)
+
+
+def test_decode_accepts_and_rejects_exactly_what_safetensors_does(payload: tuple[bytes, dict]) -> None:
+    # decode parses the header itself (one copy of the data instead of safetensors' zero-fill + copy):
+    # every single-byte change of the header must be accepted or rejected as safetensors' own reader does,
+    # with the same tensors when accepted.
+    data, _ = payload
+    n = struct.unpack("<Q", data[:8])[0]
+    rng = random.Random(3)
+    accepted = rejected = 0
+    for pos in range(8 + n):
+        for new in (data[pos] ^ 0xFF, rng.randrange(256), ord("0"), ord("9"), ord(" ")):
+            bad = data[:pos] + bytes([new]) + data[pos + 1 :]
+            try:
+                reference = safetensors.torch.load(bad)
+                json.loads(json.loads(bad[8 : 8 + n])["__metadata__"]["fedtune"])
+            except Exception:
+                reference = None
+            try:
+                out = decode(bad).tensors
+            except WireError:
+                out = None
+            assert (out is None) == (reference is None), (pos, new)
+            if out is not None:
+                accepted += 1
+                _assert_same_tensors(reference, out)
+            else:
+                rejected += 1
+    assert accepted and rejected
+
+
+def test_decode_of_an_unaligned_tensor_gives_it_an_aligned_copy() -> None:
+    # A peer may lay a float32 tensor at an odd offset (safetensors' writer never does): still read right.
+    x = torch.tensor([1.5, -2.0, 3.25])
+    header = {"__metadata__": {"fedtune": "{}"}, "b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "x": {"dtype": "F32", "shape": [3], "data_offsets": [1, 13]}}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    data = struct.pack("<Q", len(head)) + head + bytes([7]) + x.numpy().tobytes()
+    out = decode(data, expect={"b": ((1,), torch.uint8), "x": ((3,), torch.float32)})
+    assert torch.equal(out.tensors["x"], x) and out.tensors["b"].item() == 7
+    assert out.tensors["x"].data_ptr() % 4 == 0
+    out.tensors["x"].add_(1.0)  # writable
+    assert torch.equal(safetensors.torch.load(data)["x"], x)
+
+
+def test_decode_without_copy_views_the_payload_and_equals_the_copy(payload: tuple[bytes, dict]) -> None:
+    data, expect = payload
+    copied, viewed = decode(data, expect=expect), decode(data, expect=expect, copy=False)
+    _assert_same_tensors(copied.tensors, viewed.tensors)
+    assert viewed.meta == copied.meta
+    start = struct.unpack("<Q", data[:8])[0] + 8  # the tensors' bytes are the payload's own
+    head = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    for t in viewed.tensors.values():
+        assert head + start <= t.data_ptr() < head + len(data)
+    for t in copied.tensors.values():
+        assert not head <= t.data_ptr() < head + len(data)

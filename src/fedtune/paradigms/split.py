@@ -164,8 +164,10 @@ class SplitClient:
     def _train_remote(self, address: str) -> Message:
         """Every step of the round against the main-server service at `address`; the reply is ``fit_res``.
 
-        The steps are the in-process ones (``_forward``, ``_backward``), the messages too; only the
-        carrier differs. The stream's bytes (len of each payload) are reported in ``fit_res`` meta.
+        The steps are the in-process ones (``_forward``, ``_head``, ``_backward``), the messages too; only
+        the carrier differs. The stream hands each reply over decoded but unchecked: ``_head`` and
+        ``_backward`` check it (names, shapes, dtypes, finite values), once per reply as in process.
+        The stream's bytes (len of each payload) are reported in ``fit_res`` meta.
         """
         if self.dial is None:
             raise ValueError(f"client {self.node_id} was asked to train against the split server {address} but "
@@ -174,18 +176,13 @@ class SplitClient:
         with self.dial(address, self.node_id) as stream:
             while r.step < r.steps:
                 act = self._forward()
-                shape = tuple(act.tensors["activations"].shape)
                 if self.cut.u_shaped:
-                    top = stream.exchange(act, expect={"top_activations": (shape, self.wire_dtype)})
-                    if top.kind != "split_top" or top.meta.get("step") != r.step or top.meta.get("round") != r.rnd:
-                        raise WireError(f"expected the split_top of round {r.rnd} step {r.step}, got a "
-                                        f"{top.kind!r} of round {top.meta.get('round')!r} step {top.meta.get('step')!r}")
+                    top = stream.exchange(act)
+                    _expect_step(top, "split_top", r)
                     act = self._head(top)  # the norm, head and loss here; the reply is their gradient
-                grad = stream.exchange(act, expect={"grad": (shape, self.wire_dtype)})
-                if grad.kind != "split_grad" or grad.meta.get("step") != r.step or grad.meta.get("round") != r.rnd:
-                    raise WireError(f"expected the split_grad of round {r.rnd} step {r.step}, got a {grad.kind!r} "
-                                    f"of round {grad.meta.get('round')!r} step {grad.meta.get('step')!r}")
-                self._backward(grad)
+                grad = stream.exchange(act)
+                _expect_step(grad, "split_grad", r)
+                self._backward(grad)  # validates the gradient (shape, dtype, finite) once, as in process
         reply = self._finish()
         reply.meta.update(stream_bytes_up=stream.bytes_up, stream_bytes_down=stream.bytes_down)
         return reply
@@ -258,6 +255,13 @@ class SplitClient:
         r.peak = max(r.peak, meter.peak_memory_bytes)
 
 
+def _expect_step(msg: Message, kind: str, r: _Round) -> None:
+    """WireError unless a reply from the split service is the `kind` of this round's current step."""
+    if msg.kind != kind or msg.meta.get("step") != r.step or msg.meta.get("round") != r.rnd:
+        raise WireError(f"expected the {kind} of round {r.rnd} step {r.step}, got a {msg.kind!r} of round "
+                        f"{msg.meta.get('round')!r} step {msg.meta.get('step')!r}")
+
+
 # --------------------------------------------------------------------------- fed server side
 
 
@@ -299,9 +303,12 @@ def read_activations(msg: Message, step: int, want: Activations, *, with_labels:
     check(msg, spec)
     labels = msg.tensors.get("labels")
     if labels is not None:
-        if not ((labels == IGNORE) | ((labels >= 0) & (labels < want.vocab_size))).all():
+        # Two small reductions a step: the range of the non-ignored labels, and whether any is a target.
+        targets = labels != IGNORE
+        low, high = torch.aminmax(torch.where(targets, labels, 0))
+        if low.item() < 0 or high.item() >= want.vocab_size:
             raise WireError(f"labels must be token ids in [0, {want.vocab_size}) or {IGNORE}")
-        if not (labels[:, 1:] != IGNORE).any():
+        if not targets[:, 1:].any().item():
             raise WireError("a training batch has no target tokens: data.max_length is too short for the prompts.")
     return act, msg.tensors["attention_mask"], labels
 

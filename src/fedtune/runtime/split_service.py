@@ -377,7 +377,8 @@ class SplitService:
         u_shaped = self.main.cut.u_shaped
         kind = "split_top_grad" if session.top_shape else "split_act"
         try:
-            msg = decode(raw, max_bytes=self.max_bytes)
+            # No copy: the step only reads the tensors (the main server casts or moves them first).
+            msg = decode(raw, max_bytes=self.max_bytes, copy=False)
             if msg.kind != kind or msg.meta.get("round") != session.round:
                 raise WireError(f"expected a {kind} of round {session.round}, got a {msg.kind!r} of round "
                                 f"{msg.meta.get('round')!r}")
@@ -503,8 +504,13 @@ class StepStream:
         call = self._channel.stream_stream(f"/{SERVICE}/Step")
         self._replies = call(iter(self._outbox.get, self._END), metadata=credentials.metadata(), timeout=timeout)
 
-    def exchange(self, msg: Message, expect) -> Message:
-        """Send one message and return the validated reply (`expect`: a ``wire.decode`` spec)."""
+    def exchange(self, msg: Message, expect=None) -> Message:
+        """Send one message and return the reply, decoded within ``max_bytes`` as views of the payload
+        (``wire.decode(copy=False)``: the client's step functions only read a reply, casting or moving it first).
+
+        With `expect` (a ``wire.decode`` spec) the reply's tensors are also checked against it; the split
+        client passes none, since its step functions check every reply themselves (once per reply).
+        """
         raw = encode(msg)
         self.bytes_up += len(raw)
         self._outbox.put(raw)
@@ -515,7 +521,7 @@ class StepStream:
         except grpc.RpcError as err:
             raise _describe(self.address, err) from None
         self.bytes_down += len(reply)
-        return decode(reply, expect=expect, max_bytes=self.max_bytes)
+        return decode(reply, expect=expect, max_bytes=self.max_bytes, copy=False)
 
     def close(self) -> None:
         self._outbox.put(self._END)

@@ -1,0 +1,248 @@
+"""Throughput of the KD and split paradigms beside FedLLM's, same model, batch, sequence and steps (issue 5).
+
+    python benchmarks/paradigm_throughput.py --device cuda --shape 135m   # GPU figures (gpu.py runs these too)
+    python benchmarks/paradigm_throughput.py --device cpu --shape tiny    # CPU smoke test, a few seconds
+
+Each case builds the random-weight Llama of `gpu.build` (``tiny``: a 4-layer toy for the CPU), gives 10
+clients random full-sequence language-modelling examples and runs two rounds of 10 clients x 10 local steps
+through the paradigm's own code (`fedpeft.serve`, `kd.serve`, `split.serve` with their client apps) on a
+`LocalGrid` with ``serialize=False``. The second round is timed (the first warms up: CUDA graphs captured,
+kernels chosen, and KD's soft labels exist, so its clients distil too), from the end of round 1 to the end of
+round 2, the device synchronised at both ends.
+
+* ``tokens_per_s``: client training tokens (10 clients x 10 steps x batch x seq, as the clients report in
+  ``examples_seen``) over the round's seconds: the figure FedLLM's ``throughput`` case reports.
+* ``ratio_to_fedllm``: that over FedLLM's own tokens/s, measured in the same process on the same shapes.
+* KD also reports its distillation separately: the clients' distillation tokens (``kd.distill_steps`` steps of
+  public prompts each), the tokens of their reply (logits of the whole public set, inference) and the server's
+  distillation tokens (``kd.server_steps`` steps); they are inside the round's seconds, not in ``tokens_per_s``.
+* Split: the cut is the middle block; activations and gradients travel in the model's dtype; the main server's
+  top steps are inside the round's seconds (every client step is one top step).
+
+Nothing here needs CUDA unless ``--device cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu  # noqa: E402  (also puts src/ on the path)
+
+from fedtune.data.tasks import Example  # noqa: E402
+from fedtune.paradigms import fedpeft, kd, split  # noqa: E402
+from fedtune.progress import Bars  # noqa: E402
+from fedtune.runtime.local import LocalGrid  # noqa: E402
+from fedtune.split_model import CLIENT, Cut, MainServer  # noqa: E402
+from fedtune.strategies import FedAvg  # noqa: E402
+
+TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=1024, tie_word_embeddings=True)
+gpu.SHAPES.setdefault("tiny", TINY)  # the CPU smoke shape, built by gpu.build like the others
+
+CLIENTS = 10
+STEPS = 10
+SEED = 0
+KD_PUBLIC_PROMPTS = 32  # prompts in KD's public set
+KD_DISTILL_STEPS = 4  # kd.distill_steps default
+KD_SERVER_STEPS = 10  # kd.server_steps default
+KD_TOP_K = 8  # kd.top_k default
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    if device.type == "cuda":
+        gpu.free()
+
+
+def client_data(vocab: int, batch: int, seq: int) -> list[list[Example]]:
+    """Per client, 2 x batch random sequences of `seq` tokens, every token after the first a target."""
+    g = torch.Generator().manual_seed(SEED + 6)
+    return [gpu.as_examples(torch.randint(1, vocab, (batch * 2, seq), generator=g)) for _ in range(CLIENTS)]
+
+
+class RoundClock:
+    """`ServerHooks` whose log timestamps the end of each round (device synchronised) and keeps the records."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ends: dict[int, float] = {}
+        self.records: list[dict] = []
+        self.hooks = fedpeft.ServerHooks(evaluate=lambda state: 0.0, log=self._log, save=lambda state, rnd: None,
+                                         bars=Bars(quiet=True))
+
+    def _log(self, record: dict) -> None:
+        if record["type"] == "round":
+            sync(self.device)
+            self.ends[record["round"]] = time.perf_counter()
+        self.records.append(record)
+
+    def timed_round(self, tokens_per_example: int) -> dict:
+        """Seconds, client training tokens and tokens/s of round 2; every client must have trained."""
+        clients = [r for r in self.records if r["type"] == "client" and r["round"] == 2]
+        bad = [r for r in clients if r.get("status") != "ok"]
+        assert len(clients) == CLIENTS and not bad, f"round 2 clients did not all train: {bad[:1]}"
+        seconds = self.ends[2] - self.ends[1]
+        tokens = sum(r["examples_seen"] for r in clients) * tokens_per_example
+        return {"round_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def settings(batch: int) -> fedpeft.TrainSettings:
+    return fedpeft.TrainSettings(local_steps=STEPS, local_epochs=None, batch_size=batch, lr=gpu.LR, count_flops=False)
+
+
+def model_for(shape: str, device: torch.device):
+    return gpu.build(shape, torch.bfloat16 if device.type == "cuda" else torch.float32, device=str(device), seed=SEED)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# --------------------------------------------------------------------------- the three paradigms
+
+
+def fedllm_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
+    """FedLLM (LoRA + FedAvg) as `fedpeft.make_clients` wires it: one shared model and step runner."""
+    model = model_for(shape, device)
+    s = settings(batch)
+    runner = fedpeft.make_runner(model, s, device=device, pad_id=gpu.PAD)
+    data = client_data(model.get_input_embeddings().weight.shape[0], batch, seq)
+    apps = {i: fedpeft.FedPeftClient(i, model, data[i], s, device=device, pad_id=gpu.PAD, seed=SEED, runner=runner)
+            for i in range(CLIENTS)}
+    clock = RoundClock(device)
+    reset_peak(device)
+    fedpeft.serve(LocalGrid(apps, serialize=False), fedpeft.adapter_state(model), FedAvg(), rounds=2,
+                  clients_per_round=CLIENTS, seed=SEED, eval_every=10**9, hooks=clock.hooks)
+    out = {**clock.timed_round(seq), "peak_gb": peak_gb(device)}
+    del model, runner, apps
+    free(device)
+    return out
+
+
+def kd_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
+    """KD-FedLLM: clients distil toward the soft labels, train, reply with top-k logits; the server distils."""
+    model = model_for(shape, device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    s = settings(batch)
+    g = torch.Generator().manual_seed(SEED + 2)
+    prompt_len = max(2, seq // 4)
+    public = kd.PublicSet([Example(prompt_ids=row.tolist(), target_ids=[])
+                           for row in torch.randint(1, vocab, (KD_PUBLIC_PROMPTS, prompt_len), generator=g)],
+                          "topk", [], [], vocab, KD_TOP_K, 1.0, batch, gpu.PAD)
+    public.spans = kd.distill_spans(public.examples)
+    public.__post_init__()  # the rows follow the spans
+    data = client_data(vocab, batch, seq)
+    init = fedpeft.adapter_state(model)
+    apps = {i: kd.KDClient(i, model, data[i], public, s, init, distill_steps=KD_DISTILL_STEPS, device=device,
+                           pad_id=gpu.PAD, seed=SEED) for i in range(CLIENTS)}
+    clock = RoundClock(device)
+    reset_peak(device)
+    kd.serve(LocalGrid(apps, serialize=False), public, model, init, s, server_steps=KD_SERVER_STEPS, rounds=2,
+             clients_per_round=CLIENTS, seed=SEED, eval_every=10**9, device=device, hooks=clock.hooks)
+    out = clock.timed_round(seq)
+    clients = [r for r in clock.records if r["type"] == "client" and r["round"] == 2]
+    distill_steps = sum(r["distill_steps"] for r in clients)
+    assert distill_steps == CLIENTS * KD_DISTILL_STEPS, "round 2's clients should all have distilled"
+    # All public prompts have prompt_len tokens; a distillation step takes `batch` of them.
+    out.update(
+        client_distill_tokens=distill_steps * batch * prompt_len,
+        reply_inference_tokens=CLIENTS * KD_PUBLIC_PROMPTS * prompt_len,
+        server_distill_tokens=KD_SERVER_STEPS * batch * prompt_len,
+        public_prompts=KD_PUBLIC_PROMPTS, public_prompt_len=prompt_len, distill_steps=KD_DISTILL_STEPS,
+        server_steps=KD_SERVER_STEPS, top_k=KD_TOP_K, peak_gb=peak_gb(device),
+    )
+    out["distill_tokens_per_s"] = (out["client_distill_tokens"] + out["server_distill_tokens"]) / out["round_s"]
+    del model, apps
+    free(device)
+    return out
+
+
+def split_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
+    """Split-FedLLM: the clients run blocks [0, c), the main server the rest, one client after another."""
+    model = model_for(shape, device)
+    body = model.get_base_model().model.config
+    s = settings(batch)
+    cut = Cut(model, body.num_hidden_layers // 2)
+    wire_dtype = next(model.get_base_model().parameters()).dtype  # the model's dtype: no cast at the cut
+    data = client_data(body.vocab_size, batch, seq)
+    apps = {i: split.SplitClient(i, model, data[i], s, cut=cut, wire_dtype=wire_dtype, device=device,
+                                 pad_id=gpu.PAD, seed=SEED) for i in range(CLIENTS)}
+    main = MainServer(model, cut, s, device=device, count_flops=False)
+    want = split.Activations(wire_dtype, body.hidden_size, body.vocab_size)
+    clock = RoundClock(device)
+    reset_peak(device)
+    split.serve(LocalGrid(apps, serialize=False), cut.part(fedpeft.adapter_state(model), CLIENT), main, FedAvg(),
+                want, rounds=2, clients_per_round=CLIENTS, seed=SEED, eval_every=10**9, hooks=clock.hooks)
+    out = {**clock.timed_round(seq), "cut_layer": cut.layer, "wire_dtype": str(wire_dtype).removeprefix("torch."),
+           "peak_gb": peak_gb(device)}
+    del model, apps, main
+    free(device)
+    return out
+
+
+def _case(paradigm, shape: str, batch: int, seq: int | None, device: str) -> dict:
+    dev = torch.device(device)
+    seq = seq or (gpu.SEQ if shape in ("135m", "1b") else 64)
+    random.seed(SEED)
+    ours = paradigm(shape, batch, seq, dev)
+    fedllm = fedllm_round(shape, batch, seq, dev)
+    return {"shape": shape, "batch": batch, "seq": seq, "clients": CLIENTS, "steps": STEPS, "device": str(dev),
+            **ours, "fedllm_tokens_per_s": fedllm["tokens_per_s"], "fedllm_round_s": fedllm["round_s"],
+            "ratio_to_fedllm": ours["tokens_per_s"] / fedllm["tokens_per_s"]}
+
+
+def kd_throughput(shape: str, batch: int, seq: int | None = None, device: str = "cuda") -> dict:
+    """KD's round tokens/s and its ratio to FedLLM's (the ``kd_throughput_*`` case of gpu.py)."""
+    return _case(kd_round, shape, batch, seq, device)
+
+
+def split_throughput(shape: str, batch: int, seq: int | None = None, device: str = "cuda") -> dict:
+    """Split's round tokens/s and its ratio to FedLLM's (the ``split_throughput_*`` case of gpu.py)."""
+    return _case(split_round, shape, batch, seq, device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
+    ap.add_argument("--shape", default="135m", choices=sorted(gpu.SHAPES))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512; tiny: 64)")
+    ap.add_argument("--out", default=None, help="also write the results here as JSON")
+    args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--device cuda needs a CUDA GPU; use --device cpu --shape tiny for the smoke test.")
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    results = {}
+    for name, fn in (("kd", kd_throughput), ("split", split_throughput)):
+        t = time.perf_counter()
+        results[f"{name}_throughput_{args.shape}"] = r = fn(args.shape, args.batch, args.seq, args.device)
+        r["bench_s"] = round(time.perf_counter() - t, 1)
+        print(json.dumps(r), flush=True)
+    for name, r in results.items():
+        print(f"{name:24s} {r['tokens_per_s']:12.0f} tokens/s   FedLLM {r['fedllm_tokens_per_s']:12.0f}   "
+              f"ratio {r['ratio_to_fedllm']:.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
