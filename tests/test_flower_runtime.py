@@ -7,6 +7,7 @@ by tests/test_deploy_flower.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -171,3 +172,32 @@ def test_a_node_with_its_own_config_refuses_another_experiment(tmp_path, monkeyp
     changed = cfg.to_yaml(cfg.load(None, SMALL + ["train.lr=0.5", "model.name=smollm2-135m-instruct"]))
     with pytest.raises(ValueError, match=r"differs .* in model.name, train.lr: refusing"):
         flower.handle(fit, changed, ctx)
+
+
+def test_split_runs_on_flower_only_with_a_split_server_and_waits_for_a_whole_client_round(monkeypatch):
+    split = cfg.load(None, SMALL + ["federation.paradigm=split"])
+    with pytest.raises(ValueError, match=r"runtime\.split_server set"):
+        flower.check_runnable(split)
+    flower.check_runnable(cfg.load(None, SMALL + ["federation.paradigm=split", "runtime.split_server=h:1"]))
+    with pytest.raises(ValueError, match="centralized"):
+        flower.check_runnable(cfg.load(None, SMALL + ["federation.paradigm=centralized"]))
+
+    from fedtune.runtime.split_service import SESSION_TIMEOUT_S
+
+    settings = flower.FlowerSettings.from_run_config({"reply-timeout": 30, "split-round-timeout": 900})
+    assert flower.FlowerSettings().split_round_timeout == SESSION_TIMEOUT_S  # the split stream's own deadline
+    sent = []
+
+    class Recorder(FakeFlowerGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            sent.append((timeout, [m.metadata.ttl for m in messages]))
+            return super().send_and_receive(messages, timeout=timeout)
+
+    grid = flower.FlowerGrid(Recorder({12: {"partition-id": 0}}), split, dataclasses.replace(settings,
+                             connect_timeout=1))
+    monkeypatch.setattr(flower, "client_for", lambda config_yaml, node_config: lambda m: Message({}, {"kind": "x"}))
+    grid.send_and_receive([Message({}, {"kind": "split_fit_ins", "dst": 0})])
+    grid.send_and_receive([Message({}, {"kind": "fit_ins", "dst": 0})])
+    assert sent == [(30, [30]), (900, [900]), (30, [30])]  # hello, a split client's round, an ordinary message
+    with pytest.raises(ValueError, match="split-round-timeout"):
+        flower.FlowerSettings.from_run_config({"split-round-timeout": 0})

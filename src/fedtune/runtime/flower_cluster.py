@@ -57,9 +57,12 @@ class LocalFederation:
         work: Folder for logs, the Flower home and certificates.
         tls: ``(ca_cert, server_cert, server_key)`` PEM paths for TLS, or None for ``--insecure``.
         node_auth: Start the SuperLink with ``--enable-supernode-auth``.
+        env: More environment variables for every process (e.g. the split service's ``FEDTUNE_SPLIT_*``
+            credentials, which the ServerApp and ClientApp processes inherit).
     """
 
-    def __init__(self, work: Path, tls: tuple[Path, Path, Path] | None = None, node_auth: bool = False) -> None:
+    def __init__(self, work: Path, tls: tuple[Path, Path, Path] | None = None, node_auth: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.tls = tls
@@ -76,7 +79,7 @@ class LocalFederation:
         src = str(Path(__file__).resolve().parents[2])
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+                    "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p), **(env or {})}
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         with open(self.work / f"{name}.log", "w") as log:
