@@ -230,7 +230,9 @@ def test_kd_over_flower_equals_the_local_runtime(fed, tiny, tmp_path):
 
 @pytest.mark.slow
 def test_supernode_killed_mid_round_drops_out_and_the_round_completes(fed, tiny, tmp_path):
-    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-dropout", "federation.rounds=1"])
+    # 8 steps: node 1 is still building its client and training when it is killed (its worker is fast)
+    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-dropout", "federation.rounds=1",
+                                                   "train.local_steps=8"])
     run = tmp_path / "flower"
     rid = fed.submit({"config": str(path), "out": str(run), "connect-timeout": 60.0, "reply-timeout": 75.0})
 

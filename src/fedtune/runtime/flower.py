@@ -51,9 +51,10 @@ from ..grid import error_reply, is_error
 from ..progress import Bars
 from ..wire import DEFAULT_MAX_BYTES, Message, WireError, decode, encode
 
-# Flower starts a fresh ClientApp process for every message, so the model, data and training
-# stack (`fedtune.experiment`: transformers, peft, matplotlib; ~12 s to import on a busy CPU)
+# With Flower's default isolation a fresh ClientApp process runs every message, so the model, data and
+# training stack (`fedtune.experiment`: transformers, peft, matplotlib; ~12 s to import on a busy CPU)
 # are imported inside the functions that need them, and the startup query is answered without them.
+# `fedtune.runtime.flower_worker` instead serves all of a SuperNode's messages from one process.
 
 STYPE = "fedtune.wire"
 """Flower ``Array.stype`` of a payload that is one `wire.encode`d message (safetensors bytes)."""
@@ -340,9 +341,14 @@ def build_client(config_yaml: str, node_config: dict[str, Any]):
 _CLIENTS: dict[tuple, tuple[Any, Any]] = {}
 
 
-def client_for(config_yaml: str, node_config: dict[str, Any]):
-    """The node's client app, built once per process for a given config and node config."""
-    key = (config_yaml, tuple(sorted((k, str(v)) for k, v in node_config.items())))
+def client_for(config_yaml: str, node_config: dict[str, Any], run_id: int):
+    """The node's client app, built once per process for a Flower run (and its config and node config).
+
+    A process serves many messages when the SuperNode's tasks go to `fedtune.runtime.flower_worker`; a new
+    run gets a new app even with the same config, so nothing of an earlier run (e.g. a KD client's private
+    adapter) leaks into it: within a run, Flower's node state is what carries a client's state.
+    """
+    key = (run_id, config_yaml, tuple(sorted((k, str(v)) for k, v in node_config.items())))
     if key not in _CLIENTS:
         for _, model in _CLIENTS.values():
             model.unload()  # the base is cached per process: take the old adapter off it before the next
@@ -384,7 +390,7 @@ def handle(inbound: Message, config_yaml: str | None, context: Context) -> Messa
         raise WireError("the server sent no experiment config with its message")
     if node_config.get("config"):
         agree(config_yaml, str(node_config["config"]))
-    app = client_for(config_yaml, node_config)
+    app = client_for(config_yaml, node_config, context.run_id)
     stateful = hasattr(app, "state")  # e.g. KD clients keep their own adapter between rounds
     if stateful and STATE_KEY in context.state:
         app.state = unpack(RecordDict({"fedtune": context.state[STATE_KEY]}))[0].tensors

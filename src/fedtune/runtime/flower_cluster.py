@@ -106,13 +106,24 @@ class LocalFederation:
         self.wait_for(lambda: "Uvicorn running" in self.log("superlink") or "startup complete" in
                       self.log("superlink"), timeout, "the SuperLink to start", "superlink")
 
-    def start_supernode(self, name: str, node_config: str, private_key: Path | None = None) -> subprocess.Popen:
-        args = [flower_bin("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
-                "--node-config", node_config, "--max-retries", "3"]
+    def start_supernode(self, name: str, node_config: str, private_key: Path | None = None,
+                        isolation: str = "process") -> subprocess.Popen:
+        """A SuperNode; with ``isolation="process"`` (the default) also its long-lived ClientApp worker
+        (`fedtune.runtime.flower_worker`, log ``<name>.worker.log``), which keeps the model loaded between
+        messages. ``"subprocess"`` is Flower's default: a new ClientApp process per message."""
+        if isolation not in ("process", "subprocess"):
+            raise ValueError(f"isolation={isolation!r}: use 'process' (fedtune's worker) or 'subprocess' (Flower's)")
+        runtime_port = free_port()
+        args = [flower_bin("flower-supernode"), "--superlink", self.address, "--port", str(runtime_port),
+                "--node-config", node_config, "--max-retries", "3", "--isolation", isolation]
         args += ["--root-certificates", str(self.tls[0])] if self.tls else ["--insecure"]
         if private_key is not None:
             args += ["--auth-supernode-private-key", str(private_key)]
-        return self._start(name, args)
+        node = self._start(name, args)
+        if isolation == "process":
+            self._start(f"{name}.worker", [sys.executable, "-m", "fedtune.runtime.flower_worker",
+                                           "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"])
+        return node
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this SuperLink (its connection is the default in the Flower home)."""
@@ -143,7 +154,10 @@ class LocalFederation:
             time.sleep(0.2)
 
     def kill(self, name: str) -> None:
-        """Kill one process we started and every process it started (Flower detaches some into new sessions)."""
+        """Kill one process we started and every process it started (Flower detaches some into new sessions);
+        a SuperNode goes with its worker, as when its machine dies."""
+        if not name.endswith(".worker"):
+            self.kill(f"{name}.worker")
         proc = self.procs.pop(name, None)
         if proc is None:
             return
