@@ -25,6 +25,7 @@ an error reply: this process runs no code but fedtune's.
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 import traceback
 from logging import ERROR, INFO
@@ -33,16 +34,36 @@ from flwr.app import Message as FlowerMessage
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.logger import log
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 FAB_ID = "fedtune/fedtune-flower"
 """``publisher/name`` of the Flower app in deploy/flower (its pyproject.toml): the only app this worker runs."""
+
+PULL_TIMEOUT_S = 600.0
+"""Longest wait for a task's message to be available on the SuperNode. A message whose run stopped while
+the SuperNode was receiving it never becomes available (flwr 1.42 leaves its task pending); its task fails
+after this long, in its own thread, without holding up the tasks behind it."""
+
+_APP_LOCK = threading.Lock()
+"""One ClientApp call at a time: they share the process's model (and Flower's process-wide `TaskIdentity`)."""
 
 
 def _client(address: str, root_certificates: bytes | None, component: str, token: str | None = None):
@@ -54,9 +75,27 @@ def _client(address: str, root_certificates: bytes | None, component: str, token
                                                  retry_invoker=make_simple_http_retry_invoker())
 
 
+def pull_task(client: RuntimeHttpClient):
+    """The task's (task id, message, context, run) from the SuperNode: flwr-clientapp's ``pull_task_input``,
+    with a bounded wait for the message and without setting the process-wide `TaskIdentity` yet."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    context, run = context_from_proto(res.context), run_from_proto(res.run)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode holds no message for this task")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=FlowerMessage, max_time=PULL_TIMEOUT_S)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as flwr-clientapp: the id is not in the content
+    return res.task_id, message, context, run
+
+
 def run_task(address: str, token: str, root_certificates: bytes | None = None) -> str:
     """Run one ClientApp task in this process, as ``flwr-clientapp --token`` would; returns its final status."""
-    from .flower import client_app  # fedtune's ClientApp (imports the training stack lazily, on first use)
+    from .flower import client_app  # fedtune's ClientApp
 
     client = _client(address, root_certificates, "flwr-clientapp", token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -64,12 +103,14 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
     message = context = reply = None
     status, details = SubStatus.FAILED, "the fedtune worker failed before running the ClientApp"
     try:
-        message, context, run, _ = pull_task_input(client)
+        task_id, message, context, run = pull_task(client)
         if run.fab_id != FAB_ID:
             raise ValueError(f"this worker runs only fedtune's Flower app ({FAB_ID}), not {run.fab_id!r}")
-        reply = client_app(message=message, context=context)
+        with _APP_LOCK:
+            TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run.run_id, context.node_id
+            reply = client_app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
-    except Exception as err:  # reported to the SuperLink as this message's error, like flwr-clientapp does
+    except Exception as err:  # reported to the SuperNode as this message's error, like flwr-clientapp does
         log(ERROR, "fedtune worker: task failed: %s\n%s", err, traceback.format_exc(limit=5))
         details = f"{type(err).__name__}: {err}"
         if message is not None:
@@ -85,25 +126,31 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
     return status
 
 
-def serve(address: str, root_certificates: bytes | None = None, poll: float = 0.1,
-          max_tasks: int | None = None) -> None:
-    """Take the SuperNode's ClientApp tasks one after another, forever (or `max_tasks` of them)."""
+def _run_logged(address: str, token: str, task_id: int, root_certificates: bytes | None) -> None:
+    started = time.monotonic()
+    status = run_task(address, token, root_certificates)
+    log(INFO, "fedtune worker: task %d %s in %.2f s", task_id, status, time.monotonic() - started)
+
+
+def serve(address: str, root_certificates: bytes | None = None, poll: float = 0.1) -> None:
+    """Take the SuperNode's ClientApp tasks, forever.
+
+    Each task runs in a thread of its own (its ClientApp call under `_APP_LOCK`), so one whose message
+    never arrives cannot hold up the next; the SuperNode itself passes one message at a time.
+    """
     # The training stack is imported now, while there is nothing to do (~10 s of torch/transformers/peft
     # on a busy machine), not when the first message of a run is waiting; the model needs the run's config.
     from .. import experiment  # noqa: F401
     from . import flower  # noqa: F401
 
     client = _client(address, root_certificates, "SuperExec")
-    done = 0
     log(INFO, "fedtune worker: serving ClientApp tasks of the SuperNode at %s", address)
     try:
-        while max_tasks is None or done < max_tasks:
+        while True:
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
             if res.HasField("task") and res.token:
-                started = time.monotonic()
-                status = run_task(address, res.token, root_certificates)
-                log(INFO, "fedtune worker: task %d %s in %.2f s", res.task.task_id, status, time.monotonic() - started)
-                done += 1
+                threading.Thread(target=_run_logged, args=(address, res.token, res.task.task_id, root_certificates),
+                                 name=f"task-{res.task.task_id}", daemon=True).start()
             else:
                 time.sleep(poll)
     finally:
