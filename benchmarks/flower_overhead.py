@@ -57,7 +57,11 @@ class CountingProxy:
                 client, _ = self.server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.upstream)
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:  # the SuperLink is gone (the federation is closing): drop this connection
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
 
