@@ -27,7 +27,7 @@ from fedtune.checkpoint import FILE as CHECKPOINT
 from fedtune.grid import error_reply
 from fedtune.progress import Bars
 from fedtune.runtime.certs import make_certificates, make_node_key
-from fedtune.runtime.flower_cluster import LocalFederation
+from fedtune.runtime.flower_cluster import FLOWER_APP, LocalFederation
 from fedtune.runtime.local import LocalGrid
 from fedtune.runtime.split_service import ENV as SPLIT_ENV
 from fedtune.runtime.split_service import FED_SERVER, node_identity
@@ -103,6 +103,20 @@ def test_unregistered_supernode_is_refused(fed):
                  "intruder")
     assert fed.procs["intruder"].returncode != 0
     assert "Failed to activate SuperNode" in fed.log("intruder")
+
+
+def test_the_worker_runs_no_other_flower_app(fed, tmp_path):
+    """A run of another FAB (here the same components under another app name) gets error replies, not our code."""
+    app = tmp_path / "other-app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text((FLOWER_APP / "pyproject.toml").read_text().replace(
+        'name = "fedtune-flower"', 'name = "other-app"'))
+    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-other-app", "federation.rounds=1"])
+    fed.submit({"config": str(path), "out": str(tmp_path / "run"), "connect-timeout": 30.0}, app=app)
+    refusal = "runs only fedtune's Flower app (fedtune/fedtune-flower), not 'fedtune/other-app'"
+    fed.wait_for(lambda: refusal in fed.log("node0.worker") and refusal in fed.log("node1.worker"), 120,
+                 "both workers to refuse the other app's task", "node0.worker")
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_two_rounds_over_flower_equal_the_local_runtime(fed, tiny, tmp_path):
