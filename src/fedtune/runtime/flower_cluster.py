@@ -2,8 +2,9 @@
 
 For the deploy tests, the overhead benchmark and trying the Flower runtime out before
 going to several machines. It starts exactly the commands README "Deploy across
-machines" gives (``flower-superlink``, ``flower-supernode``, ``flwr run``), each in its
-own process with its log in the work folder, and kills every one of them on `close`.
+machines" gives (``flower-superlink``, ``flower-supernode``, ``flwr run``, and per SuperNode
+fedtune's ClientApp worker ``python -m fedtune.runtime.flower_worker``), each in its own
+process with its log in the work folder, and kills every one of them on `close`.
 """
 
 from __future__ import annotations
