@@ -21,9 +21,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
-from conftest import REPO
 from fedtune import config as cfg
 from fedtune import experiment
 from fedtune.checkpoint import FILE as CHECKPOINT
@@ -114,7 +114,7 @@ def test_the_worker_runs_no_other_flower_app(fed, tmp_path):
     app.mkdir()
     (app / "pyproject.toml").write_text((FLOWER_APP / "pyproject.toml").read_text().replace(
         'name = "fedtune-flower"', 'name = "other-app"'))
-    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-other-app", "federation.rounds=1"])
+    _, path = write_config(tmp_path / "exp.yaml", ["name=flower-other-app", "federation.rounds=1"])
     fed.submit({"config": str(path), "out": str(tmp_path / "run"), "connect-timeout": 30.0}, app=app)
     refusal = "runs only fedtune's Flower app (fedtune/fedtune-flower), not 'fedtune/other-app'"
     fed.wait_for(lambda: refusal in fed.log("node0.worker") and refusal in fed.log("node1.worker"), 120,

@@ -11,7 +11,7 @@ outside process to take its tasks from its Runtime API. This module is that proc
 ClientApp only: it polls ``AcquireTask`` for ``flwr-clientapp`` tasks and runs each one in this process
 with the same calls ``flwr-clientapp`` makes (pull the message and context with the task's token, call the
 ClientApp, push the reply and the context, heartbeats while it runs), so `fedtune.runtime.flower`'s
-per-process client cache (`flower.client_for`) survives from one message and round to the next.
+per-process client cache (`flower.client_for`: one client per Flower run) serves every message of a run.
 Everything else is Flower's: the SuperNode still talks to the SuperLink (TLS, node authentication), and
 Flower's node state (``Context.state``) is still where a stateful client keeps its state between messages.
 
@@ -48,7 +48,10 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_pull_object_fn_protobuf,
 )
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
