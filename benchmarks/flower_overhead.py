@@ -1,6 +1,10 @@
 """What the Flower runtime costs over the local runtime, on the same tiny experiment.
 
     PYTHONPATH=src python benchmarks/flower_overhead.py [--rounds 3] [--clients 2] [--set peft.r=64 ...]
+        [--isolation process|subprocess]
+
+``--isolation process`` (the default): each SuperNode's ClientApp tasks run in one long-lived
+`fedtune.runtime.flower_worker` process; ``subprocess``: Flower's default, a new ClientApp process per message.
 
 Round time: the time between consecutive server checkpoints (one whole round: sending, client
 training, aggregation, evaluation, saving), watched from this process for both runtimes, so the
@@ -53,7 +57,11 @@ class CountingProxy:
                 client, _ = self.server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.upstream)
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:  # the SuperLink is gone (the federation is closing): drop this connection
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
 
@@ -112,6 +120,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], help="more config overrides, e.g. peft.r=64")
+    p.add_argument("--isolation", choices=["process", "subprocess"], default="process",
+                   help="process: fedtune's long-lived ClientApp worker per SuperNode; subprocess: Flower's default")
     a = p.parse_args()
     c = cfg.load(None, TINY + [f"federation.rounds={a.rounds}", f"federation.num_clients={a.clients}",
                                f"federation.clients_per_round={a.clients}", "name=flower-overhead", *a.set])
@@ -130,7 +140,7 @@ def main() -> None:
         proxy = CountingProxy(("127.0.0.1", fed.port))
         fed.address = proxy.address  # the SuperNodes dial the proxy
         for i in range(a.clients):
-            fed.start_supernode(f"node{i}", f"partition-id={i} num-partitions={a.clients}")
+            fed.start_supernode(f"node{i}", f"partition-id={i} num-partitions={a.clients}", isolation=a.isolation)
         time.sleep(5)  # connected and idle: what follows is the run's traffic
         proxy.reset()
         run = work / "flower"
@@ -145,7 +155,7 @@ def main() -> None:
     counted = payload_bytes(run)
     later = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)
     result = {
-        "config": {"rounds": a.rounds, "clients": a.clients, "overrides": a.set},
+        "config": {"rounds": a.rounds, "clients": a.clients, "overrides": a.set, "isolation": a.isolation},
         "local_round_s": [round(x, 2) for x in local],
         "flower_round_s": [round(x, 2) for x in flower],
         "round_time_ratio_after_round_1": round(later(flower) / later(local), 1),

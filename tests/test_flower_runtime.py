@@ -7,6 +7,7 @@ by tests/test_deploy_flower.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -72,7 +73,7 @@ def flower_factory(monkeypatch, silent=frozenset(), broken=None):
         if broken is not None:
             apps[broken] = out_of_memory
         monkeypatch.setattr(flower, "client_for",
-                            lambda config_yaml, node_config: apps[int(node_config["partition-id"])])
+                            lambda config_yaml, node_config, run_id: apps[int(node_config["partition-id"])])
         return flower.FlowerGrid(FakeFlowerGrid(NODES, silent), ctx.config, flower.FlowerSettings(connect_timeout=1))
 
     return factory
@@ -145,7 +146,7 @@ def test_kd_clients_keep_their_own_adapter_between_messages_in_flowers_node_stat
     def factory(ctx, paradigm):
         init = paradigm.make_clients(ctx)  # built now, like each node's process builds them from a fresh adapter
         # A new client object for every message, as in a new process; only Flower's node state carries over.
-        def fresh_client(config_yaml, node_config):
+        def fresh_client(config_yaml, node_config, run_id):
             k = int(node_config["partition-id"])
             return paradigm.KDClient(k, ctx.model, init[k].examples, init[k].public, init[k].settings, init[0].state,
                                      distill_steps=init[k].distill_steps, device=ctx.device, pad_id=ctx.pad_id,
@@ -163,7 +164,7 @@ def test_kd_clients_keep_their_own_adapter_between_messages_in_flowers_node_stat
 def test_a_node_with_its_own_config_refuses_another_experiment(tmp_path, monkeypatch):
     agreed = cfg.load(None, SMALL)
     (tmp_path / "mine.yaml").write_text(cfg.to_yaml(agreed))
-    monkeypatch.setattr(flower, "client_for", lambda config_yaml, node_config: lambda m: Message({}, {"kind": "ok"}))
+    monkeypatch.setattr(flower, "client_for", lambda config_yaml, node_config, run_id: lambda m: Message({}, {"kind": "ok"}))
     ctx = Context(run_id=1, node_id=3, state=RecordDict(), run_config={},
                   node_config={"partition-id": 0, "config": str(tmp_path / "mine.yaml")})
     fit = Message({}, {"kind": "fit_ins", "round": 1, "dst": 0})
@@ -171,3 +172,56 @@ def test_a_node_with_its_own_config_refuses_another_experiment(tmp_path, monkeyp
     changed = cfg.to_yaml(cfg.load(None, SMALL + ["train.lr=0.5", "model.name=smollm2-135m-instruct"]))
     with pytest.raises(ValueError, match=r"differs .* in model.name, train.lr: refusing"):
         flower.handle(fit, changed, ctx)
+
+
+def test_split_runs_on_flower_only_with_a_split_server_and_waits_for_a_whole_client_round(monkeypatch):
+    split = cfg.load(None, SMALL + ["federation.paradigm=split"])
+    with pytest.raises(ValueError, match=r"runtime\.split_server set"):
+        flower.check_runnable(split)
+    flower.check_runnable(cfg.load(None, SMALL + ["federation.paradigm=split", "runtime.split_server=h:1"]))
+    with pytest.raises(ValueError, match="centralized"):
+        flower.check_runnable(cfg.load(None, SMALL + ["federation.paradigm=centralized"]))
+
+    from fedtune.runtime.split_service import SESSION_TIMEOUT_S
+
+    settings = flower.FlowerSettings.from_run_config({"reply-timeout": 30, "split-round-timeout": 900})
+    assert flower.FlowerSettings().split_round_timeout == SESSION_TIMEOUT_S  # the split stream's own deadline
+    sent = []
+
+    class Recorder(FakeFlowerGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            sent.append((timeout, [m.metadata.ttl for m in messages]))
+            return super().send_and_receive(messages, timeout=timeout)
+
+    grid = flower.FlowerGrid(Recorder({12: {"partition-id": 0}}), split, dataclasses.replace(settings,
+                             connect_timeout=1))
+    monkeypatch.setattr(flower, "client_for", lambda config_yaml, node_config, run_id: lambda m: Message({}, {"kind": "x"}))
+    grid.send_and_receive([Message({}, {"kind": "split_fit_ins", "dst": 0})])
+    grid.send_and_receive([Message({}, {"kind": "fit_ins", "dst": 0})])
+    assert sent == [(30, [30]), (900, [900]), (30, [30])]  # hello, a split client's round, an ordinary message
+    with pytest.raises(ValueError, match="split-round-timeout"):
+        flower.FlowerSettings.from_run_config({"split-round-timeout": 0})
+
+
+def test_a_long_lived_process_builds_a_client_once_per_run(monkeypatch):
+    """flower_worker serves every message of a node from one process: the client is reused within a run only."""
+    built = []
+
+    class Model:
+        unloaded = False
+
+        def unload(self):
+            self.unloaded = True
+
+    def build(config_yaml, node_config):
+        built.append((Model(), Model()))
+        return built[-1]
+
+    monkeypatch.setattr(flower, "build_client", build)
+    monkeypatch.setattr(flower, "_CLIENTS", {})
+    node = {"partition-id": 1, "num-partitions": 2}
+    first = flower.client_for("a: 1\n", node, 7)
+    assert flower.client_for("a: 1\n", dict(node), 7) is first and len(built) == 1  # the next round of run 7
+    second = flower.client_for("a: 1\n", node, 8)  # a new run with the same config: a fresh client
+    assert second is not first and len(built) == 2 and built[0][1].unloaded
+    assert flower.client_for("a: 2\n", node, 8) is not second and built[1][1].unloaded  # another config

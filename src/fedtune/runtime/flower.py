@@ -21,6 +21,13 @@ A client's data: node config ``partition-id=K num-partitions=N`` takes partition
 configured data (how tests compare with the local runtime); ``data-path=/srv/mine.jsonl`` makes
 every row of that file this client's training data and nothing else is read. ``config=/srv/exp.yaml``
 makes the node refuse any experiment but that one.
+
+Split learning (``federation.paradigm: split``) runs with ``runtime.split_server``: Flower carries one
+message each way per client-round (``split_fit_ins`` with the global bottom adapter, ``fit_res`` with the
+client's) and the fed server's FedAvg of the bottom adapters; each step's activations and gradients go
+over the client's own gRPC stream to the main-server service (`fedtune.runtime.split_service`). A
+``split_fit_ins`` reply comes only after the client's whole round, so it waits up to
+``split-round-timeout`` rather than ``reply-timeout``.
 """
 
 from __future__ import annotations
@@ -44,9 +51,10 @@ from ..grid import error_reply, is_error
 from ..progress import Bars
 from ..wire import DEFAULT_MAX_BYTES, Message, WireError, decode, encode
 
-# Flower starts a fresh ClientApp process for every message, so the model, data and training
-# stack (`fedtune.experiment`: transformers, peft, matplotlib; ~12 s to import on a busy CPU)
+# With Flower's default isolation a fresh ClientApp process runs every message, so the model, data and
+# training stack (`fedtune.experiment`: transformers, peft, matplotlib; ~12 s to import on a busy CPU)
 # are imported inside the functions that need them, and the startup query is answered without them.
+# `fedtune.runtime.flower_worker` instead serves all of a SuperNode's messages from one process.
 
 STYPE = "fedtune.wire"
 """Flower ``Array.stype`` of a payload that is one `wire.encode`d message (safetensors bytes)."""
@@ -95,13 +103,17 @@ class FlowerSettings:
     """[reply-timeout] Seconds to wait for a round's replies; a node still silent then has failed."""
     connect_timeout: float = 120.0
     """[connect-timeout] Seconds to wait at startup for federation.num_clients nodes to connect."""
+    split_round_timeout: float = 3600.0
+    """[split-round-timeout] Seconds to wait for a split client's reply to ``split_fit_ins``: its whole round of
+    steps streamed to the split server (default: that stream's own deadline, ``FEDTUNE_SPLIT_TIMEOUT``'s 3600)."""
     max_bytes: int = DEFAULT_MAX_BYTES
     """[max-mb] Largest reply accepted (in MiB on the command line)."""
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> FlowerSettings:
         s = cls()
-        for key, attr in (("reply-timeout", "reply_timeout"), ("connect-timeout", "connect_timeout")):
+        for key, attr in (("reply-timeout", "reply_timeout"), ("connect-timeout", "connect_timeout"),
+                          ("split-round-timeout", "split_round_timeout")):
             if key in rc:
                 value = float(rc[key])
                 if not value > 0:
@@ -196,11 +208,15 @@ class FlowerGrid:
             pending = rest
         return replies  # type: ignore[return-value]
 
+    def timeout_for(self, m: Message) -> float:
+        """Seconds to wait for the reply to `m`: a split client's whole round, or one ordinary exchange."""
+        return self.settings.split_round_timeout if m.kind == "split_fit_ins" else self.settings.reply_timeout
+
     def _exchange(self, pairs: list[tuple[int, Message]]) -> list[Message]:
         """Send each message to its Flower node; one reply per message, `error_reply` where none came."""
         if not pairs:
             return []
-        timeout = self.settings.reply_timeout
+        timeout = max(self.timeout_for(m) for _, m in pairs)
         out = []
         for node, m in pairs:
             content = pack(m, self.config_yaml)
@@ -225,11 +241,17 @@ class FlowerGrid:
         return result
 
 
-UNSUPPORTED = {
-    "split": "split learning exchanges a message per training step, which Flower's round-trip latency cannot "
-             "carry; run it with runtime.split_server",
-    "centralized": "the centralized baseline has no clients; run it with `fedtune run`",
-}
+def check_runnable(c: cfg.Config) -> None:
+    """Refuse, with the fix, an experiment the Flower runtime cannot run."""
+    paradigm = c.federation.paradigm
+    if paradigm == "centralized":
+        raise ValueError("federation.paradigm = 'centralized' does not run on Flower: the centralized baseline has "
+                         "no clients; run it with `fedtune run`.")
+    if paradigm == "split" and not c.runtime.split_server:
+        raise ValueError("federation.paradigm = 'split' runs on Flower only with runtime.split_server set: split "
+                         "learning exchanges a message per training step, which Flower's round trip (seconds) cannot "
+                         "carry. Start the main-server service (`fedtune split-server --config <this config> --port "
+                         "<port>`) and set runtime.split_server = host:port in the config.")
 
 server_app = ServerApp()
 
@@ -243,9 +265,7 @@ def _server_main(grid: FlowerServerGrid, context: Context) -> None:
     if not rc.get("config"):
         raise ValueError("flwr run needs the experiment: --run-config \"config='path/to/experiment.yaml'\"")
     c = experiment.load(Path(str(rc["config"])))
-    if c.federation.paradigm in UNSUPPORTED:
-        raise ValueError(f"federation.paradigm = {c.federation.paradigm!r} does not run on Flower: "
-                         f"{UNSUPPORTED[c.federation.paradigm]}.")
+    check_runnable(c)
     settings = FlowerSettings.from_run_config(rc)
 
     def flower_grid(ctx, paradigm) -> FlowerGrid:
@@ -321,9 +341,14 @@ def build_client(config_yaml: str, node_config: dict[str, Any]):
 _CLIENTS: dict[tuple, tuple[Any, Any]] = {}
 
 
-def client_for(config_yaml: str, node_config: dict[str, Any]):
-    """The node's client app, built once per process for a given config and node config."""
-    key = (config_yaml, tuple(sorted((k, str(v)) for k, v in node_config.items())))
+def client_for(config_yaml: str, node_config: dict[str, Any], run_id: int):
+    """The node's client app, built once per process for a Flower run (and its config and node config).
+
+    A process serves many messages when the SuperNode's tasks go to `fedtune.runtime.flower_worker`; a new
+    run gets a new app even with the same config, so nothing of an earlier run (e.g. a KD client's private
+    adapter) leaks into it: within a run, Flower's node state is what carries a client's state.
+    """
+    key = (run_id, config_yaml, tuple(sorted((k, str(v)) for k, v in node_config.items())))
     if key not in _CLIENTS:
         for _, model in _CLIENTS.values():
             model.unload()  # the base is cached per process: take the old adapter off it before the next
@@ -365,7 +390,7 @@ def handle(inbound: Message, config_yaml: str | None, context: Context) -> Messa
         raise WireError("the server sent no experiment config with its message")
     if node_config.get("config"):
         agree(config_yaml, str(node_config["config"]))
-    app = client_for(config_yaml, node_config)
+    app = client_for(config_yaml, node_config, context.run_id)
     stateful = hasattr(app, "state")  # e.g. KD clients keep their own adapter between rounds
     if stateful and STATE_KEY in context.state:
         app.state = unpack(RecordDict({"fedtune": context.state[STATE_KEY]}))[0].tensors

@@ -2,8 +2,9 @@
 
 For the deploy tests, the overhead benchmark and trying the Flower runtime out before
 going to several machines. It starts exactly the commands README "Deploy across
-machines" gives (``flower-superlink``, ``flower-supernode``, ``flwr run``), each in its
-own process with its log in the work folder, and kills every one of them on `close`.
+machines" gives (``flower-superlink``, ``flower-supernode``, ``flwr run``, and per SuperNode
+fedtune's ClientApp worker ``python -m fedtune.runtime.flower_worker``), each in its own
+process with its log in the work folder, and kills every one of them on `close`.
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ class LocalFederation:
         work: Folder for logs, the Flower home and certificates.
         tls: ``(ca_cert, server_cert, server_key)`` PEM paths for TLS, or None for ``--insecure``.
         node_auth: Start the SuperLink with ``--enable-supernode-auth``.
+        env: More environment variables for every process (e.g. the split service's ``FEDTUNE_SPLIT_*``
+            credentials, which the ServerApp and ClientApp processes inherit).
     """
 
-    def __init__(self, work: Path, tls: tuple[Path, Path, Path] | None = None, node_auth: bool = False) -> None:
+    def __init__(self, work: Path, tls: tuple[Path, Path, Path] | None = None, node_auth: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.tls = tls
@@ -76,7 +80,7 @@ class LocalFederation:
         src = str(Path(__file__).resolve().parents[2])
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+                    "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p), **(env or {})}
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         with open(self.work / f"{name}.log", "w") as log:
@@ -103,13 +107,24 @@ class LocalFederation:
         self.wait_for(lambda: "Uvicorn running" in self.log("superlink") or "startup complete" in
                       self.log("superlink"), timeout, "the SuperLink to start", "superlink")
 
-    def start_supernode(self, name: str, node_config: str, private_key: Path | None = None) -> subprocess.Popen:
-        args = [flower_bin("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
-                "--node-config", node_config, "--max-retries", "3"]
+    def start_supernode(self, name: str, node_config: str, private_key: Path | None = None,
+                        isolation: str = "process") -> subprocess.Popen:
+        """A SuperNode; with ``isolation="process"`` (the default) also its long-lived ClientApp worker
+        (`fedtune.runtime.flower_worker`, log ``<name>.worker.log``), which keeps the model loaded between
+        messages. ``"subprocess"`` is Flower's default: a new ClientApp process per message."""
+        if isolation not in ("process", "subprocess"):
+            raise ValueError(f"isolation={isolation!r}: use 'process' (fedtune's worker) or 'subprocess' (Flower's)")
+        runtime_port = free_port()
+        args = [flower_bin("flower-supernode"), "--superlink", self.address, "--port", str(runtime_port),
+                "--node-config", node_config, "--max-retries", "3", "--isolation", isolation]
         args += ["--root-certificates", str(self.tls[0])] if self.tls else ["--insecure"]
         if private_key is not None:
             args += ["--auth-supernode-private-key", str(private_key)]
-        return self._start(name, args)
+        node = self._start(name, args)
+        if isolation == "process":
+            self._start(f"{name}.worker", [sys.executable, "-m", "fedtune.runtime.flower_worker",
+                                           "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"])
+        return node
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this SuperLink (its connection is the default in the Flower home)."""
@@ -140,7 +155,10 @@ class LocalFederation:
             time.sleep(0.2)
 
     def kill(self, name: str) -> None:
-        """Kill one process we started and every process it started (Flower detaches some into new sessions)."""
+        """Kill one process we started and every process it started (Flower detaches some into new sessions);
+        a SuperNode goes with its worker, as when its machine dies."""
+        if not name.endswith(".worker"):
+            self.kill(f"{name}.worker")
         proc = self.procs.pop(name, None)
         if proc is None:
             return
