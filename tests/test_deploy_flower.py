@@ -203,7 +203,6 @@ def test_split_over_flower_and_the_split_server_equals_the_local_runtime(fed, sp
         assert abs(r["bytes_down"] - loc[node]["bytes_down"]) < 512
 
 
-@pytest.mark.slow
 def test_server_killed_after_round_1_resumes_and_equals_the_local_runtime(fed, tiny, tmp_path):
     c, path = write_config(tmp_path / "exp.yaml", ["name=flower-resume", "federation.rounds=3"])
     experiment.run(c, tmp_path / "local", quiet=True)
@@ -243,7 +242,6 @@ def test_kd_over_flower_equals_the_local_runtime(fed, tiny, tmp_path):
     assert_same_adapter(run, tmp_path / "local")
 
 
-@pytest.mark.slow
 def test_supernode_killed_mid_round_drops_out_and_the_round_completes(fed, tiny, tmp_path):
     # 8 steps: node 1 is still building its client and training when it is killed (its worker is fast)
     c, path = write_config(tmp_path / "exp.yaml", ["name=flower-dropout", "federation.rounds=1",
@@ -275,7 +273,6 @@ def test_supernode_killed_mid_round_drops_out_and_the_round_completes(fed, tiny,
     assert_same_adapter(run, tmp_path / "local")
 
 
-@pytest.mark.slow
 def test_nodes_reading_only_their_own_files_train_on_those_files(tiny, tmp_path):
     """data-path: node k's file holds the rows of the *other* partition, so only reading the file reproduces
     the simulation with the partitions swapped (and not the plain simulation)."""
