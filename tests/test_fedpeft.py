@@ -188,3 +188,29 @@ def test_streamed_clients_on_a_shared_model_reply_as_when_run_one_at_a_time(setu
     # The clients really trained different adapters (the check above is not comparing one state thrice).
     key = next(k for k in global_state if "lora_B" in k)
     assert not torch.equal(streamed[0].tensors[key], streamed[1].tensors[key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous path runs on CUDA only")
+def test_streamed_clients_on_cuda_with_graphs_reply_as_when_run_one_at_a_time(tiny):
+    """On CUDA, client k+1 loads its state into the shared model while client k's copy is still queued."""
+    import copy
+
+    base, tok = tiny
+    c = cfg.load(None, SMALL)
+    data = prepare_data(c, tok, Bars(quiet=True))
+    model = attach_lora(copy.deepcopy(base).cuda(), c.peft, c.seed)
+    s = fedpeft.TrainSettings(local_steps=3, local_epochs=None, batch_size=4, lr=0.01, count_flops=False)
+    runner = fedpeft.make_runner(model, s, device=torch.device("cuda"), pad_id=tok.pad_token_id)
+    apps = {i: fedpeft.FedPeftClient(i, model, [data.train[j] for j in data.parts[i]], s, device=torch.device("cuda"),
+                                     pad_id=tok.pad_token_id, seed=0, runner=runner) for i in range(3)}
+    global_state = fedpeft.adapter_state(model)
+    messages = [Message(global_state, {"kind": "fit_ins", "round": 1, "dst": i}) for i in range(3)]
+    one_by_one = [apps[i](m) for i, m in enumerate(messages)]
+    assert runner.captured_shapes > 0
+    streamed = list(LocalGrid(apps, serialize=False).stream(messages))
+    for a, b in zip(one_by_one, streamed):
+        assert a.meta["train_loss"] == b.meta["train_loss"] and b.meta["seconds"] > 0
+        for k in a.tensors:
+            torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=0, atol=0)
+    key = next(k for k in global_state if "lora_B" in k)
+    assert not torch.equal(streamed[0].tensors[key], streamed[1].tensors[key])

@@ -225,3 +225,16 @@ def test_a_long_lived_process_builds_a_client_once_per_run(monkeypatch):
     second = flower.client_for("a: 1\n", node, 8)  # a new run with the same config: a fresh client
     assert second is not first and len(built) == 2 and built[0][1].unloaded
     assert flower.client_for("a: 2\n", node, 8) is not second and built[1][1].unloaded  # another config
+
+
+def test_the_worker_ignores_a_sigint_while_a_task_runs_and_stops_on_one_when_idle():
+    """flwr stops a task by signalling its process; in the long-lived worker that must not end later tasks."""
+    from fedtune.runtime import flower_worker as worker
+
+    worker._track(+1)
+    try:
+        worker._on_sigint(2, None)  # a task runs: logged and ignored
+    finally:
+        worker._track(-1)
+    with pytest.raises(KeyboardInterrupt):
+        worker._on_sigint(2, None)  # idle: stops as Ctrl-C does

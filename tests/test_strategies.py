@@ -75,3 +75,13 @@ def test_weighted_mean_of_packed_states_equals_the_per_tensor_mean():
     mixed = weighted_mean([views[0], s[1], views[2]], n)  # one unpacked state: the per-tensor path, same result
     for k in keys:
         torch.testing.assert_close(mixed[k], out[k])
+
+
+def test_packed_states_with_other_shapes_of_the_same_total_are_refused():
+    """One buffer each is not enough: tensor by tensor the shapes must agree, as on the per-tensor path."""
+    a = torch.arange(8.0)
+    b = torch.arange(8.0) + 1
+    one = {"x": a[:4].view(2, 2), "y": a[4:]}
+    other = {"x": b[:6].view(2, 3), "y": b[6:]}  # same keys and total length, other shapes
+    with pytest.raises(RuntimeError):
+        weighted_mean([one, other], [1.0, 1.0])

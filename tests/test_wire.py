@@ -501,3 +501,17 @@ def test_decode_without_copy_views_the_payload_and_equals_the_copy(payload: tupl
         assert head + start <= t.data_ptr() < head + len(data)
     for t in copied.tensors.values():
         assert not head <= t.data_ptr() < head + len(data)
+
+
+@pytest.mark.parametrize("shape", [[0, 10**30], [0, 2**62, 2**62], [2**40, 2**40], [1] * 65, [2**62] * 60000])
+def test_decode_refuses_hostile_shapes_with_a_wire_error_at_once(shape) -> None:
+    # Sizes torch cannot build, or whose product (zeros or not) would cost big-integer arithmetic,
+    # are refused as malformed: never a TypeError/RuntimeError that takes the receiver down, never slow.
+    header = {"__metadata__": {"fedtune": "{}"}, "x": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with pytest.raises(WireError, match="not valid safetensors"):
+        decode(struct.pack("<Q", len(head)) + head)
+    with pytest.raises(Exception) as reference:  # safetensors' own reader refuses them too
+        safetensors.torch.load(struct.pack("<Q", len(head)) + head)
+    assert reference.value is not None

@@ -38,8 +38,10 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
         if set(s) != keys:
             raise ValueError(f"states have different keys: {sorted(keys ^ set(s))}")
     keys = list(states[0])
+    shapes = [states[0][k].shape for k in keys]
     flats = [packed([s[k] for k in keys]) for s in states]
-    if all(f is not None and f.shape == flats[0].shape and f.device == flats[0].device for f in flats):
+    if all(f is not None and f.device == flats[0].device and [s[k].shape for k in keys] == shapes
+           for f, s in zip(flats, states)):
         # Every state is one buffer (a client's adapter copied off a GPU in one transfer, a mean from here):
         # one vectorised add per client over the whole buffer instead of one per tensor.
         acc = torch.zeros(flats[0].shape, dtype=torch.float32, device=flats[0].device)

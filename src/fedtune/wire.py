@@ -22,7 +22,6 @@ from __future__ import annotations
 import cmath
 import functools
 import json
-import math
 import sys
 import warnings
 from collections.abc import Mapping
@@ -430,7 +429,10 @@ def _load(data: bytes, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict
             raise invalid(f"tensor {name!r}: no dtype this reader can load ({code!r})")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-            raise invalid(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+            raise invalid(f"tensor {name!r}: shape {str(shape)[:200]} is not a list of sizes")
+        if _numel(shape) is None:
+            raise invalid(f"tensor {name!r}: shape {str(shape)[:200]} has more than {_MAX_DIMS} dimensions or "
+                          "sizes whose product does not fit in 64 bits")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
             raise invalid(f"tensor {name!r}: data_offsets {offsets!r} is not a [start, end] pair")
         entries.append((offsets[0], offsets[1], name, dtype, shape))
@@ -441,20 +443,42 @@ def _load(data: bytes, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict
         if start != end or stop < start:
             raise invalid(f"tensor {name!r}: data_offsets [{start}, {stop}] do not start at the previous "
                           f"tensor's end {end}")
-        if stop - start != math.prod(shape) * dtype.itemsize:
+        if stop - start != _numel(shape) * dtype.itemsize:
             raise invalid(f"tensor {name!r}: {stop - start} bytes do not hold shape {shape} of {dtype}")
         end = stop
     if end != body_len:
         raise invalid(f"the tensors cover {end} of the {body_len} data bytes")
-    if copy:
-        body = bytearray(memoryview(data)[_PREFIX_BYTES + n :]) if body_len else bytearray()
-        return {name: _view(body, start, stop - start, dtype, shape)
-                for start, stop, name, dtype, shape in entries}, header
-    with warnings.catch_warnings():
-        # torch warns (once) that `data` is not writable: with copy=False that is the contract.
-        warnings.simplefilter("ignore", UserWarning)
-        return {name: _view(data, _PREFIX_BYTES + n + start, stop - start, dtype, shape)
-                for start, stop, name, dtype, shape in entries}, header
+    try:
+        if copy:
+            body = bytearray(memoryview(data)[_PREFIX_BYTES + n :]) if body_len else bytearray()
+            return {name: _view(body, start, stop - start, dtype, shape)
+                    for start, stop, name, dtype, shape in entries}, header
+        with warnings.catch_warnings():
+            # torch warns (once) that `data` is not writable: with copy=False that is the contract.
+            warnings.simplefilter("ignore", UserWarning)
+            return {name: _view(data, _PREFIX_BYTES + n + start, stop - start, dtype, shape)
+                    for start, stop, name, dtype, shape in entries}, header
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:  # a shape torch refuses
+        raise invalid(f"a tensor cannot be built: {type(exc).__name__}: {exc}") from exc
+
+
+_MAX_DIMS = 64
+"""Most dimensions a received tensor may have (torch's own limit; real tensors have a handful)."""
+
+
+def _numel(shape: list[int]) -> int | None:
+    """The number of elements of `shape`; None when it has more than `_MAX_DIMS` dimensions or when the
+    product of its non-zero sizes exceeds 64 bits (torch could not build it, and a bounded product keeps
+    a hostile header from costing big-integer arithmetic)."""
+    if len(shape) > _MAX_DIMS:
+        return None
+    product = 1
+    for d in shape:
+        if d:
+            product *= d
+            if product >= 2**63:
+                return None
+    return 0 if 0 in shape else product
 
 
 def _view(buffer, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:

@@ -25,6 +25,7 @@ an error reply: this process runs no code but fedtune's.
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
 import time
 import traceback
@@ -119,19 +120,55 @@ def run_task(address: str, token: str, root_certificates: bytes | None = None) -
         if message is not None:
             reply = FlowerMessage(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
     finally:
+        # The heartbeat stops first: once the task's output is pushed its token is gone, and a heartbeat
+        # then would make flwr signal this whole process (see `_on_sigint`). Each push is guarded alone,
+        # so a failed reply still ends the task and nothing is left running.
+        heartbeat.stop()
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
-        finally:
+        except Exception as err:
+            log(ERROR, "fedtune worker: the reply could not be pushed: %s", err)
+        try:
             push_task_output(client, context, status, details)
-            heartbeat.stop()
+        except Exception as err:
+            log(ERROR, "fedtune worker: the task's end could not be pushed: %s", err)
+        finally:
             client.close()
     return status
 
 
+_running = 0  # tasks running now (`_run_logged`), read by `_on_sigint`
+_running_lock = threading.Lock()
+
+
+def _track(delta: int) -> None:
+    global _running
+    with _running_lock:
+        _running += delta
+
+
+def _on_sigint(signum, frame) -> None:
+    """flwr's task code stops a task by signalling its process (SIGINT, made for one process per task): a
+    heartbeat the SuperNode refuses, or a 401 on a task token that is gone. In this process that would
+    end every later task too, so while a task runs SIGINT is logged and ignored (the task fails on its own
+    error); with none running it stops the worker as usual. SIGTERM always stops it."""
+    with _running_lock:
+        busy = _running
+    if busy:
+        log(INFO, "fedtune worker: SIGINT while %d task(s) run (flwr stopping a task?): ignored; "
+                  "stop the worker with SIGTERM", busy)
+        return
+    raise KeyboardInterrupt
+
+
 def _run_logged(address: str, token: str, task_id: int, root_certificates: bytes | None) -> None:
     started = time.monotonic()
-    status = run_task(address, token, root_certificates)
+    _track(+1)
+    try:
+        status = run_task(address, token, root_certificates)
+    finally:
+        _track(-1)
     log(INFO, "fedtune worker: task %d %s in %.2f s", task_id, status, time.monotonic() - started)
 
 
@@ -148,9 +185,15 @@ def serve(address: str, root_certificates: bytes | None = None, poll: float = 0.
 
     client = _client(address, root_certificates, "SuperExec")
     log(INFO, "fedtune worker: serving ClientApp tasks of the SuperNode at %s", address)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         while True:
-            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+            except Exception as err:  # the SuperNode restarting, a refused call: poll again, never exit
+                log(ERROR, "fedtune worker: asking the SuperNode for a task failed: %s", err)
+                time.sleep(max(poll, 1.0))
+                continue
             if res.HasField("task") and res.token:
                 threading.Thread(target=_run_logged, args=(address, res.token, res.task.task_id, root_certificates),
                                  name=f"task-{res.task.task_id}", daemon=True).start()
