@@ -292,7 +292,7 @@ def test_nodes_reading_only_their_own_files_train_on_those_files(tiny, tmp_path)
     with pytest.raises(AssertionError):
         assert_same_adapter(tmp_path / "plain", tmp_path / "swapped")  # the two references differ
     run = tmp_path / "flower"
-    with LocalFederation(tmp_path / "work") as federation:
+    with LocalFederation(tmp_path / "work", env={"OMP_NUM_THREADS": "1"}) as federation:  # as this process
         federation.start_superlink()
         for k, part in enumerate(swapped):
             mine = tmp_path / f"client{k}.jsonl"
