@@ -188,10 +188,7 @@ class StepRunner:
             self._losses.append(loss.detach().clone())
         elif self.count_flops and shape not in self._flops_per_shape:
             # Not captured (no graphs, or capture failed): count this shape's FLOPs on its first real step.
-            meter = ComputeMeter(self.device, count_flops=True)
-            with meter:
-                self._static_step(static, record=True, eager=True)
-            self._flops_per_shape[shape] = int(meter.flops or 0)
+            self._counted_step(shape, static, record=True)
         else:
             self._static_step(static, record=True)
         self.flops += self._flops_per_shape.get(shape, 0)
@@ -258,6 +255,13 @@ class StepRunner:
             self._losses.append(loss.detach())
         return loss
 
+    def _counted_step(self, shape: tuple[int, int], static: dict[str, torch.Tensor], record: bool) -> None:
+        """One eager static step under FlopCounterMode; its FLOPs become this shape's count per step."""
+        meter = ComputeMeter(self.device, count_flops=True)
+        with meter:
+            self._static_step(static, record=record, eager=True)
+        self._flops_per_shape[shape] = int(meter.flops or 0)
+
     def _snapshot(self):
         params = [p.detach().clone() for p in self.params]
         state = {id(p): {k: (t.clone() if torch.is_tensor(t) else t) for k, t in s.items()}
@@ -290,10 +294,7 @@ class StepRunner:
                 # the first one is also where this shape's FLOPs are counted.
                 for i in range(3):
                     if i == 0 and self.count_flops:
-                        meter = ComputeMeter(self.device, count_flops=True)
-                        with meter:
-                            self._static_step(inputs, record=False, eager=True)
-                        self._flops_per_shape[shape] = int(meter.flops or 0)
+                        self._counted_step(shape, inputs, record=False)
                     else:
                         self._static_step(inputs, record=False)
             torch.cuda.current_stream(self.device).wait_stream(side)
