@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from . import registry
 from .wire import Message, WireError, decode, encode
 
 FILE = "checkpoint.safetensors"
@@ -59,11 +60,8 @@ class Saved:
 
 
 def enabled(config) -> bool:
-    """Whether this run checkpoints its server (``runtime.checkpoint`` and a paradigm whose state it holds)."""
-    paradigm = config.federation.paradigm
-    if paradigm == "split":
-        return config.runtime.checkpoint and not config.runtime.split_server
-    return config.runtime.checkpoint and paradigm in ("fedpeft", "fedprox", "kd")
+    """Whether this run checkpoints its server: ``runtime.checkpoint``, as its paradigm decides (`Paradigm.checkpoints`)."""
+    return registry.get(config.federation.paradigm).checkpoints(config)
 
 
 def resumes(folder: Path, config) -> bool:

@@ -112,7 +112,8 @@ def _split_server(args) -> None:
     import threading
     from pathlib import Path
 
-    from .runtime.split_service import ServerSecurity, build_service, read_token_file, start_server
+    from .runtime.split_auth import ServerSecurity, read_token_file
+    from .runtime.split_service import build_service, start_server
 
     def read(flag: str, path: str | None) -> bytes | None:
         if path is None:
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "run":
-            from .experiment import run
+            from .launch import run
 
             config = cfg.load(args.config, args.overrides)
             run(config, out=args.out, quiet=args.quiet)

@@ -174,7 +174,7 @@ def compare(
     quiet: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every framework (x every sweep point) and write the comparison; returns its rows."""
-    from .experiment import run
+    from .launch import run
 
     sweep_keys = parse_sweep(sweep or [])
     runs = plan(config_path, overrides or [], list(paradigms or DEFAULT_PARADIGMS), sweep_keys)

@@ -20,12 +20,14 @@ from typing import Any, Literal
 
 import yaml
 
+from . import paradigms  # registers every paradigm (and so their config sections)
+from . import registry
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or an override."""
 
 
-PARADIGMS = ("fedpeft", "fedprox", "centralized", "kd", "split")
 STRATEGIES = ("fedavg", "fedavgm", "fedadam")
 PARTITIONS = ("iid", "dirichlet", "by_field", "quantity")
 TASKS = ("classification", "generation")
@@ -88,8 +90,8 @@ class DataConfig:
 
 @dataclass
 class FederationConfig:
-    paradigm: Literal["fedpeft", "fedprox", "centralized", "kd", "split"] = "fedpeft"
-    """`fedpeft` (LoRA + FedAvg), `fedprox` (adds the proximal term `prox_mu` on clients), `centralized` (all data on one client, same step budget), `kd` (logits on a public set, see the kd section), `split` (model cut at split.cut_layer, see the split section)."""
+    paradigm: str = "fedpeft"
+    """`fedpeft` (LoRA + FedAvg), `fedprox` (adds the proximal term `prox_mu` on clients), `centralized` (all data on one client, same step budget), `kd` (logits on a public set, see the kd section), `split` (model cut at split.cut_layer, see the split section); every registered paradigm (`fedtune.paradigms`)."""
     num_clients: int = 10
     clients_per_round: int = 5
     rounds: int = 5
@@ -121,7 +123,7 @@ class TrainConfig:
     count_flops: bool = True
     """Count FLOPs of the real client steps with torch's FlopCounterMode (a little slower)."""
     cuda_graphs: bool = True
-    """On CUDA, FedLLM clients run each batch shape's step as one captured CUDA graph (see fedtune.train_step); ignored on the CPU."""
+    """On CUDA, FedLLM clients run each batch shape's step as one captured CUDA graph (see fedtune.train.step_runner); ignored on the CPU."""
     compile: bool = False
     """On CUDA, also torch.compile the step (fuses elementwise work: 1.8x on a 1B model; 1-2 minutes of compilation per batch shape)."""
 
@@ -133,37 +135,6 @@ class PeftConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class KDConfig:
-    public_source: str | None = None
-    """File of public (unlabeled) prompts known to server and clients; when unset, `public_fraction` of the training rows is held back from every client and its labels dropped."""
-    public_fraction: float = 0.1
-    public_size: int | None = 200
-    """At most this many public prompts (null: all)."""
-    top_k: int = 8
-    """Generation tasks: logits travel as the top-k token ids and fp16 values per position."""
-    full_logits: bool = False
-    """Generation tasks: send full-vocabulary logits instead of top-k (to show the cost of not compressing)."""
-    temperature: float = 1.0
-    """Softmax temperature of the soft labels and the distillation loss."""
-    distill_steps: int = 4
-    """Client steps distilling toward the server's soft labels each round (before private training)."""
-    server_steps: int = 10
-    """Server steps distilling the aggregated soft labels into the global model each round."""
-    client_model: str | None = None
-    """A different (e.g. smaller) client model with the same tokenizer; default: the server's model."""
-
-
-@dataclass
-class SplitConfig:
-    cut_layer: int | None = None
-    """Clients hold the embeddings and blocks [0, c); the server blocks [c, L), the norm and the head (default L // 2)."""
-    u_shaped: bool = False
-    """Keep the head and the labels on the client: the server returns its top activations and receives their gradients."""
-    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of the activations and gradients on the wire."""
 
 
 @dataclass
@@ -190,25 +161,29 @@ class EvalConfig:
     """Also evaluate the base model before training."""
 
 
-@dataclass
-class Config:
-    name: str = "fedtune"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+def _post_init(self) -> None:
+    validate(self)
 
-    def __post_init__(self) -> None:
-        validate(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def _to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _section_field(name: str, cls: type) -> tuple[str, type, Any]:
+    return name, cls, field(default_factory=cls)
+
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [("name", str, field(default="fedtune")), ("seed", int, field(default=0)),
+     *(_section_field(n, c) for n, c in [("model", ModelConfig), ("data", DataConfig), ("federation", FederationConfig),
+                                         ("train", TrainConfig), ("peft", PeftConfig), ("eval", EvalConfig)]),
+     # Each paradigm's own section (`Paradigm.section`), then the runtime.
+     *(_section_field(n, c) for n, c in registry.sections().items()),
+     _section_field("runtime", RuntimeConfig)],
+    namespace={"__post_init__": _post_init, "to_dict": _to_dict, "__module__": __name__,
+               "__doc__": "A whole experiment: ``name``, ``seed`` and one dataclass per section (the schema)."},
+)
 
 
 # --------------------------------------------------------------------------- checks
@@ -280,23 +255,24 @@ def validate(c: Config) -> None:
     if d.task == "classification" and d.source != "demo" and not d.label_words:
         _fail("data.label_words", d.label_words, "a list of label words or a mapping raw label -> word",
               "Classification on your own data needs the words the model should answer with.")
-    k = c.kd
-    for path, v in [("kd.top_k", k.top_k), ("kd.distill_steps", k.distill_steps + 1), ("kd.server_steps", k.server_steps + 1)]:
-        if v < 1:
-            _fail(path, v, "a positive integer (steps may be 0)")
-    if k.public_size is not None and k.public_size < 1:
-        _fail("kd.public_size", k.public_size, "a positive integer or null",
-              "An empty public set leaves nothing to distil on.")
-    if not 0 < k.public_fraction < 1:
-        _fail("kd.public_fraction", k.public_fraction, "a number strictly between 0 and 1")
-    if not k.temperature > 0:
-        _fail("kd.temperature", k.temperature, "a positive number")
-    if c.runtime.batch_clients > 1 and f.paradigm not in ("fedpeft", "fedprox"):
+    if f.paradigm not in registry.names():
+        close = difflib.get_close_matches(f.paradigm, registry.names(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"federation.paradigm = {f.paradigm!r} is not allowed: choose one of "
+                          f"{', '.join(map(repr, registry.names()))}.{hint}")
+    spec = registry.get(f.paradigm)
+    if c.runtime.batch_clients > 1 and spec.batched is None:
         _fail("runtime.batch_clients", c.runtime.batch_clients,
-              f"clients are batched for federation.paradigm fedpeft or fedprox only, not {f.paradigm!r}",
+              f"federation.paradigm {f.paradigm!r} does not batch its clients (those that do: "
+              f"{', '.join(p for p in registry.names() if registry.get(p).batched is not None)})",
               "Set runtime.batch_clients=1.")
-    if c.split.cut_layer is not None and c.split.cut_layer < 1:
-        _fail("split.cut_layer", c.split.cut_layer, "an integer with 1 <= cut_layer < number of layers")
+    if spec.validate is not None:
+        try:
+            spec.validate(c)
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if e.max_examples is not None and e.max_examples < 1:
         _fail("eval.max_examples", e.max_examples, "a positive integer or null")
 
@@ -433,7 +409,13 @@ def from_dict(
                     if path not in texts:
                         raise
                     sub[k] = _coerce(texts[path], hints[k], path, w)
-            kwargs[key] = tp(**sub)
+            try:
+                kwargs[key] = tp(**sub)
+            except ConfigError:
+                raise
+            except ValueError as err:  # a section's own __post_init__ checks (e.g. a paradigm's section)
+                first = str(err).split(" ", 1)[0]
+                raise ConfigError(f"{lines.get(first, where)}{err}") from None
         else:
             kwargs[key] = _coerce(value, tp, key, where)
     try:

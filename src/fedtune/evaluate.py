@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .data.tasks import ClassificationTask, Example, GenerationTask, collate
-from .losses import label_scores
+from .train.losses import label_scores
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ This file wires the layers together (data -> model -> paradigm over a runtime
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
 import subprocess
@@ -22,6 +21,7 @@ import torch
 from . import __version__
 from . import checkpoint
 from . import config as cfg
+from . import paradigms
 from .data.demo import DEMO_LABELS, DEMO_PROMPT, make_demo_task
 from .data.partition import label_histogram, partition_indices, skew
 from .data.sources import load_records, require_fields
@@ -30,10 +30,11 @@ from .context import RunContext
 from .evaluate import evaluate
 from .grid import Grid
 from .models import attach_lora, load_base, resolve_device
-from .multilora import BatchedFedPeft
 from .progress import Bars
 from .report import write_outputs
 from .runtime.local import BatchedLocalGrid, LocalGrid
+from .runtime.split_client import RemoteServices
+from .split_session import LocalServices
 
 
 # --------------------------------------------------------------------------- data
@@ -109,7 +110,8 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
     train = encode(train_rows, d.source)
     test = encode(test_rows, d.test_source or d.source)
     keys = [str(r[key_field]) for r in train_rows] if key_field else ["-"] * len(train_rows)
-    num_clients = 1 if c.federation.paradigm == "centralized" else c.federation.num_clients
+    spec = paradigms.get(c.federation.paradigm)
+    num_clients = 1 if spec.single_client else c.federation.num_clients
     parts = partition_indices(
         d.partition if num_clients > 1 else "iid",
         num_clients,
@@ -119,8 +121,8 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
         alpha=d.alpha,
     )
     public: list[Example] = []
-    if c.federation.paradigm == "kd":
-        held, public = _public_set(c, task, train_rows)
+    if spec.needs_public_set:
+        held, public = public_set(c, task, train_rows)
         # Held back after partitioning, so KD's clients keep the partition the other frameworks get.
         parts = [[i for i in part if i not in held] for part in parts]
     if num_clients > 1:
@@ -130,7 +132,7 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
     return Prepared(task, train, test, parts, keys, public)
 
 
-def _public_set(c: cfg.Config, task, train_rows: list[dict]) -> tuple[set[int], list[Example]]:
+def public_set(c: cfg.Config, task, train_rows: list[dict]) -> tuple[set[int], list[Example]]:
     """KD's public prompts, and the training rows they take from the clients.
 
     Either a separate file (nothing taken), or a seeded ``kd.public_fraction`` of the training
@@ -196,20 +198,35 @@ def default_out(name: str) -> Path:
 # --------------------------------------------------------------------------- run
 
 
-GridFactory = Callable[[RunContext, Any], Grid]
-"""Makes the grid a run's server talks through, from the context and the paradigm module."""
+GridFactory = Callable[[RunContext, paradigms.Paradigm], Grid]
+"""Makes the grid a run's server talks through, from the context and the paradigm."""
 
 
-def local_grid(ctx: RunContext, paradigm) -> Grid:
+def local_grid(ctx: RunContext, paradigm: paradigms.Paradigm) -> Grid:
     """The default runtime: every client app of the paradigm in this process.
 
-    With ``runtime.batch_clients`` K > 1, FedLLM clients train K at a time in one pass (`fedtune.multilora`).
+    With ``runtime.batch_clients`` K > 1, clients train K at a time in one pass (the paradigm's ``batched``).
     """
     apps = paradigm.make_clients(ctx)
     k = ctx.config.runtime.batch_clients
     if k > 1:
-        return BatchedLocalGrid(apps, BatchedFedPeft(apps), k, serialize=ctx.config.federation.serialize)
+        return BatchedLocalGrid(apps, paradigm.batched(apps), k, serialize=ctx.config.federation.serialize)
     return LocalGrid(apps, serialize=ctx.config.federation.serialize)
+
+
+def services_for(c: cfg.Config, model, device: torch.device):
+    """What a paradigm gets besides its Grid: split learning's main server, in process or the service at
+    ``runtime.split_server`` (credentials from the environment, `fedtune.runtime.split_client`)."""
+    if c.runtime.split_server:
+        return RemoteServices(c.runtime.split_server, model)
+    return LocalServices(model, device, serialize=c.federation.serialize)
+
+
+def context(c: cfg.Config, model, tokenizer, data: Prepared, device: torch.device, bars: Bars, *,
+            log: Callable[[dict[str, Any]], None], score: Callable[[], float], path: Path) -> RunContext:
+    """The `RunContext` of a run (also what a Flower node or a worker rank builds for its clients)."""
+    return RunContext(config=c, model=model, tokenizer=tokenizer, data=data, device=device, bars=bars, log=log,
+                      score=score, path=path, services=services_for(c, model, device))
 
 
 def load(config: cfg.Config | dict | str | Path) -> cfg.Config:
@@ -221,6 +238,16 @@ def load(config: cfg.Config | dict | str | Path) -> cfg.Config:
     return config
 
 
+def load_model(c: cfg.Config) -> tuple[Any, Any, torch.device]:
+    """Seed, load the base and attach a fresh LoRA, as `setup` does: ``(model, tokenizer, device)`` (no data)."""
+    device = resolve_device(c.model.device)
+    random.seed(c.seed)
+    torch.manual_seed(c.seed)
+    base, tokenizer = load_base(c.model.name, dtype=c.model.dtype, device=device,
+                                attn_implementation=c.model.attn_implementation)
+    return attach_lora(base, c.peft, c.seed), tokenizer, device
+
+
 def setup(c: cfg.Config, bars: Bars, prepare: Callable[[cfg.Config, Any, Bars], Prepared] | None = None
           ) -> tuple[Any, Any, Prepared, torch.device]:
     """Seed, load the base, prepare the data and attach a fresh LoRA: ``(model, tokenizer, data, device)``.
@@ -229,13 +256,12 @@ def setup(c: cfg.Config, bars: Bars, prepare: Callable[[cfg.Config, Any, Bars], 
     ``prepare`` replaces `prepare_data` (a deployed client reads its own file). The caller unloads the model
     (``model.unload()``) when done, leaving the cached base clean.
     """
-    device = resolve_device(c.model.device)
-    random.seed(c.seed)
-    torch.manual_seed(c.seed)
-    base, tokenizer = load_base(c.model.name, dtype=c.model.dtype, device=device,
-                                attn_implementation=c.model.attn_implementation)
-    data = (prepare or prepare_data)(c, tokenizer, bars)
-    return attach_lora(base, c.peft, c.seed), tokenizer, data, device
+    model, tokenizer, device = load_model(c)
+    try:
+        return model, tokenizer, (prepare or prepare_data)(c, tokenizer, bars), device
+    except BaseException:
+        model.unload()
+        raise
 
 
 def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, quiet: bool = False, *,
@@ -246,16 +272,10 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
         config: A `Config`, a plain dict of sections, or the path of a YAML file.
         out: The run folder (default ``runs/<name>-<timestamp>``).
         quiet: No progress bars or tables.
-        grid_factory: The runtime: makes the grid the server talks through (default: `local_grid`; with
-            ``runtime.world_size > 1``, or under torchrun, the default starts the multi-process runtime of
-            `fedtune.runtime.distributed` instead, whose rank 0 calls back here; other ranks return ``{}``).
+        grid_factory: The runtime: makes the grid the server talks through (default: `local_grid`). Several
+            processes (``runtime.world_size > 1``) start through `fedtune.launch.run`, whose rank 0 calls this.
     """
     c = load(config)
-    if grid_factory is local_grid:
-        from .runtime import distributed  # imported here: it imports this module
-
-        if c.runtime.world_size > 1 or distributed.under_torchrun():
-            return distributed.launch(c, out, quiet)
     started = time.perf_counter()
     bars = Bars(quiet=quiet)
     model, tokenizer, data, device = setup(c, bars)
@@ -265,14 +285,6 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
     finally:
         # Leave the cached base as we found it, so another run in this process starts clean.
         model.unload()
-
-
-# federation.paradigm -> module under fedtune.paradigms (each has make_clients and run_server)
-PARADIGMS = {"fedpeft": "fedpeft", "fedprox": "fedpeft", "centralized": "fedpeft", "kd": "kd", "split": "split"}
-
-
-def paradigm_module(c: cfg.Config):
-    return importlib.import_module(f"fedtune.paradigms.{PARADIGMS[c.federation.paradigm]}")
 
 
 def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, path: Path, started: float,
@@ -290,8 +302,7 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         return evaluate(model, data.task, data.test[: c.eval.max_examples], batch_size=c.eval.batch_size,
                         device=device, pad_id=tokenizer.pad_token_id)
 
-    ctx = RunContext(config=c, model=model, tokenizer=tokenizer, data=data, device=device, bars=bars,
-                     log=folder.log, score=score, path=path)
+    ctx = context(c, model, tokenizer, data, device, bars, log=folder.log, score=score, path=path)
     base_accuracy = None
     if c.eval.base:
         with model.disable_adapter():
@@ -299,7 +310,7 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         folder.log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
         bars.print(f"base model: accuracy {base_accuracy:.4f}")
 
-    paradigm = paradigm_module(c)
+    paradigm = paradigms.get(c.federation.paradigm)
     # The only place a runtime meets a paradigm: the paradigm makes client apps and a server loop,
     # the runtime carries the messages between them.
     try:
@@ -307,5 +318,6 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         with bars.live():
             evaluations = paradigm.run_server(ctx, grid)
     finally:
+        ctx.close()
         folder.close()
     return write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)

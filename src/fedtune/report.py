@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from . import registry  # noqa: E402
+
 MB = 1e6
 
 
@@ -28,16 +30,18 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
     evals = [r for r in records if r.get("type") == "eval" and r.get("model") != "base"]
     fed, data = config["federation"], config["data"]
     metric = data.get("metric") or ("accuracy" if data["task"] == "classification" else "rouge_l")
+    spec = registry.get(fed["paradigm"])
     return {
         "name": config["name"],
         "paradigm": fed["paradigm"],
-        "strategy": {"kd": "kd (weighted mean of probabilities)", "split": "fedavg (client part)"}.get(
-            fed["paradigm"], fed["strategy"]),
+        "access": spec.access,
+        "backprop": spec.backprop,
+        "strategy": spec.strategy_label or fed["strategy"],
         "model": config["model"]["name"],
         "metric": metric,
         "rounds": fed["rounds"],
-        "num_clients": 1 if fed["paradigm"] == "centralized" else fed["num_clients"],
-        "clients_per_round": 1 if fed["paradigm"] == "centralized" else fed["clients_per_round"],
+        "num_clients": 1 if spec.single_client else fed["num_clients"],
+        "clients_per_round": 1 if spec.single_client else fed["clients_per_round"],
         "base_accuracy": base_accuracy,
         "accuracy": evals[-1]["accuracy"] if evals else None,
         "accuracy_by_round": {str(r["round"]): r["accuracy"] for r in evals},

@@ -23,10 +23,11 @@ from contextlib import contextmanager
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from .losses import lm_loss_from_hidden
 from .meter import ComputeMeter
 from .models import backbone
-from .paradigms.fedpeft import State, TrainSettings, adapter_state, make_optimizer
+from .train.adapter import State, adapter_state
+from .train.local_steps import TrainSettings, clip_and_step, make_optimizer
+from .train.losses import lm_loss_from_hidden
 
 CLIENT, SERVER = "client", "server"
 
@@ -160,7 +161,7 @@ def head_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 class MainServer:
     """The main server of SplitFed: the top part of the model and its one optimizer.
 
-    The interface a networked main server (gRPC) will implement:
+    Its steps (`fedtune.split_session.Session` calls them, in process or inside the gRPC service):
 
     * ``forward_backward(activations, attention_mask, labels) -> (grad_at_cut, loss)``: one training step
       of the top part (standard split);
@@ -250,9 +251,7 @@ class MainServer:
         return activations.to(self.device, compute_dtype(self.model)).detach().requires_grad_(True)
 
     def _step(self) -> None:
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
+        clip_and_step(self.params, self.optimizer, self.max_grad_norm)
 
     @contextmanager
     def _metered(self):

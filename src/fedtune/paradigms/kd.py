@@ -46,30 +46,60 @@ from typing import Any
 import torch
 
 from .. import distill
-from ..checkpoint import ClientStore, load_optimizer_state, optimizer_state, resumes, rng_state, set_rng_state
+from ..checkpoint import ClientStore, load_optimizer_state, optimizer_state, resumes
 from ..checkpoint import enabled as checkpointing
-from ..context import RunContext
 from ..data.tasks import Example, collate
-from ..grid import Grid
-from ..losses import hidden_states, label_scores, lm_loss
+from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
 from ..models import attach_lora, load_base, load_tokenizer
 from ..progress import Bars
+from ..rounds import RoundLoop, ServerHooks, screen_reply
+from ..train.adapter import State, adapter_state, load_adapter_state
+from ..train.local_steps import (TrainSettings, batches, clip_and_step, make_optimizer, round_rng, round_seed,
+                                 settings_from)
+from ..train.losses import hidden_states, label_scores, lm_loss
 from ..wire import Message, WireError, check, encoded_size, spec_of
-from .fedpeft import (
-    exchange,
-    screen_reply,
-    ServerHooks,
-    State,
-    TrainSettings,
-    adapter_state,
-    batches,
-    load_adapter_state,
-    make_optimizer,
-    settings_from,
-)
+from ..registry import Paradigm, register
 
 SoftLabels = dict[str, torch.Tensor]  # "probs" (rows, width) float32, plus "ids" (rows, width) int64 for top-k
+
+
+@dataclass
+class KDConfig:
+    public_source: str | None = None
+    """File of public (unlabeled) prompts known to server and clients; when unset, `public_fraction` of the training rows is held back from every client and its labels dropped."""
+    public_fraction: float = 0.1
+    public_size: int | None = 200
+    """At most this many public prompts (null: all)."""
+    top_k: int = 8
+    """Generation tasks: logits travel as the top-k token ids and fp16 values per position."""
+    full_logits: bool = False
+    """Generation tasks: send full-vocabulary logits instead of top-k (to show the cost of not compressing)."""
+    temperature: float = 1.0
+    """Softmax temperature of the soft labels and the distillation loss."""
+    distill_steps: int = 4
+    """Client steps distilling toward the server's soft labels each round (before private training)."""
+    server_steps: int = 10
+    """Server steps distilling the aggregated soft labels into the global model each round."""
+    client_model: str | None = None
+    """A different (e.g. smaller) client model with the same tokenizer; default: the server's model."""
+
+    def __post_init__(self) -> None:
+        def fail(path: str, value: Any, allowed: str) -> None:
+            raise ValueError(f"{path} = {value!r} is not allowed: {allowed}.")
+
+        if self.top_k < 1:
+            fail("kd.top_k", self.top_k, "a positive integer")
+        for path, v in (("kd.distill_steps", self.distill_steps), ("kd.server_steps", self.server_steps)):
+            if v < 0:
+                fail(path, v, "an integer >= 0 (0 skips that distillation)")
+        if self.public_size is not None and self.public_size < 1:
+            fail("kd.public_size", self.public_size, "a positive integer or null (an empty public set leaves "
+                 "nothing to distil on)")
+        if not 0 < self.public_fraction < 1:
+            fail("kd.public_fraction", self.public_fraction, "a number strictly between 0 and 1")
+        if not self.temperature > 0:
+            fail("kd.temperature", self.temperature, "a positive number")
 
 
 # --------------------------------------------------------------------------- the public set
@@ -244,7 +274,7 @@ def make_public_set(
                      temperature, batch_size, pad_id)
 
 
-def public_set_from(ctx: RunContext) -> PublicSet:
+def public_set_from(ctx) -> PublicSet:
     k = ctx.config.kd
     return make_public_set(ctx.data.public, ctx.data.task, vocab=len(ctx.tokenizer), pad_id=ctx.pad_id,
                            top_k=k.top_k, full_logits=k.full_logits, temperature=k.temperature,
@@ -257,9 +287,7 @@ def public_set_from(ctx: RunContext) -> PublicSet:
 def _step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer, max_grad_norm) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    opt.step()
+    clip_and_step(params, opt, max_grad_norm)
 
 
 def distil(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
@@ -280,7 +308,7 @@ def distil(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: r
 # --------------------------------------------------------------------------- client side
 
 
-class KDClient:
+class KDClient(ClientApp):
     """One client: its private examples, its own adapter state (kept on the CPU between rounds), the public set.
 
     In simulation all clients share one `PeftModel` and swap their adapter state in and out;
@@ -333,8 +361,8 @@ class KDClient:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = make_optimizer(params, self.settings)
         # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
-        rng = random.Random(hash((self.seed, rnd, self.node_id)) & 0xFFFFFFFF)
-        torch.manual_seed(rng.getrandbits(62))
+        rng, torch_seed = round_rng(self.seed, rnd, self.node_id)
+        torch.manual_seed(torch_seed)
         k_steps = self.distill_steps if labels is not None else 0
         steps = self.settings.steps_for(len(self.examples))
         info = f"client {self.node_id}"
@@ -418,31 +446,29 @@ def serve(
         hooks: Evaluation, logging, checkpointing and progress.
         min_replies: Fewer valid replies than this keep the previous soft labels and skip the server's distillation.
     """
-    nodes = grid.node_ids()
-    sampler = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, settings)  # the server trains one adapter all run long: its optimizer persists
     labels: SoftLabels | None = None
-    evaluations: list[dict[str, Any]] = []
-    done = 0
-    saved = hooks.resume("KD-FedLLM")
+    loop = RoundLoop(hooks, "KD-FedLLM", nodes=grid.node_ids(), rounds=rounds, clients_per_round=clients_per_round,
+                     seed=seed, eval_every=eval_every)
+    saved = loop.resume({"global": spec_of(global_state)}, device=device)
     if saved is not None:
-        check(Message(saved.tensors.get("global", {})), spec_of(global_state))
         global_state = saved.tensors["global"]
         load_optimizer_state(opt, saved.tensors.get("optimizer", {}), saved.meta["optimizer"])
-        if "labels" in saved.tensors:
-            labels = {k: v.to(device) for k, v in saved.tensors["labels"].items()}
-        set_rng_state(sampler, saved.meta["sampler"])
-        evaluations, done = saved.meta["evaluations"], saved.round
-    hooks.bars.start("rounds", rounds)
-    hooks.bars.advance("rounds", by=done)
-    for rnd in range(done + 1, rounds + 1):
-        chosen = sorted(sampler.sample(nodes, clients_per_round))
-        hooks.bars.start("clients", len(chosen), info=f"round {rnd}")
+        labels = saved.tensors.get("labels")
+
+    def checkpoint():
+        opt_tensors, opt_meta = optimizer_state(opt)
+        tensors = {"global": global_state, "optimizer": opt_tensors}
+        if labels is not None:
+            tensors["labels"] = {k: v.to("cpu") for k, v in labels.items()}
+        return tensors, {"optimizer": opt_meta}
+
+    for rnd, chosen in loop:
         down_tensors = public.to_wire(labels) if labels is not None else {}
         messages = [Message(down_tensors, {"kind": "kd_ins", "round": rnd, "dst": n}) for n in chosen]
         down = [encoded_size(m) for m in messages]
-        replies = exchange(grid, messages, hooks.bars)
+        replies = exchange(grid, messages, lambda n: hooks.bars.advance("clients", by=n))
         updates = []
         for node, msg_bytes, reply in zip(chosen, down, replies):
             fields, update = screen_reply(reply, public.check_reply)
@@ -458,10 +484,9 @@ def serve(
             if aggregated:
                 labels = public.soft_labels(updates, device)
                 load_adapter_state(model, global_state)
-                round_seed = hash((seed, rnd, -1)) & 0xFFFFFFFF
-                rng = random.Random(round_seed)
+                rng = random.Random(round_seed(seed, rnd, -1))
                 # Torch seeded per round too (LoRA dropout), so a restarted server draws the same masks.
-                torch.manual_seed(round_seed)
+                torch.manual_seed(round_seed(seed, rnd, -1))
                 kd_losses = distil(model, opt, public, labels, server_steps, rng, device=device,
                                    max_grad_norm=settings.max_grad_norm)
                 model.eval()
@@ -469,31 +494,28 @@ def serve(
         hooks.log({"type": "server", "round": rnd, "flops": meter.flops, "seconds": meter.seconds,
                    "peak_memory_bytes": meter.peak_memory_bytes, "steps": len(kd_losses),
                    "distill_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None})
-        hooks.end_round(rnd, rounds, eval_every, global_state, evaluations, len(updates), len(chosen), aggregated)
-        if hooks.checkpoint is not None:
-            opt_tensors, opt_meta = optimizer_state(opt)
-            tensors = {"global": global_state, "optimizer": opt_tensors}
-            if labels is not None:
-                tensors["labels"] = {k: v.to("cpu") for k, v in labels.items()}
-            hooks.checkpoint.save(rnd, tensors, {"sampler": rng_state(sampler), "evaluations": evaluations,
-                                                 "optimizer": opt_meta})
-    return global_state, evaluations
+        loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated,
+                 checkpoint=checkpoint)
+    return global_state, loop.evaluations
 
 
 # --------------------------------------------------------------------------- wiring
 
-# Client PeftModels built by make_clients for kd.client_model, unloaded by run_server (bases are cached per process).
-_CLIENT_MODELS: dict[int, tuple[RunContext, Any]] = {}
+def client_model(ctx):
+    """The model the clients train: ``ctx.model``, or ``kd.client_model`` with a fresh LoRA when it is another model.
 
-
-def client_model(ctx: RunContext):
-    """The model the clients train: ``ctx.model``, or ``kd.client_model`` with a fresh LoRA when it is another model."""
+    A separate client model belongs to the run: ``ctx`` owns it and unloads it when the run's context closes
+    (on every runtime: the experiment, a Flower node, a distributed rank), leaving the cached base clean.
+    """
     c = ctx.config
     name = c.kd.client_model
     if name is None or name == c.model.name:
         return ctx.model
-    if id(ctx) in _CLIENT_MODELS:
-        return _CLIENT_MODELS[id(ctx)][1]
+    return ctx.owned("kd.client_model", lambda: _load_client_model(ctx, name), lambda model: model.unload())
+
+
+def _load_client_model(ctx, name: str):
+    c = ctx.config
     try:
         tokenizer = load_tokenizer(name)
     except (OSError, ValueError) as err:
@@ -514,19 +536,10 @@ def client_model(ctx: RunContext):
         raise ValueError(f"kd.client_model = {name!r} could not be loaded: {err}") from None
     if base.get_output_embeddings().weight.shape[0] < len(ctx.tokenizer):
         raise ValueError(f"kd.client_model = {name!r} has fewer output logits than its tokenizer has tokens.")
-    model = attach_lora(base, c.peft, c.seed)
-    _CLIENT_MODELS[id(ctx)] = (ctx, model)
-    return model
+    return attach_lora(base, c.peft, c.seed)
 
 
-def release_client_model(ctx: RunContext) -> None:
-    """Unload the client PeftModel that `client_model` built for this run, if any (leaves the cached base clean)."""
-    entry = _CLIENT_MODELS.pop(id(ctx), None)
-    if entry is not None:
-        entry[1].unload()
-
-
-def client_store_dir(ctx: RunContext) -> Path | None:
+def client_store_dir(ctx) -> Path | None:
     """Where the clients of a checkpointed run keep their adapters by round: ``<run>/kd-clients``.
 
     None when the run does not checkpoint, or the context has no run folder (a Flower node, a worker
@@ -542,37 +555,42 @@ def client_store_dir(ctx: RunContext) -> Path | None:
     return folder
 
 
-def make_clients(ctx: RunContext) -> dict[int, KDClient]:
+def make_clients(ctx) -> dict[int, KDClient]:
     """One client app per partition, each starting from the same fresh adapter of the client model."""
     public = public_set_from(ctx)
     model = client_model(ctx)
-    try:
-        init, settings, steps = adapter_state(model), settings_from(ctx), ctx.config.kd.distill_steps
-        stores = client_store_dir(ctx)
-        return {
-            i: KDClient(i, model, ctx.client_examples(i), public, settings, init, distill_steps=steps,
-                        device=ctx.device, pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars,
-                        store=ClientStore(stores / f"client-{i}.safetensors", ctx.config) if stores else None)
-            for i in range(len(ctx.data.parts))
-        }
-    except Exception:
-        release_client_model(ctx)
-        raise
+    init, settings, steps = adapter_state(model), settings_from(ctx.config), ctx.config.kd.distill_steps
+    stores = client_store_dir(ctx)
+    return {
+        i: KDClient(i, model, ctx.client_examples(i), public, settings, init, distill_steps=steps,
+                    device=ctx.device, pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars,
+                    store=ClientStore(stores / f"client-{i}.safetensors", ctx.config) if stores else None)
+        for i in range(len(ctx.data.parts))
+    }
 
 
-def run_server(ctx: RunContext, grid: Grid) -> list[dict[str, Any]]:
+def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     """The server side of a whole run; leaves the final global adapter in ``ctx.model`` and on disk."""
     c, f = ctx.config, ctx.config.federation
-    try:
-        public = public_set_from(ctx)
-
-        hooks = ServerHooks.for_model(ctx)
-        final, evaluations = serve(
-            grid, public, ctx.model, adapter_state(ctx.model), settings_from(ctx), server_steps=c.kd.server_steps,
-            rounds=f.rounds, clients_per_round=f.clients_per_round, seed=c.seed, eval_every=c.eval.every,
-            device=ctx.device, hooks=hooks, min_replies=f.min_replies,
-        )
-        load_adapter_state(ctx.model, final)
-    finally:
-        release_client_model(ctx)
+    final, evaluations = serve(
+        grid, public_set_from(ctx), ctx.model, adapter_state(ctx.model), settings_from(c),
+        server_steps=c.kd.server_steps, rounds=f.rounds, clients_per_round=f.clients_per_round, seed=c.seed,
+        eval_every=c.eval.every, device=ctx.device, hooks=ServerHooks.for_model(ctx), min_replies=f.min_replies,
+    )
+    load_adapter_state(ctx.model, final)
     return evaluations
+
+
+def _needs(config, runtime: str) -> str | None:
+    if runtime == "flower-data-path" and not config.kd.public_source:
+        return ("a KD client with its own data-path needs the public prompts as a file: set kd.public_source in the "
+                "experiment config (kd.public_fraction takes them from the server's training data, which this "
+                "client does not have).")
+    return None
+
+
+register(Paradigm(
+    "kd", "KD-FedLLM", "clients share logits on a public set of prompts; the server distils them into the global "
+    "model", make_clients, run_server, section=("kd", KDConfig), stateful_clients=True, needs_public_set=True,
+    strategy_label="kd (weighted mean of probabilities)", needs=_needs,
+))

@@ -41,18 +41,16 @@ import torch.multiprocessing as mp
 
 from .. import config as cfg
 from .. import experiment
+from .. import registry
 from ..context import RunContext
+from ..grid import ClientApp, SequentialStream, error_reply
 from . import free_port
-from ..grid import ClientApp, error_reply
 from ..models import resolve_device
 from ..progress import Bars
 from ..wire import DEFAULT_MAX_BYTES, Message, WireError, decode, encode
 from .local import LocalGrid
 
 _STOP, _ROUND = 0, 1
-
-STATEFUL_CLIENTS = ("kd", "centralized")
-"""Paradigms whose client apps keep state between rounds, so each client must stay on one rank."""
 
 TIMEOUT = timedelta(hours=2)
 """How long a rank waits in a collective (workers wait through rank 0's evaluations and checkpoints)."""
@@ -211,10 +209,10 @@ def balance(costs: list[float], world: int) -> list[int]:
     return ranks
 
 
-class DistributedGrid:
+class DistributedGrid(SequentialStream):
     """The `Grid` rank 0's server talks through: each call is one round spread over all ranks.
 
-    ``parallel`` is true, so the round loops send the whole round's messages in one call (`fedpeft.exchange`).
+    ``parallel`` is true, so the round loops send the whole round's messages in one call (`grid.exchange`).
     Rank 0 runs its own share of the clients between dealing the messages and collecting the replies.
     """
 
@@ -241,7 +239,7 @@ class DistributedGrid:
         guess = sum(known) / len(known) if known else 1.0
         return balance([self.seconds.get(int(m.meta["dst"]), guess) for m in messages], world)
 
-    def send_and_receive(self, messages: list[Message]) -> list[Message]:
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
         ranks = self.ranks_for(messages)
         shares = [bundle([(i, m) for i, (m, r) in enumerate(zip(messages, ranks)) if r == k])
                   for k in range(self.channel.world)]
@@ -269,12 +267,11 @@ class DistributedGrid:
 def check(c: cfg.Config, world: int) -> str:
     """Refuse configs a multi-process run cannot honour, naming the field and the fix; return the backend."""
     f = c.federation
-    if f.paradigm == "split":
-        raise cfg.ConfigError(
-            f"federation.paradigm = 'split' cannot run with runtime.world_size = {world}: split learning exchanges "
-            "activations every step, one client at a time, with one main server. Use runtime.world_size=1."
-        )
-    if f.paradigm != "centralized" and world > f.clients_per_round:
+    spec = registry.get(f.paradigm)
+    refusal = spec.refusal(c, "distributed")
+    if refusal:
+        raise cfg.ConfigError(refusal)
+    if not spec.single_client and world > f.clients_per_round:
         raise cfg.ConfigError(
             f"runtime.world_size = {world} is more than federation.clients_per_round = {f.clients_per_round}: "
             "some processes would have no client to simulate in any round. Lower runtime.world_size or raise "
@@ -329,7 +326,8 @@ def run_rank(c: cfg.Config, channel: Channel, out: str | Path | None, quiet: boo
     Returns the summary on rank 0, ``{}`` elsewhere.
     """
     if channel.rank == 0:
-        sticky = c.federation.paradigm in STATEFUL_CLIENTS
+        # Clients that keep state between rounds (KD's private adapters, the centralized optimizer) stay on one rank.
+        sticky = registry.get(c.federation.paradigm).stateful_clients
 
         def grid(ctx: RunContext, paradigm) -> DistributedGrid:
             return DistributedGrid(paradigm.make_clients(ctx), channel, sticky=sticky)
@@ -341,9 +339,12 @@ def run_rank(c: cfg.Config, channel: Channel, out: str | Path | None, quiet: boo
     bars = Bars(quiet=True)
     model, tokenizer, data, device = experiment.setup(c, bars)
     try:
-        ctx = RunContext(config=c, model=model, tokenizer=tokenizer, data=data, device=device, bars=bars,
-                         log=lambda record: None, score=_server_only, path=Path(out or "."))
-        serve_worker(experiment.paradigm_module(c).make_clients(ctx), channel)
+        ctx = experiment.context(c, model, tokenizer, data, device, bars, log=lambda record: None, score=_server_only,
+                                 path=Path(out or "."))
+        try:
+            serve_worker(registry.get(c.federation.paradigm).make_clients(ctx), channel)
+        finally:
+            ctx.close()
     finally:
         model.unload()
     return {}

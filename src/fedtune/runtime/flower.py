@@ -47,7 +47,8 @@ from flwr.serverapp import Grid as FlowerServerGrid
 from flwr.serverapp import ServerApp
 
 from .. import config as cfg
-from ..grid import error_reply, is_error
+from .. import registry
+from ..grid import SequentialStream, error_reply, is_error
 from ..progress import Bars
 from ..wire import DEFAULT_MAX_BYTES, Message, WireError, decode, encode
 
@@ -127,8 +128,12 @@ class FlowerSettings:
         return s
 
 
-class FlowerGrid:
+class FlowerGrid(SequentialStream):
     """fedtune's `Grid` over a Flower ServerApp grid.
+
+    A call waits ``reply-timeout`` for its replies unless it says otherwise; for a paradigm whose
+    replies span a client's whole round of per-step traffic with a service (`Paradigm.long_exchanges`,
+    split learning) the default is ``split-round-timeout``.
 
     Args:
         grid: The ``flwr.serverapp.Grid`` the ServerApp's main function received.
@@ -143,6 +148,8 @@ class FlowerGrid:
         self.settings = settings or FlowerSettings()
         self.config_yaml = cfg.to_yaml(config)
         self.num_clients = config.federation.num_clients
+        long = registry.get(config.federation.paradigm).long_exchanges
+        self.timeout = self.settings.split_round_timeout if long else self.settings.reply_timeout
         self.to_flower: dict[int, int] = self._discover()
 
     def node_ids(self) -> list[int]:
@@ -163,7 +170,7 @@ class FlowerGrid:
                                "start the SuperNodes (flower-supernode --superlink HOST:PORT ...) or raise it.")
         hello = [(n, Message({}, {"kind": HELLO})) for n in nodes]
         mapping: dict[int, int] = {}
-        for flower_id, reply in zip(nodes, self._exchange(hello)):
+        for flower_id, reply in zip(nodes, self._exchange(hello, self.settings.reply_timeout)):
             if is_error(reply):
                 log(INFO, "node %d did not identify itself and is left out: %s", flower_id, reply.meta.get("error"))
                 continue
@@ -184,7 +191,7 @@ class FlowerGrid:
         log(INFO, "fedtune clients -> Flower nodes: %s", mapping)
         return mapping
 
-    def send_and_receive(self, messages: list[Message]) -> list[Message]:
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
         replies: list[Message | None] = [None] * len(messages)
         # Replies are matched to messages by sender, so each batch addresses a node at most once.
         pending = list(enumerate(messages))
@@ -201,22 +208,17 @@ class FlowerGrid:
                 else:
                     replies[i] = error_reply(dst, f"no SuperNode with partition-id={dst} is connected "
                                                   f"(connected: {sorted(self.to_flower)})")
-            got = self._exchange([(self.to_flower[dst], messages[i]) for i, dst in routed])
+            got = self._exchange([(self.to_flower[dst], messages[i]) for i, dst in routed], timeout or self.timeout)
             for (i, dst), reply in zip(routed, got):
                 reply.meta["src"] = dst
                 replies[i] = reply
             pending = rest
         return replies  # type: ignore[return-value]
 
-    def timeout_for(self, m: Message) -> float:
-        """Seconds to wait for the reply to `m`: a split client's whole round, or one ordinary exchange."""
-        return self.settings.split_round_timeout if m.kind == "split_fit_ins" else self.settings.reply_timeout
-
-    def _exchange(self, pairs: list[tuple[int, Message]]) -> list[Message]:
+    def _exchange(self, pairs: list[tuple[int, Message]], timeout: float) -> list[Message]:
         """Send each message to its Flower node; one reply per message, `error_reply` where none came."""
         if not pairs:
             return []
-        timeout = max(self.timeout_for(m) for _, m in pairs)
         out = []
         for node, m in pairs:
             content = pack(m, self.config_yaml)
@@ -242,16 +244,10 @@ class FlowerGrid:
 
 
 def check_runnable(c: cfg.Config) -> None:
-    """Refuse, with the fix, an experiment the Flower runtime cannot run."""
-    paradigm = c.federation.paradigm
-    if paradigm == "centralized":
-        raise ValueError("federation.paradigm = 'centralized' does not run on Flower: the centralized baseline has "
-                         "no clients; run it with `fedtune run`.")
-    if paradigm == "split" and not c.runtime.split_server:
-        raise ValueError("federation.paradigm = 'split' runs on Flower only with runtime.split_server set: split "
-                         "learning exchanges a message per training step, which Flower's round trip (seconds) cannot "
-                         "carry. Start the main-server service (`fedtune split-server --config <this config> --port "
-                         "<port>`) and set runtime.split_server = host:port in the config.")
+    """Refuse, with the fix, an experiment the Flower runtime cannot run (as its paradigm declares)."""
+    refusal = registry.get(c.federation.paradigm).refusal(c, "flower")
+    if refusal:
+        raise ValueError(refusal)
 
 server_app = ServerApp()
 
@@ -300,12 +296,12 @@ def own_data(c: cfg.Config, tokenizer, path: str, node: int):
     if not train:
         raise ValueError(f"data-path {path!r} has no rows: this client has nothing to train on.")
     public: list = []
-    if c.federation.paradigm == "kd":
-        if not c.kd.public_source:
-            raise ValueError("a KD client with its own data-path needs the public prompts as a file: set "
-                             "kd.public_source in the experiment config (kd.public_fraction takes them from the "
-                             "server's training data, which this client does not have).")
-        public = experiment._public_set(c, task, rows)[1]
+    spec = registry.get(c.federation.paradigm)
+    refusal = spec.refusal(c, "flower-data-path")
+    if refusal:
+        raise ValueError(refusal)
+    if spec.needs_public_set:
+        public = experiment.public_set(c, task, rows)[1]
     # make_clients builds one app per partition; only this node's (index `node`) is used.
     everything = list(range(len(train)))
     return experiment.Prepared(task, train, [], [everything] * (node + 1), ["-"] * len(train), public)
@@ -315,7 +311,6 @@ def build_client(config_yaml: str, node_config: dict[str, Any]):
     """This node's client app and its model, built exactly as the local runtime builds them (same seeds,
     same partition)."""
     from .. import experiment
-    from ..context import RunContext
 
     c = cfg.from_dict(yaml.safe_load(config_yaml))
     node = partition_id(node_config)
@@ -333,28 +328,51 @@ def build_client(config_yaml: str, node_config: dict[str, Any]):
         prepare = None
     bars = Bars(quiet=True)
     model, tokenizer, data, device = experiment.setup(c, bars, prepare)
-    ctx = RunContext(config=c, model=model, tokenizer=tokenizer, data=data, device=device, bars=bars,
-                     log=lambda record: None, score=lambda: float("nan"), path=Path("."))
-    return experiment.paradigm_module(c).make_clients(ctx)[node], model
+    ctx = experiment.context(c, model, tokenizer, data, device, bars, log=lambda record: None,
+                             score=lambda: float("nan"), path=Path("."))
+    try:
+        return registry.get(c.federation.paradigm).make_clients(ctx)[node], ctx
+    except BaseException:
+        ctx.close()
+        model.unload()
+        raise
 
 
-_CLIENTS: dict[tuple, tuple[Any, Any]] = {}
-
-
-def client_for(config_yaml: str, node_config: dict[str, Any], run_id: int):
-    """The node's client app, built once per process for a Flower run (and its config and node config).
+class NodeClient:
+    """This process's client app for the Flower run it serves now, built once per run (config, node config).
 
     A process serves many messages when the SuperNode's tasks go to `fedtune.runtime.flower_worker`; a new
     run gets a new app even with the same config, so nothing of an earlier run (e.g. a KD client's private
-    adapter) leaks into it: within a run, Flower's node state is what carries a client's state.
+    adapter) leaks into it: within a run, Flower's node state is what carries a client's state. Building
+    the next run's app first releases the last one's context and adapter (the base stays cached).
     """
-    key = (run_id, config_yaml, tuple(sorted((k, str(v)) for k, v in node_config.items())))
-    if key not in _CLIENTS:
-        for _, model in _CLIENTS.values():
-            model.unload()  # the base is cached per process: take the old adapter off it before the next
-        _CLIENTS.clear()
-        _CLIENTS[key] = build_client(config_yaml, node_config)
-    return _CLIENTS[key][0]
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.app = None
+        self.ctx = None
+
+    def get(self, config_yaml: str, node_config: dict[str, Any], run_id: int):
+        key = (run_id, config_yaml, tuple(sorted((k, str(v)) for k, v in node_config.items())))
+        if key != self.key:
+            self.release()
+            self.app, self.ctx = build_client(config_yaml, node_config)
+            self.key = key
+        return self.app
+
+    def release(self) -> None:
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx.model.unload()  # the base is cached per process: take the old adapter off it
+        self.key = self.app = self.ctx = None
+
+
+_NODE = NodeClient()
+
+
+def client_for(config_yaml: str, node_config: dict[str, Any], run_id: int):
+    """The node's client app for this run (see `NodeClient`)."""
+    return _NODE.get(config_yaml, node_config, run_id)
 
 
 def agree(config_yaml: str, path: str) -> None:
@@ -391,7 +409,8 @@ def handle(inbound: Message, config_yaml: str | None, context: Context) -> Messa
     if node_config.get("config"):
         agree(config_yaml, str(node_config["config"]))
     app = client_for(config_yaml, node_config, context.run_id)
-    stateful = hasattr(app, "state")  # e.g. KD clients keep their own adapter between rounds
+    # A paradigm whose clients keep state between rounds (KD's private adapters) keeps it in `app.state`.
+    stateful = registry.get(_NODE.ctx.config.federation.paradigm).stateful_clients
     if stateful and STATE_KEY in context.state:
         app.state = unpack(RecordDict({"fedtune": context.state[STATE_KEY]}))[0].tensors
     reply = app(inbound)

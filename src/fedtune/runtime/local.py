@@ -7,7 +7,7 @@ messages are handed over as objects (no copies, for GPU speed); sizes are still
 exact because paradigms count them with `wire.encoded_size`.
 
 `BatchedLocalGrid` hands a round's messages to a batch function in groups
-(``runtime.batch_clients``: several clients trained in one pass, `fedtune.multilora`).
+(``runtime.batch_clients``: several clients trained in one pass, the paradigm's ``batched`` runner).
 """
 
 from __future__ import annotations
@@ -16,31 +16,36 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from ..grid import ClientApp, error_reply
+from ..grid import ClientApp, as_app, error_reply
 from ..wire import DEFAULT_MAX_BYTES, Message, WireError, decode, encode
 
 
 class LocalGrid:
-    """A `Grid` whose nodes are client apps living in this process."""
+    """A `Grid` whose nodes are client apps living in this process.
+
+    In process a call cannot be cut short, so ``timeout`` is accepted and not enforced (a client
+    app that never returns is a bug in this process, not a slow node).
+    """
+
+    parallel = False
 
     def __init__(self, apps: Mapping[int, ClientApp], *, serialize: bool = True, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.apps = dict(apps)
+        self.apps = {node: as_app(app) for node, app in apps.items()}
         self.serialize = serialize
         self.max_bytes = max_bytes
 
     def node_ids(self) -> list[int]:
         return sorted(self.apps)
 
-    def send_and_receive(self, messages: list[Message]) -> list[Message]:
-        return list(self.stream(messages))
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        return list(self.stream(messages, timeout))
 
-    def stream(self, messages: Sequence[Message]) -> Iterator[Message]:
+    def stream(self, messages: Sequence[Message], timeout: float | None = None) -> Iterator[Message]:
         """The replies to `messages`, in order, each yielded as soon as it is taken.
 
-        A client app with a ``start`` method (`fedtune.paradigms.fedpeft.FedPeftClient`) is started
-        on message k+1 before reply k is taken: on a GPU the next client's steps are queued before
-        the host waits for this one's, and the caller screens reply k while they run. Apps run in
-        message order either way, so results do not change.
+        Client app k+1 is started (`ClientApp.start`) before reply k is taken: on a GPU the next
+        client's steps are queued before the host waits for this one's, and the caller screens reply
+        k while they run. Apps run in message order either way, so results do not change.
         """
         pending = None
         for msg in messages:
@@ -62,12 +67,7 @@ class LocalGrid:
             return dst, lambda: missing
         try:
             inbound = decode(encode(msg), max_bytes=self.max_bytes) if self.serialize else msg
-            app = self.apps[dst]
-            start = getattr(app, "start", None)
-            if start is not None:
-                return dst, start(inbound)
-            reply = app(inbound)
-            return dst, lambda: reply
+            return dst, self.apps[dst].start(inbound)
         except Exception as err:  # a client's failure must never take the server down
             failed = _failure(dst, err)
             return dst, lambda: failed
@@ -115,7 +115,7 @@ class BatchedLocalGrid(LocalGrid):
         self.run_batch = run_batch
         self.batch_size = batch_size
 
-    def send_and_receive(self, messages: list[Message]) -> list[Message]:
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
         replies: list[Message | None] = [None] * len(messages)
         ready: list[tuple[int, Message]] = []
         for i, msg in enumerate(messages):

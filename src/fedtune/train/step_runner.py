@@ -34,7 +34,7 @@ test suite and CPU runs are unchanged; ``static=True`` runs the static step with
 graphs on any device (the CPU tests check the captured math that way).
 
 The trainable tensors, the loss and the clipping are pluggable, so other passes get
-the same machinery: `fedtune.multilora` trains K clients' stacked LoRA through one
+the same machinery: `fedtune.train.stacked_lora` trains K clients' stacked LoRA through one
 runner, with a loss that records one mean per client and a per-client clip.
 """
 
@@ -49,10 +49,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data.tasks import IGNORE, collate
-from .losses import lm_loss, proximal_term
-from .meter import ComputeMeter
-from .models import backbone
+from ..data.tasks import IGNORE, collate
+from ..meter import ComputeMeter
+from ..models import backbone
+from .local_steps import TrainSettings, clip_and_step, make_optimizer
+from .losses import lm_loss, proximal_term, static_loss
 
 
 def pad_to_bucket(batch: dict[str, torch.Tensor], bucket: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -64,20 +65,6 @@ def pad_to_bucket(batch: dict[str, torch.Tensor], bucket: int, pad_id: int) -> d
         "input_ids": F.pad(batch["input_ids"], (0, extra), value=pad_id),
         "labels": F.pad(batch["labels"], (0, extra), value=IGNORE),
     }
-
-
-def static_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the target tokens of a right-padded batch, with static shapes.
-
-    No attention mask (causal attention alone: right padding never reaches a real token), the head on
-    every position, the target count computed on the device: nothing here synchronises with the host.
-    """
-    hidden = backbone(model)(input_ids=input_ids).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1]).float()
-    nxt = labels[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), nxt.reshape(-1), ignore_index=IGNORE,
-                            reduction="sum")
-    return total / (nxt != IGNORE).sum().clamp(min=1)
 
 
 def _clip_all(params: list[torch.Tensor], max_norm: float) -> None:
@@ -227,9 +214,7 @@ class StepRunner:
     def _finish_step(self, loss: torch.Tensor) -> None:
         total = loss + proximal_term(self.params, self.anchor, self.prox_mu) if self.anchor is not None else loss
         total.backward()
-        if self.max_grad_norm:
-            self._clip(self.params, self.max_grad_norm)
-        self.optimizer.step()
+        clip_and_step(self.params, self.optimizer, self.max_grad_norm, self._clip)
 
     def _static_loss(self, ids: torch.Tensor, labels: torch.Tensor, eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(the scalar to minimise, what the step records as its loss) of the static step."""
@@ -313,3 +298,11 @@ class StepRunner:
             torch.cuda.synchronize(self.device)
         finally:
             self._restore(snap)
+
+
+def make_runner(model, s: TrainSettings, *, device: torch.device, pad_id: int) -> StepRunner:
+    """The step runner clients of one shared model use (CUDA graphs on CUDA unless turned off)."""
+    return StepRunner(model, lambda params, capturable: make_optimizer(params, s, capturable),
+                      max_grad_norm=s.max_grad_norm, prox_mu=s.prox_mu, device=device, pad_id=pad_id,
+                      graphs=s.cuda_graphs and torch.device(device).type == "cuda", count_flops=s.count_flops,
+                      compile=s.compile and torch.device(device).type == "cuda")

@@ -1,0 +1,158 @@
+"""What every paradigm's round loop does around its own exchange, written once.
+
+A round loop reads top to bottom in its paradigm's file: sample, exchange, aggregate. What they all
+share lives here: `RoundLoop` samples the clients of each round (seeded), drives the progress bars,
+resumes from a checkpoint (checked against the expected tensors, restored onto the device the run
+computes on, sampler and evaluations included), and ends each round the same way (log the round,
+evaluate every k rounds and after the last, save the adapter, checkpoint). `screen_reply` sorts a
+client's reply into ok / rejected / failed for every paradigm.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, Saved, rng_state, set_rng_state
+from .checkpoint import enabled as checkpointing
+from .grid import is_error
+from .progress import Bars
+from .train.adapter import State, load_adapter_state
+from .wire import Message, WireError, check
+
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass
+class ServerHooks:
+    """What a round loop needs from the experiment around it, as plain callables."""
+
+    evaluate: Callable[[State], float]
+    log: Callable[[dict[str, Any]], None]
+    save: Callable[[State, int], None]
+    bars: Bars
+    checkpoint: Checkpoint | None = None
+    """Where the round loop saves its state after every round and resumes from (``runtime.checkpoint``)."""
+
+    @classmethod
+    def for_model(cls, ctx, load: Callable[[State], None] | None = None) -> "ServerHooks":
+        """Hooks that evaluate and save a global state by loading it into ``ctx.model`` first.
+
+        ``load`` defaults to `load_adapter_state`; split learning passes one that adds the server's part.
+        """
+        put = load or (lambda state: load_adapter_state(ctx.model, state))
+
+        def evaluate(state: State) -> float:
+            put(state)
+            return ctx.score()
+
+        def save(state: State, rnd: int) -> None:
+            put(state)
+            ctx.save_adapter()
+
+        checkpoint = Checkpoint(ctx.path, ctx.config) if checkpointing(ctx.config) else None
+        return cls(evaluate=evaluate, log=ctx.log, save=save, bars=ctx.bars, checkpoint=checkpoint)
+
+
+class RoundLoop:
+    """The rounds of one run: who is sampled, where a resumed run continues, and how each round ends.
+
+    Args:
+        hooks: Evaluation, logging, saving, checkpointing and progress.
+        name: The paradigm's name as the console shows it ("FedLLM", ...).
+        nodes: The client node ids to sample from.
+        rounds: Number of rounds.
+        clients_per_round: Clients sampled (uniformly, seeded) each round.
+        seed: Seed of the sampling.
+        eval_every: Evaluate every N rounds, and after the last.
+    """
+
+    def __init__(self, hooks: ServerHooks, name: str, *, nodes: list[int], rounds: int, clients_per_round: int,
+                 seed: int, eval_every: int) -> None:
+        self.hooks = hooks
+        self.name = name
+        self.nodes = list(nodes)
+        self.rounds = rounds
+        self.clients_per_round = clients_per_round
+        self.eval_every = eval_every
+        self.sampler = random.Random(seed)
+        self.evaluations: list[dict[str, Any]] = []
+        self.done = 0
+
+    def resume(self, expect: dict[str, Spec], device: torch.device | str) -> Saved | None:
+        """The checkpoint to continue from, if any, with every tensor on `device`.
+
+        `expect` gives, for the groups whose shapes are known up front (the global adapter), the
+        names, shapes and dtypes they must have; a checkpoint that does not fit is refused with a
+        `WireError`. The sampler, the evaluations and the round to continue after are restored here.
+        """
+        checkpoint = self.hooks.checkpoint
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is None:
+            return None
+        for group, spec in expect.items():
+            check(Message(saved.tensors.get(group, {})), spec)
+        saved.tensors = {g: {k: v.to(device) for k, v in ts.items()} for g, ts in saved.tensors.items()}
+        set_rng_state(self.sampler, saved.meta["sampler"])
+        self.evaluations, self.done = list(saved.meta["evaluations"]), saved.round
+        self.hooks.bars.print(f"{self.name}: resuming from the checkpoint after round {saved.round}")
+        return saved
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        """``(round, sampled clients)`` for every round still to run."""
+        bars = self.hooks.bars
+        bars.start("rounds", self.rounds)
+        bars.advance("rounds", by=self.done)
+        for rnd in range(self.done + 1, self.rounds + 1):
+            chosen = sorted(self.sampler.sample(self.nodes, self.clients_per_round))
+            bars.start("clients", len(chosen), info=f"round {rnd}")
+            yield rnd, chosen
+
+    def end(self, rnd: int, state: State, *, replies: int, sampled: int, aggregated: bool,
+            checkpoint: Callable[[], tuple[dict[str, State], dict[str, Any]]] | None = None) -> None:
+        """Log the round, evaluate (every `eval_every` rounds and after the last), save, checkpoint, move the bar.
+
+        ``checkpoint`` returns the paradigm's own state to checkpoint (tensor groups and JSON meta); the
+        sampler and the evaluations are added here. Called only when the run checkpoints.
+        """
+        hooks = self.hooks
+        hooks.log({"type": "round", "round": rnd, "replies": replies, "failed": sampled - replies,
+                   "aggregated": aggregated})
+        if rnd % self.eval_every == 0 or rnd == self.rounds:
+            score = hooks.evaluate(state)
+            self.evaluations.append({"round": rnd, "accuracy": score})
+            hooks.log({"type": "eval", "round": rnd, "accuracy": score})
+            hooks.bars.print(f"round {rnd}: accuracy {score:.4f} ({replies}/{sampled} clients)")
+        hooks.save(state, rnd)
+        if hooks.checkpoint is not None:
+            tensors, meta = checkpoint() if checkpoint is not None else ({}, {})
+            hooks.checkpoint.save(rnd, tensors, {**meta, "sampler": rng_state(self.sampler),
+                                                 "evaluations": self.evaluations})
+        hooks.bars.advance("rounds", info=f"acc {self.evaluations[-1]['accuracy']:.3f}" if self.evaluations else "")
+
+
+REPORTED = ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "distill_loss", "flops",
+            "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen", "batched_clients")
+"""The fields of a client's reply that go into its metrics record."""
+
+
+def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[dict[str, Any], tuple | None]:
+    """Sort a client's reply into ok / rejected / failed.
+
+    Returns the fields for its metrics record and, when it is usable, the update
+    ``(tensors, num_examples)``; `validate` raises `WireError` for a malformed reply.
+    """
+    if is_error(reply):
+        return {"status": "failed", "error": str(reply.meta.get("error", ""))[:500]}, None
+    try:
+        validate(reply)
+        n = float(reply.meta["num_examples"])
+        if not n > 0:
+            raise WireError(f"num_examples must be positive, got {n}")
+    except (WireError, KeyError, TypeError, ValueError) as err:
+        return {"status": "rejected", "error": str(err)[:500]}, None
+    return {"status": "ok", **{k: reply.meta[k] for k in REPORTED if k in reply.meta}}, (reply.tensors, n)
