@@ -39,9 +39,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedtune.config import PeftConfig
 from fedtune.data.tasks import Example, collate
-from fedtune.losses import lm_loss
+from fedtune.train.losses import lm_loss
 from fedtune.models import DTYPES, attach_lora, tiny_llama_config
-from fedtune.multilora import BatchedFedPeft, StackedLora, combine, lora_layers
+from fedtune.train.stacked_lora import StackedLora, combine, lora_layers
+from fedtune.paradigms.fedpeft_batched import BatchedFedPeft
 from fedtune.paradigms.fedpeft import FedPeftClient, TrainSettings, adapter_state, load_adapter_state, make_runner
 from fedtune.wire import Message
 

@@ -48,6 +48,10 @@ from fedtune.paradigms import fedpeft  # noqa: E402
 from fedtune.progress import Bars  # noqa: E402
 from fedtune.runtime.local import LocalGrid  # noqa: E402
 from fedtune.strategies import FedAvg  # noqa: E402
+from fedtune.rounds import ServerHooks
+from fedtune.train.adapter import adapter_state
+from fedtune.train.local_steps import TrainSettings
+from fedtune.train.step_runner import make_runner
 
 SHAPES = {
     "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -90,8 +94,8 @@ def as_examples(ids: torch.Tensor) -> list[Example]:
     return [Example(prompt_ids=row[:1].tolist(), target_ids=row[1:].tolist()) for row in ids]
 
 
-def settings(batch: int, steps: int, compile: bool = False) -> fedpeft.TrainSettings:
-    return fedpeft.TrainSettings(local_steps=steps, local_epochs=None, batch_size=batch, lr=LR, count_flops=False,
+def settings(batch: int, steps: int, compile: bool = False) -> TrainSettings:
+    return TrainSettings(local_steps=steps, local_epochs=None, batch_size=batch, lr=LR, count_flops=False,
                                  compile=compile)
 
 
@@ -163,7 +167,7 @@ def client_step(shape: str, batch: int, steps: int, peak: float, compile: bool =
     free()
 
     ours = build(shape, torch.bfloat16)
-    runner = fedpeft.make_runner(ours, settings(batch, steps, compile), device=torch.device("cuda"), pad_id=PAD)
+    runner = make_runner(ours, settings(batch, steps, compile), device=torch.device("cuda"), pad_id=PAD)
     runner.count_flops = True
     runner.reset()
     examples = [as_examples(b) for b in batches[3:]]
@@ -209,9 +213,9 @@ def simulate(model, runner, clients: int, per_round: int, steps: int, batch: int
     apps = {i: fedpeft.FedPeftClient(i, model, as_examples(data[i]), s, device=torch.device("cuda"), pad_id=PAD,
                                      seed=seed, runner=runner) for i in range(clients)}
     grid = LocalGrid(apps, serialize=False)
-    hooks = fedpeft.ServerHooks(evaluate=lambda st: 0.0, log=lambda r: None, save=lambda st, r: None,
+    hooks = ServerHooks(evaluate=lambda st: 0.0, log=lambda r: None, save=lambda st, r: None,
                                 bars=Bars(quiet=True))
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
     torch.cuda.reset_peak_memory_stats()
     t = timed(lambda: fedpeft.serve(grid, init, FedAvg(), rounds=rounds, clients_per_round=per_round, seed=seed,
                                     eval_every=10**9, hooks=hooks))
@@ -221,7 +225,7 @@ def simulate(model, runner, clients: int, per_round: int, steps: int, batch: int
 def throughput(shape: str, batch: int) -> dict:
     """FedLLM 10 clients x 10 steps vs centralized 100 steps: same runner, tokens and shapes."""
     model = build(shape, torch.bfloat16)
-    runner = fedpeft.make_runner(model, settings(batch, 10), device=torch.device("cuda"), pad_id=PAD)
+    runner = make_runner(model, settings(batch, 10), device=torch.device("cuda"), pad_id=PAD)
     simulate(model, runner, 2, 2, 2, batch, 1, seed=5)  # capture the graph once, outside the timings
     fed_t, fed_tokens, fed_peak = simulate(model, runner, 10, 10, 10, batch, 1, seed=6)
     cen_t, cen_tokens, cen_peak = simulate(model, runner, 1, 1, 100, batch, 1, seed=7)
@@ -242,7 +246,7 @@ def many_clients(shape: str, batch: int, steps: int) -> dict:
     free()
     before = torch.cuda.memory_allocated() / 1e9
     model = build(shape, torch.bfloat16)
-    runner = fedpeft.make_runner(model, settings(batch, steps), device=torch.device("cuda"), pad_id=PAD)
+    runner = make_runner(model, settings(batch, steps), device=torch.device("cuda"), pad_id=PAD)
     # Capture the graph first: its warm-up steps run eagerly and would inflate whichever run came first.
     simulate(model, runner, 2, 2, 2, batch, 1, seed=5)
     free()
@@ -286,7 +290,7 @@ def anchor_style(shape: str, batch: int, clients: int, steps: int) -> dict:
     their_t = timed(their_round)
     free()
     model = build(shape, torch.bfloat16)
-    runner = fedpeft.make_runner(model, settings(batch, steps), device=torch.device("cuda"), pad_id=PAD)
+    runner = make_runner(model, settings(batch, steps), device=torch.device("cuda"), pad_id=PAD)
     # Ours includes capturing the graph: a cold first round, as theirs is.
     our_t, _, _ = simulate(model, runner, clients, clients, steps, batch, 1, seed=11)
     warm_t, _, _ = simulate(model, runner, clients, clients, steps, batch, 1, seed=12)

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu  # noqa: E402
+from fedtune.train.step_runner import make_runner
 
 MB = 1e6
 
@@ -21,7 +22,7 @@ def mark(what: str) -> None:
 
 model = gpu.build("135m", torch.bfloat16)
 mark("model built")
-runner = gpu.fedpeft.make_runner(model, gpu.settings(4, 2), device=torch.device("cuda"), pad_id=gpu.PAD)
+runner = make_runner(model, gpu.settings(4, 2), device=torch.device("cuda"), pad_id=gpu.PAD)
 gpu.simulate(model, runner, 2, 2, 2, 4, 1, seed=5)
 gpu.free()
 torch.cuda.reset_peak_memory_stats()

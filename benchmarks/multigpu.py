@@ -45,6 +45,8 @@ from fedtune.runtime import distributed  # noqa: E402
 from fedtune.runtime.local import LocalGrid  # noqa: E402
 from fedtune.strategies import FedAvg  # noqa: E402
 from fedtune.runtime import free_port
+from fedtune.rounds import ServerHooks
+from fedtune.train.adapter import adapter_state
 
 SHAPES = {
     "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -106,9 +108,9 @@ def rank_main(rank: int, a: argparse.Namespace, world: int, port: int, result: s
                 torch.cuda.synchronize(device)
             stamps.append(time.perf_counter())
 
-    hooks = fedpeft.ServerHooks(evaluate=lambda s: 0.0, log=log, save=lambda s, r: None, bars=ctx.bars)
+    hooks = ServerHooks(evaluate=lambda s: 0.0, log=log, save=lambda s, r: None, bars=ctx.bars)
     start = time.perf_counter()
-    fedpeft.serve(grid, fedpeft.adapter_state(ctx.model), FedAvg(), rounds=a.rounds, clients_per_round=a.clients,
+    fedpeft.serve(grid, adapter_state(ctx.model), FedAvg(), rounds=a.rounds, clients_per_round=a.clients,
                   seed=0, eval_every=a.rounds, hooks=hooks)
     if channel is not None:
         channel.stop()

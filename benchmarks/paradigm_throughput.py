@@ -43,6 +43,10 @@ from fedtune.progress import Bars  # noqa: E402
 from fedtune.runtime.local import LocalGrid  # noqa: E402
 from fedtune.split_model import CLIENT, Cut, MainServer  # noqa: E402
 from fedtune.strategies import FedAvg  # noqa: E402
+from fedtune.rounds import ServerHooks
+from fedtune.train.adapter import adapter_state
+from fedtune.train.local_steps import TrainSettings
+from fedtune.train.step_runner import make_runner
 
 TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=1024, tie_word_embeddings=True)
@@ -80,7 +84,7 @@ class RoundClock:
         self.device = device
         self.ends: dict[int, float] = {}
         self.records: list[dict] = []
-        self.hooks = fedpeft.ServerHooks(evaluate=lambda state: 0.0, log=self._log, save=lambda state, rnd: None,
+        self.hooks = ServerHooks(evaluate=lambda state: 0.0, log=self._log, save=lambda state, rnd: None,
                                          bars=Bars(quiet=True))
 
     def _log(self, record: dict) -> None:
@@ -99,8 +103,8 @@ class RoundClock:
         return {"round_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
-def settings(batch: int) -> fedpeft.TrainSettings:
-    return fedpeft.TrainSettings(local_steps=STEPS, local_epochs=None, batch_size=batch, lr=gpu.LR, count_flops=False)
+def settings(batch: int) -> TrainSettings:
+    return TrainSettings(local_steps=STEPS, local_epochs=None, batch_size=batch, lr=gpu.LR, count_flops=False)
 
 
 def model_for(shape: str, device: torch.device):
@@ -123,13 +127,13 @@ def fedllm_round(shape: str, batch: int, seq: int, device: torch.device) -> dict
     """FedLLM (LoRA + FedAvg) as `fedpeft.make_clients` wires it: one shared model and step runner."""
     model = model_for(shape, device)
     s = settings(batch)
-    runner = fedpeft.make_runner(model, s, device=device, pad_id=gpu.PAD)
+    runner = make_runner(model, s, device=device, pad_id=gpu.PAD)
     data = client_data(model.get_input_embeddings().weight.shape[0], batch, seq)
     apps = {i: fedpeft.FedPeftClient(i, model, data[i], s, device=device, pad_id=gpu.PAD, seed=SEED, runner=runner)
             for i in range(CLIENTS)}
     clock = RoundClock(device)
     reset_peak(device)
-    fedpeft.serve(LocalGrid(apps, serialize=False), fedpeft.adapter_state(model), FedAvg(), rounds=2,
+    fedpeft.serve(LocalGrid(apps, serialize=False), adapter_state(model), FedAvg(), rounds=2,
                   clients_per_round=CLIENTS, seed=SEED, eval_every=10**9, hooks=clock.hooks)
     out = {**clock.timed_round(seq), "peak_gb": peak_gb(device)}
     del model, runner, apps
@@ -150,7 +154,7 @@ def kd_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
     public.spans = kd.distill_spans(public.examples)
     public.__post_init__()  # the rows follow the spans
     data = client_data(vocab, batch, seq)
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
     apps = {i: kd.KDClient(i, model, data[i], public, s, init, distill_steps=KD_DISTILL_STEPS, device=device,
                            pad_id=gpu.PAD, seed=SEED) for i in range(CLIENTS)}
     clock = RoundClock(device)
@@ -189,7 +193,7 @@ def split_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
     want = split.Activations(wire_dtype, body.hidden_size, body.vocab_size)
     clock = RoundClock(device)
     reset_peak(device)
-    split.serve(LocalGrid(apps, serialize=False), cut.part(fedpeft.adapter_state(model), CLIENT), main, FedAvg(),
+    split.serve(LocalGrid(apps, serialize=False), cut.part(adapter_state(model), CLIENT), main, FedAvg(),
                 want, rounds=2, clients_per_round=CLIENTS, seed=SEED, eval_every=10**9, hooks=clock.hooks)
     out = {**clock.timed_round(seq), "cut_layer": cut.layer, "wire_dtype": str(wire_dtype).removeprefix("torch."),
            "peak_gb": peak_gb(device)}

@@ -9,10 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu  # noqa: E402
+from fedtune.train.step_runner import make_runner
 
 shape = sys.argv[1] if len(sys.argv) > 1 else "135m"
 model = gpu.build(shape, torch.bfloat16)
-runner = gpu.fedpeft.make_runner(model, gpu.settings(4, 10), device=torch.device("cuda"), pad_id=gpu.PAD)
+runner = gpu.make_runner(model, gpu.settings(4, 10), device=torch.device("cuda"), pad_id=gpu.PAD)
 gpu.simulate(model, runner, 2, 2, 2, 4, 1, seed=5)
 prof = cProfile.Profile()
 prof.enable()

@@ -34,6 +34,8 @@ import torch
 
 from fedtune.data.tasks import IGNORE
 from fedtune.paradigms.split import Activations
+from fedtune.runtime import split_auth as auth
+from fedtune.runtime import split_client as remote
 from fedtune.runtime import split_service as svc
 from fedtune.wire import Message, encode
 
@@ -146,13 +148,13 @@ def bench(mb: float, steps: int, warmup: int, *, relay: bool) -> dict:
 
     With `relay`, the service is reached through the counting relay (for bytes; its copies distort timing).
     """
-    tokens = {svc.node_identity(0): os.urandom(16).hex(), svc.FED_SERVER: os.urandom(16).hex()}
+    tokens = {auth.node_identity(0): os.urandom(16).hex(), auth.FED_SERVER: os.urandom(16).hex()}
     service = svc.SplitService(EchoMain(), Activations(torch.float32, HIDDEN, 1000), tokens=tokens, mtls=False,
                                max_bytes=MAX_BYTES)
-    server, port = svc.start_server(service, "127.0.0.1:0", svc.ServerSecurity(tokens=tokens))
+    server, port = svc.start_server(service, "127.0.0.1:0", auth.ServerSecurity(tokens=tokens))
     counter = CountingRelay(port) if relay else None
     address = f"127.0.0.1:{counter.port if relay else port}"
-    fed = svc.RemoteMainServer(address, svc.Credentials(svc.FED_SERVER, token=tokens[svc.FED_SERVER]),
+    fed = remote.RemoteMainServer(address, auth.Credentials(auth.FED_SERVER, token=tokens[auth.FED_SERVER]),
                                cut=EchoMain.cut, wire_dtype=torch.float32, expect={})
     echo = Echo()
     total = warmup + steps
@@ -166,8 +168,8 @@ def bench(mb: float, steps: int, warmup: int, *, relay: bool) -> dict:
     try:
         fed.begin(1, 0)
         up0, down0 = (counter.up, counter.down) if relay else (0, 0)
-        creds = svc.Credentials(svc.node_identity(0), token=tokens[svc.node_identity(0)])
-        with svc.StepStream(address, creds, max_bytes=MAX_BYTES) as stream:
+        creds = auth.Credentials(auth.node_identity(0), token=tokens[auth.node_identity(0)])
+        with remote.StepStream(address, creds, max_bytes=MAX_BYTES) as stream:
             for i, msg in enumerate(messages):
                 shape = tuple(msg.tensors["activations"].shape)
                 start = time.perf_counter()

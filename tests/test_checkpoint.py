@@ -15,6 +15,7 @@ from fedtune import config as cfg
 from fedtune import experiment
 from fedtune.paradigms import fedpeft, kd
 from fedtune.strategies import FedAdam, FedAvgM
+from fedtune.rounds import ServerHooks
 
 # FedAvgM (a strategy with state) and 2 of 3 clients a round (a sampler whose state matters).
 SMALL = ["name=ckpt", "model.name=tiny-llama", "data.demo_train_size=60", "data.demo_test_size=12",
@@ -57,15 +58,22 @@ def test_strategy_state_round_trips():
 
 def crash_after_round_2(c, path, monkeypatch):
     """Run `c` into `path` and kill the server after round 2 is logged and evaluated, before its checkpoint."""
-    end_round = fedpeft.ServerHooks.end_round
+    save = ServerHooks.for_model
 
-    def crash_in_round_2(self, rnd, *args, **kw):
-        end_round(self, rnd, *args, **kw)  # round 2 is logged and evaluated, then the server dies
-        if rnd == 2:
-            raise Crash("server killed")
+    def hooks_that_crash_in_round_2(ctx, load=None):
+        hooks = save(ctx, load)
+        saving = hooks.save
+
+        def crash(state, rnd):  # round 2 is logged and evaluated, then the server dies before its checkpoint
+            saving(state, rnd)
+            if rnd == 2:
+                raise Crash("server killed")
+
+        hooks.save = crash
+        return hooks
 
     with monkeypatch.context() as m:
-        m.setattr(fedpeft.ServerHooks, "end_round", crash_in_round_2)
+        m.setattr(ServerHooks, "for_model", staticmethod(hooks_that_crash_in_round_2))
         with pytest.raises(Crash):
             experiment.run(c, path, quiet=True)
     assert [r["round"] for r in records(path) if r["type"] == "round"] == [1, 2]

@@ -32,8 +32,8 @@ from fedtune.progress import Bars
 from fedtune.runtime.certs import make_certificates, make_node_key
 from fedtune.runtime.flower_cluster import FLOWER_APP, LocalFederation
 from fedtune.runtime.local import LocalGrid
-from fedtune.runtime.split_service import ENV as SPLIT_ENV
-from fedtune.runtime.split_service import FED_SERVER, node_identity
+from fedtune.runtime.split_auth import ENV as SPLIT_ENV
+from fedtune.runtime.split_auth import FED_SERVER, node_identity
 from fedtune.wire import decode
 
 # Every process of the federation runs torch on one thread (OMP_NUM_THREADS=1 in `fed`); the local runs

@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 
 from fedtune import config as cfg
 from fedtune import experiment
+from fedtune import launch
 from fedtune.runtime import distributed
 from fedtune.runtime import free_port
+from fedtune.rounds import ServerHooks
 
 # One thread in this process, as each of the 2 worker processes gets (an equal share of 2 cores, or
 # OMP_NUM_THREADS=1): the same float reduction order, which the 1e-6 comparisons need.
@@ -59,7 +61,7 @@ def assert_same_run(one: Path, many: Path) -> None:
 def test_two_spawned_processes_give_the_one_process_result(tmp_path):
     overrides = SMALL + ["federation.paradigm=fedpeft"]
     experiment.run(cfg.load(None, overrides), out=tmp_path / "one", quiet=True)
-    summary = experiment.run(cfg.load(None, overrides + ["runtime.world_size=2"]), out=tmp_path / "two", quiet=True)
+    summary = launch.run(cfg.load(None, overrides + ["runtime.world_size=2"]), out=tmp_path / "two", quiet=True)
     assert summary == json.loads((tmp_path / "two" / "summary.json").read_text())
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
@@ -106,7 +108,7 @@ def _toy_rank(rank: int, port: int, out: str) -> None:
             (Path(out) / "served.json").write_text(json.dumps(distributed.serve_worker(apps, channel)))
             return
         log: list[dict] = []
-        hooks = fedpeft.ServerHooks(evaluate=lambda s: 0.0, log=log.append, save=lambda s, r: None,
+        hooks = ServerHooks(evaluate=lambda s: 0.0, log=log.append, save=lambda s, r: None,
                                     bars=Bars(quiet=True))
         grid = distributed.DistributedGrid(apps, channel)
         ranks = [r.meta.get("rank") for r in grid.send_and_receive(
@@ -174,14 +176,14 @@ def test_pack_unpack_round_trip(payloads):
 ])
 def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(cfg.ConfigError, match=field.replace("(", r"\(").replace(")", r"\)")):
-        experiment.run(cfg.load(None, SMALL + overrides), quiet=True)
+        launch.run(cfg.load(None, SMALL + overrides), quiet=True)
 
 
 def test_a_mistake_found_inside_the_processes_reads_as_in_one_process(tmp_path):
     missing = tmp_path / "nowhere.jsonl"
     bad = SMALL + ["runtime.world_size=2", f"data.source={missing}", "data.label_words=[pos, neg]"]
     with pytest.raises(ValueError, match=f"data file '{missing}' does not exist"):
-        experiment.run(cfg.load(None, bad), out=tmp_path / "run", quiet=True)
+        launch.run(cfg.load(None, bad), out=tmp_path / "run", quiet=True)
 
 
 def test_torchrun_world_size_must_match_the_config(monkeypatch):
@@ -190,4 +192,4 @@ def test_torchrun_world_size_must_match_the_config(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert distributed.under_torchrun()
     with pytest.raises(cfg.ConfigError, match="runtime.world_size = 3 but torchrun started 2 processes"):
-        experiment.run(cfg.load(None, SMALL + ["runtime.world_size=3"]), quiet=True)
+        launch.run(cfg.load(None, SMALL + ["runtime.world_size=3"]), quiet=True)

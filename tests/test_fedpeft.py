@@ -10,9 +10,14 @@ from fedtune.experiment import prepare_data
 from fedtune.models import attach_lora
 from fedtune.paradigms import fedpeft
 from fedtune.progress import Bars
+from fedtune.grid import ClientApp
 from fedtune.runtime.local import LocalGrid
 from fedtune.strategies import FedAvg
 from fedtune.wire import Message
+from fedtune.rounds import ServerHooks
+from fedtune.train.adapter import adapter_state
+from fedtune.train.local_steps import TrainSettings
+from fedtune.train.step_runner import make_runner
 
 SMALL = ["model.name=tiny-llama", "data.demo_train_size=60", "data.demo_test_size=12", "federation.num_clients=3",
          "federation.clients_per_round=3", "federation.rounds=1", "train.local_steps=2", "train.batch_size=4",
@@ -30,18 +35,18 @@ def setup(tiny):
 
 
 def make_client(i, model, tok, data, mu=0.0):
-    s = fedpeft.TrainSettings(local_steps=2, local_epochs=None, batch_size=4, lr=0.01, prox_mu=mu, count_flops=False)
+    s = TrainSettings(local_steps=2, local_epochs=None, batch_size=4, lr=0.01, prox_mu=mu, count_flops=False)
     return fedpeft.FedPeftClient(i, model, [data.train[j] for j in data.parts[i]], s, device=torch.device("cpu"),
                                  pad_id=tok.pad_token_id, seed=0)
 
 
 def hooks(log):
-    return fedpeft.ServerHooks(evaluate=lambda s: 0.0, log=log.append, save=lambda s, r: None, bars=Bars(quiet=True))
+    return ServerHooks(evaluate=lambda s: 0.0, log=log.append, save=lambda s, r: None, bars=Bars(quiet=True))
 
 
 def test_round_aggregate_is_weighted_mean_and_bad_replies_are_skipped(setup):
     c, model, tok, data = setup
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
     good = {i: make_client(i, model, tok, data) for i in (0, 1)}
     # Independent computation: what each good client returns for round 1, and the weighted mean by hand.
     ref = {i: app(Message(init, {"round": 1, "dst": i})) for i, app in good.items()}
@@ -81,7 +86,7 @@ def test_round_aggregate_is_weighted_mean_and_bad_replies_are_skipped(setup):
 
 def test_too_few_replies_keep_the_previous_global_state(setup):
     c, model, tok, data = setup
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
 
     def crashing(msg):
         raise RuntimeError("boom")
@@ -98,7 +103,7 @@ def test_bytes_are_the_exact_encoded_sizes(setup):
     from fedtune.wire import encode
 
     c, model, tok, data = setup
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
     log: list[dict] = []
     app = make_client(0, model, tok, data)
     seen = []
@@ -121,7 +126,7 @@ def test_bytes_are_the_exact_encoded_sizes(setup):
 
 def test_fedprox_with_mu_zero_equals_fedavg_and_mu_pulls_towards_global(setup):
     c, model, tok, data = setup
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
     msg = Message(init, {"round": 1, "dst": 0})
     plain = make_client(0, model, tok, data, mu=0.0)(msg).tensors
     prox0 = make_client(0, model, tok, data, mu=0.0)(msg).tensors
@@ -133,11 +138,11 @@ def test_fedprox_with_mu_zero_equals_fedavg_and_mu_pulls_towards_global(setup):
 
 
 def test_local_epochs_sets_the_number_of_steps():
-    s = fedpeft.TrainSettings(local_steps=None, local_epochs=2.0, batch_size=8, lr=1e-3)
+    s = TrainSettings(local_steps=None, local_epochs=2.0, batch_size=8, lr=1e-3)
     assert s.steps_for(20) == 5  # ceil(2 * 20 / 8)
 
 
-class _TwoPhase:
+class _TwoPhase(ClientApp):
     """A client app with the `start` protocol that records when each phase runs."""
 
     def __init__(self, node, events, fail_at=None):
@@ -176,7 +181,7 @@ def test_local_grid_stream_starts_the_next_client_before_taking_a_reply():
 def test_streamed_clients_on_a_shared_model_reply_as_when_run_one_at_a_time(setup):
     """Starting client k+1 (which loads its state into the shared model) must not change reply k."""
     c, model, tok, data = setup
-    global_state = fedpeft.adapter_state(model)
+    global_state = adapter_state(model)
     messages = [Message(global_state, {"kind": "fit_ins", "round": 1, "dst": i}) for i in range(3)]
     apps = {i: make_client(i, model, tok, data) for i in range(3)}
     one_by_one = [apps[i](m) for i, m in enumerate(messages)]
@@ -199,11 +204,11 @@ def test_streamed_clients_on_cuda_with_graphs_reply_as_when_run_one_at_a_time(ti
     c = cfg.load(None, SMALL)
     data = prepare_data(c, tok, Bars(quiet=True))
     model = attach_lora(copy.deepcopy(base).cuda(), c.peft, c.seed)
-    s = fedpeft.TrainSettings(local_steps=3, local_epochs=None, batch_size=4, lr=0.01, count_flops=False)
-    runner = fedpeft.make_runner(model, s, device=torch.device("cuda"), pad_id=tok.pad_token_id)
+    s = TrainSettings(local_steps=3, local_epochs=None, batch_size=4, lr=0.01, count_flops=False)
+    runner = make_runner(model, s, device=torch.device("cuda"), pad_id=tok.pad_token_id)
     apps = {i: fedpeft.FedPeftClient(i, model, [data.train[j] for j in data.parts[i]], s, device=torch.device("cuda"),
                                      pad_id=tok.pad_token_id, seed=0, runner=runner) for i in range(3)}
-    global_state = fedpeft.adapter_state(model)
+    global_state = adapter_state(model)
     messages = [Message(global_state, {"kind": "fit_ins", "round": 1, "dst": i}) for i in range(3)]
     one_by_one = [apps[i](m) for i, m in enumerate(messages)]
     assert runner.captured_shapes > 0

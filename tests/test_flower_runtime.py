@@ -182,7 +182,7 @@ def test_split_runs_on_flower_only_with_a_split_server_and_waits_for_a_whole_cli
     with pytest.raises(ValueError, match="centralized"):
         flower.check_runnable(cfg.load(None, SMALL + ["federation.paradigm=centralized"]))
 
-    from fedtune.runtime.split_service import SESSION_TIMEOUT_S
+    from fedtune.runtime.split_auth import SESSION_TIMEOUT_S
 
     settings = flower.FlowerSettings.from_run_config({"reply-timeout": 30, "split-round-timeout": 900})
     assert flower.FlowerSettings().split_round_timeout == SESSION_TIMEOUT_S  # the split stream's own deadline

@@ -23,6 +23,8 @@ from fedtune.paradigms import fedpeft, kd
 from fedtune.progress import Bars
 from fedtune.runtime.local import LocalGrid
 from fedtune.wire import Message, WireError, encode, encoded_size
+from fedtune.train.adapter import adapter_state
+from fedtune.train.local_steps import TrainSettings
 
 CPU = torch.device("cpu")
 KD = ["federation.paradigm=kd", "kd.public_fraction=0.3", "kd.public_size=16", "kd.server_steps=2",
@@ -40,12 +42,12 @@ def header_bytes(payload: bytes) -> int:
     return int.from_bytes(payload[:8], "little")
 
 
-def settings(**kw) -> fedpeft.TrainSettings:
-    return fedpeft.TrainSettings(local_steps=1, local_epochs=None, batch_size=4, lr=0.01, count_flops=False, **kw)
+def settings(**kw) -> TrainSettings:
+    return TrainSettings(local_steps=1, local_epochs=None, batch_size=4, lr=0.01, count_flops=False, **kw)
 
 
 def reply_of(model, tok, private, public: kd.PublicSet) -> Message:
-    client = kd.KDClient(0, model, private, public, settings(), fedpeft.adapter_state(model), distill_steps=1,
+    client = kd.KDClient(0, model, private, public, settings(), adapter_state(model), distill_steps=1,
                          device=CPU, pad_id=tok.pad_token_id, seed=0)
     return client(Message({}, {"kind": "kd_ins", "round": 1, "dst": 0}))
 
@@ -179,7 +181,7 @@ def test_generation_rounds_skip_bad_replies_and_leave_the_global_adapter_loaded(
     ctx = RunContext(config=c, model=model, tokenizer=tok, data=data, device=CPU, bars=Bars(quiet=True),
                      log=log.append, score=score, path=tmp_path / "run")
     try:
-        init = fedpeft.adapter_state(model)
+        init = adapter_state(model)
         apps = kd.make_clients(ctx)
         public = apps[0].public
         assert public.mode == "topk" and len(public.examples) == len(data.public) == 5

@@ -16,14 +16,19 @@ from transformers import LlamaForCausalLM
 from fedtune import config as cfg
 from fedtune.data.tasks import Example, collate
 from fedtune.experiment import prepare_data, run
-from fedtune.losses import lm_loss
+from fedtune.train.losses import lm_loss
 from fedtune.models import attach_lora, tiny_llama_config
-from fedtune.multilora import BatchedFedPeft, StackedLora, combine, lora_layers
+from fedtune.train.stacked_lora import StackedLora, combine, lora_layers
+from fedtune import registry
+from fedtune.paradigms.fedpeft_batched import BatchedFedPeft
 from fedtune.paradigms import fedpeft
 from fedtune.progress import Bars
 from fedtune.runtime.local import BatchedLocalGrid
-from fedtune.train_step import pad_to_bucket
+from fedtune.train.step_runner import pad_to_bucket
 from fedtune.wire import Message, WireError
+from fedtune.train.adapter import adapter_state, load_adapter_state
+from fedtune.train.local_steps import TrainSettings
+from fedtune.train.step_runner import make_runner
 
 SMALL = ["model.name=tiny-llama", "data.demo_train_size=60", "data.demo_test_size=12", "federation.num_clients=4",
          "federation.clients_per_round=4", "federation.rounds=1", "train.local_steps=2", "train.batch_size=4",
@@ -68,13 +73,13 @@ def setup_dtype(request, tiny):
 def random_states(model, k: int) -> list[dict[str, torch.Tensor]]:
     """K different adapter states with non-zero B, so every LoRA weight gets a gradient."""
     g = torch.Generator().manual_seed(7)
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
     return [{key: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for key, v in init.items()}
             for _ in range(k)]
 
 
 def sequential_grads(model, state, batch):
-    fedpeft.load_adapter_state(model, state)
+    load_adapter_state(model, state)
     model.zero_grad(set_to_none=True)
     loss, _ = lm_loss(model, batch)
     loss.backward()
@@ -187,7 +192,7 @@ def test_load_in_place_keeps_the_parameters_and_checks_every_state_first(setup):
 
 
 def make_apps(model, tok, data, **settings):
-    s = fedpeft.TrainSettings(**{"local_steps": 3, "local_epochs": None, "batch_size": 4, "lr": 0.01,
+    s = TrainSettings(**{"local_steps": 3, "local_epochs": None, "batch_size": 4, "lr": 0.01,
                                  "count_flops": False, **settings})
     return {i: fedpeft.FedPeftClient(i, model, [data.train[j] for j in data.parts[i]], s, device=torch.device("cpu"),
                                      pad_id=tok.pad_token_id, seed=3)
@@ -210,7 +215,7 @@ def test_batched_clients_end_where_each_client_alone_ends(tiny64, settings, stat
         # Clients of different sizes, so local_epochs gives them different numbers of steps.
         data.parts = [data.parts[0][:4], data.parts[1], data.parts[2][:7], data.parts[3]]
         apps = make_apps(model, tok, data, **settings)
-        init = fedpeft.adapter_state(model)
+        init = adapter_state(model)
         messages = [Message(init, {"kind": "fit_ins", "round": 2, "dst": i}) for i in apps]
         alone = [apps[i](m) for i, m in zip(apps, messages)]
         batched = BatchedFedPeft(apps, static=static)
@@ -278,10 +283,10 @@ def test_graph_pass_ends_where_each_client_alone_ends(device):
     rows = [[Example(torch.randint(1, vocab, (int(n) - 6,), generator=g).tolist(),
                      torch.randint(1, vocab, (6,), generator=g).tolist())
              for n in torch.randint(40, 60, (8,), generator=g)] for _ in range(k)]  # one bucket: 64
-    s = fedpeft.TrainSettings(local_steps=3, local_epochs=None, batch_size=2, lr=0.5, optimizer="sgd",
+    s = TrainSettings(local_steps=3, local_epochs=None, batch_size=2, lr=0.5, optimizer="sgd",
                               max_grad_norm=0.05, count_flops=False)
     dev = torch.device(device)
-    runner = fedpeft.make_runner(model, s, device=dev, pad_id=0)
+    runner = make_runner(model, s, device=dev, pad_id=0)
     apps = {i: fedpeft.FedPeftClient(i, model, r, s, device=dev, pad_id=0, seed=0, runner=runner)
             for i, r in enumerate(rows)}
     batched = BatchedFedPeft(apps)
@@ -306,7 +311,7 @@ def test_graph_pass_ends_where_each_client_alone_ends(device):
 def test_batched_flops_per_client_are_close_to_each_client_alone(setup):
     model, tok, data = setup
     apps = make_apps(model, tok, data, local_steps=1, count_flops=True)
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
     messages = [Message(init, {"kind": "fit_ins", "round": 1, "dst": i}) for i in apps]
     alone = sum(apps[i](m).meta["flops"] for i, m in zip(apps, messages))
     replies = BatchedFedPeft(apps)(messages)
@@ -326,7 +331,7 @@ def test_grid_batches_in_groups_and_a_failing_client_fails_alone(setup):
         groups.append([m.meta["dst"] for m in msgs])
         return batched(msgs)
 
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
     bad = {k: v[..., :1].clone() for k, v in init.items()}  # wrong shapes: this client must fail, alone
     messages = [Message(bad if i == 1 else init, {"kind": "fit_ins", "round": 1, "dst": i}) for i in apps]
     messages.append(Message(init, {"kind": "fit_ins", "round": 1, "dst": 99}))
@@ -376,7 +381,7 @@ def test_batch_clients_rejected_where_it_does_not_apply(paradigm):
 def test_batched_clients_refuse_apps_they_cannot_batch(setup):
     model, tok, data = setup
     with pytest.raises(ValueError, match=r"runtime.batch_clients.*FedLLM"):
-        BatchedFedPeft({0: lambda m: m})
+        registry.get("fedpeft").batched({0: lambda m: m})
     centralized = make_apps(model, tok, data)
     centralized[0].persistent_optimizer = True
     with pytest.raises(ValueError, match=r"runtime.batch_clients.*centralized"):
@@ -398,7 +403,7 @@ def test_leaving_the_block_restores_peft_forward_even_after_an_error(setup):
     batch = collate(data.train[:2], tok.pad_token_id)
     with torch.no_grad():
         before, _ = lm_loss(model, batch)
-    values = fedpeft.adapter_state(model)
+    values = adapter_state(model)
     stacked = StackedLora(model, random_states(model, 2))
     layers = lora_layers(model)
     with pytest.raises(RuntimeError, match="without routing"), stacked:
@@ -408,7 +413,7 @@ def test_leaving_the_block_restores_peft_forward_even_after_an_error(setup):
     with torch.no_grad():
         after, _ = lm_loss(model, batch)
     assert float(before) == float(after)
-    assert all(torch.equal(v, fedpeft.adapter_state(model)[k]) for k, v in values.items())
+    assert all(torch.equal(v, adapter_state(model)[k]) for k, v in values.items())
 
 
 def test_benchmark_runs_and_reports_equal_gradients():

@@ -16,15 +16,19 @@ from fedtune import config as cfg
 from fedtune.data.tasks import Example, collate
 from fedtune.experiment import prepare_data
 from fedtune.models import attach_lora
-from fedtune.losses import lm_loss
+from fedtune.train.losses import lm_loss
 from fedtune.paradigms import fedpeft, split
 from fedtune.progress import Bars
 from fedtune.runtime.local import LocalGrid
 from fedtune.models import backbone
 from fedtune.split_model import CLIENT, SERVER, Cut, MainServer, bottom_forward, resolve_cut, top_forward
+from fedtune.split_session import Activations, LocalMainServer
 from fedtune.strategies import FedAvg
 from fedtune import wire
 from fedtune.wire import Message, WireError, decode, encode, encoded_size
+from fedtune.rounds import ServerHooks
+from fedtune.train.adapter import adapter_state
+from fedtune.train.local_steps import TrainSettings
 from helpers import Recording
 
 CPU = torch.device("cpu")
@@ -32,7 +36,7 @@ VOCAB, HIDDEN, LAYERS = 96, 32, 4
 
 
 def settings(steps=1, lr=0.0, batch_size=4, max_grad_norm=None):
-    return fedpeft.TrainSettings(local_steps=steps, local_epochs=None, batch_size=batch_size, lr=lr, optimizer="sgd",
+    return TrainSettings(local_steps=steps, local_epochs=None, batch_size=batch_size, lr=lr, optimizer="sgd",
                                  max_grad_norm=max_grad_norm, count_flops=False)
 
 
@@ -79,13 +83,13 @@ def test_one_split_step_gives_the_unsplit_gradients_and_loss(four_layers, cut_la
     assert CLIENT in sides.values() and SERVER in sides.values()
     assert sides["base_model.model.lm_head.lora_B.default.weight"] == (CLIENT if u_shaped else SERVER)
     # lr = 0: the step leaves the weights alone and the gradients in .grad, through the real protocol
-    main = MainServer(model, cut, settings(), device=CPU, count_flops=False)
+    want = Activations(torch.float32, HIDDEN, VOCAB)
+    main = LocalMainServer(MainServer(model, cut, settings(), device=CPU, count_flops=False), want)
     client = split.SplitClient(0, model, examples, settings(), cut=cut, wire_dtype=torch.float32, device=CPU,
-                               pad_id=0, seed=0)
+                               pad_id=0, seed=0, dial=main.dial)
     model.zero_grad(set_to_none=True)
-    bottom = cut.part(fedpeft.adapter_state(model), CLIENT)
-    record, update = split.train_client(LocalGrid({0: client}), 0, 1, bottom, main,
-                                        split.Activations(torch.float32, HIDDEN, VOCAB))
+    bottom = cut.part(adapter_state(model), CLIENT)
+    record, update = split.train_client(LocalGrid({0: client}), 0, 1, bottom, main, want)
     assert record["status"] == "ok" and record["server_steps"] == 1, record
     for n, p in params.items():
         assert p.grad is not None, f"{n} ({sides[n]}) got no gradient"
@@ -146,14 +150,50 @@ def tiny_setup(tiny, tiny_data):
     model.unload()
 
 
-def tiny_parts(model, tok, data, wire_dtype, steps=2):
+class RecordingStream:
+    """A client's stream to the main server that remembers every (message, reply) pair, and may tamper with
+    what the client sends (``tamper(msg) -> msg``)."""
+
+    def __init__(self, stream, log, tamper=None):
+        self.stream, self.log, self.tamper = stream, log, tamper
+
+    def exchange(self, msg):
+        if self.tamper is not None:
+            msg = self.tamper(msg)
+        reply = self.stream.exchange(msg)
+        self.log.append((msg, reply))
+        return reply
+
+    @property
+    def bytes_up(self):
+        return self.stream.bytes_up
+
+    @property
+    def bytes_down(self):
+        return self.stream.bytes_down
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def tiny_parts(model, tok, data, wire_dtype, steps=2, tamper=None):
+    """The cut, the clients (their streams recorded in ``main.stream_log``), the main server and the spec."""
     cut = Cut(model, None)
     s = settings(steps=steps, lr=0.01, max_grad_norm=1.0)
+    want = Activations(wire_dtype, model.config.hidden_size, model.config.vocab_size)
+    main = LocalMainServer(MainServer(model, cut, s, device=CPU, count_flops=False), want)
+    main.stream_log = []
+    tampers = tamper or {}
+
+    def dial(node):
+        return RecordingStream(main.dial(node), main.stream_log, tampers.get(node))
+
     clients = {i: split.SplitClient(i, model, [data.train[j] for j in data.parts[i]], s, cut=cut,
-                                    wire_dtype=wire_dtype, device=CPU, pad_id=tok.pad_token_id, seed=0)
+                                    wire_dtype=wire_dtype, device=CPU, pad_id=tok.pad_token_id, seed=0, dial=dial)
                for i in range(len(data.parts))}
-    main = MainServer(model, cut, s, device=CPU, count_flops=False)
-    want = split.Activations(wire_dtype, model.config.hidden_size, model.config.vocab_size)
     return cut, clients, main, want
 
 
@@ -162,15 +202,16 @@ def test_bytes_per_step_are_batch_seq_hidden_values_plus_the_header(tiny_setup, 
     model, tok, data = tiny_setup
     cut, clients, main, want = tiny_parts(model, tok, data, wire_dtype)
     grid = Recording(LocalGrid({0: clients[0]}))
-    record, update = split.train_client(grid, 0, 1, cut.part(fedpeft.adapter_state(model), CLIENT), main, want)
+    record, update = split.train_client(grid, 0, 1, cut.part(adapter_state(model), CLIENT), main, want)
     assert record["status"] == "ok" and update is not None
-    # the client-round's bytes are the exact encoded sizes of everything exchanged
-    assert record["bytes_down"] == sum(len(encode(m)) for m, _ in grid.log)
-    assert record["bytes_up"] == sum(len(encode(r)) for _, r in grid.log)
+    # the client-round's bytes are the exact encoded sizes of everything exchanged: the Grid's and the stream's
+    steps = main.stream_log
+    assert record["bytes_down"] == sum(len(encode(m)) for m, _ in grid.log) + sum(len(encode(r)) for _, r in steps)
+    assert record["bytes_up"] == sum(len(encode(r)) for _, r in grid.log) + sum(len(encode(m)) for m, _ in steps)
     per_value = torch.tensor([], dtype=wire_dtype).element_size()
     hidden = model.config.hidden_size
-    acts = [r for _, r in grid.log if r.kind == "split_act"]
-    grads = [m for m, _ in grid.log if m.kind == "split_grad"]
+    acts = [m for m, _ in steps if m.kind == "split_act"]
+    grads = [r for _, r in steps if r.kind == "split_grad"]
     assert len(acts) == len(grads) == 2
     for msg, extra_per_position in [(m, 1 + 4) for m in acts] + [(m, 0) for m in grads]:
         tensor = msg.tensors["activations" if msg.kind == "split_act" else "grad"]
@@ -188,19 +229,17 @@ def test_bytes_per_step_are_batch_seq_hidden_values_plus_the_header(tiny_setup, 
 
 def test_a_failing_client_is_skipped_and_the_others_are_averaged(tiny_setup):
     model, tok, data = tiny_setup
-    cut, clients, main, want = tiny_parts(model, tok, data, torch.float32)
-
     def nan_on_step_2(msg):
-        reply = clients[1](msg)
-        if reply.kind == "split_act" and reply.meta["step"] == 2:
-            reply.tensors["activations"][0, 0, 0] = float("nan")
-        return reply
+        if msg.kind == "split_act" and msg.meta["step"] == 2:
+            msg.tensors["activations"][0, 0, 0] = float("nan")
+        return msg
 
-    grid = Recording(LocalGrid({0: clients[0], 1: nan_on_step_2}))
-    init = cut.part(fedpeft.adapter_state(model), CLIENT)
+    cut, clients, main, want = tiny_parts(model, tok, data, torch.float32, tamper={1: nan_on_step_2})
+    grid = Recording(LocalGrid({0: clients[0], 1: clients[1]}))
+    init = cut.part(adapter_state(model), CLIENT)
     top_before = main.state()
     log: list[dict] = []
-    hooks = fedpeft.ServerHooks(evaluate=lambda s: 0.0, log=log.append, save=lambda s, r: None, bars=Bars(quiet=True))
+    hooks = ServerHooks(evaluate=lambda s: 0.0, log=log.append, save=lambda s, r: None, bars=Bars(quiet=True))
     final, _ = split.serve(grid, init, main, FedAvg(), want, rounds=1, clients_per_round=2, seed=0, eval_every=1,
                            hooks=hooks)
     records = {r["client"]: r for r in log if r["type"] == "client"}
@@ -265,18 +304,18 @@ class ServiceStandIn:
 
 
 @pytest.mark.parametrize("nan_at_step", [None, 2])
-def test_a_remote_client_checks_each_service_reply_once_and_refuses_a_bad_one(tiny_setup, monkeypatch, nan_at_step):
+def test_a_split_client_checks_each_main_server_reply_once_and_refuses_a_bad_one(tiny_setup, monkeypatch, nan_at_step):
     model, tok, data = tiny_setup
     cut, clients, main, want = tiny_parts(model, tok, data, torch.float32, steps=3)
     client = clients[0]
-    client.dial = lambda address, node: ServiceStandIn(main, nan_at_step)
+    client.dial = lambda node: ServiceStandIn(main.main, nan_at_step)
     checked = []  # every tensor check, wherever it runs (wire.decode with expect, or wire.check)
     real_check = wire._check_tensors
     monkeypatch.setattr(wire, "_check_tensors", lambda tensors, spec, extra: checked.append(sorted(spec))
                         or real_check(tensors, spec, extra))
-    bottom = cut.part(fedpeft.adapter_state(model), CLIENT)
+    bottom = cut.part(adapter_state(model), CLIENT)
     ins = Message(bottom, {"kind": "split_fit_ins", "round": 1, "cut_layer": cut.layer, "u_shaped": False,
-                           "wire_dtype": "float32", "split_server": "stand-in:0"})
+                           "wire_dtype": "float32"})
     if nan_at_step is None:
         reply = client(ins)
         assert reply.kind == "fit_res" and reply.meta["steps"] == 3

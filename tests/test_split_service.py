@@ -24,11 +24,15 @@ from fedtune.experiment import prepare_data
 from fedtune.models import attach_lora
 from fedtune.paradigms import fedpeft, split
 from fedtune.progress import Bars
+from fedtune.runtime import split_auth as auth
+from fedtune.runtime import split_client as remote
 from fedtune.runtime import split_service as svc
 from fedtune.runtime.local import LocalGrid
 from fedtune.split_model import CLIENT, SERVER, Cut, MainServer
 from fedtune.strategies import FedAvg
 from fedtune.wire import Message, encode, encoded_size
+from fedtune.rounds import ServerHooks
+from fedtune.train.adapter import adapter_state
 from helpers import Recording
 
 # One thread here as in the split-server subprocess (OMP_NUM_THREADS=1): the same float reduction order,
@@ -82,11 +86,11 @@ def pki(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pki")
     ca_pem, _, ca = _issue("fedtune test CA")
     out = {"dir": folder, "ca": ca_pem, "server": _issue("split-server", ca, server=True)[:2]}
-    identities = [svc.node_identity(0), svc.node_identity(1), svc.FED_SERVER]
+    identities = [auth.node_identity(0), auth.node_identity(1), auth.FED_SERVER]
     for ident in identities:
         out[ident] = _issue(ident, ca)[:2]
     _, _, rogue_ca = _issue("rogue CA")
-    out["rogue"] = _issue(svc.node_identity(0), rogue_ca)[:2]
+    out["rogue"] = _issue(auth.node_identity(0), rogue_ca)[:2]
     out["tokens"] = {ident: os.urandom(16).hex() for ident in identities}
     (folder / "ca.pem").write_bytes(ca_pem)
     for name, (cert, key) in [("server", out["server"])] + [(i, out[i]) for i in identities]:
@@ -98,10 +102,10 @@ def pki(tmp_path_factory):
     return out
 
 
-def creds(pki, identity: str, *, cert_of: str | None = None, token_of: str | None = None) -> svc.Credentials:
+def creds(pki, identity: str, *, cert_of: str | None = None, token_of: str | None = None) -> auth.Credentials:
     """`identity`'s credentials, optionally with another identity's certificate or token."""
     cert, key = pki[cert_of or identity]
-    return svc.Credentials(identity, ca=pki["ca"], cert=cert, key=key, token=pki["tokens"].get(token_of or identity))
+    return auth.Credentials(identity, ca=pki["ca"], cert=cert, key=key, token=pki["tokens"].get(token_of or identity))
 
 
 # --------------------------------------------------------------------------- an in-process service (a thread)
@@ -112,16 +116,16 @@ def small(tiny):
     return cfg.load(None, SMALL), prepare_data(cfg.load(None, SMALL), tiny[1], Bars(quiet=True))
 
 
-def start_service(tiny, pki, config, max_bytes=svc.DEFAULT_MAX_MESSAGE_BYTES):
+def start_service(tiny, pki, config, max_bytes=auth.DEFAULT_MAX_MESSAGE_BYTES):
     """The service on its own copy of the tiny base (the test's clients use the cached one), TLS + mTLS + tokens."""
     model = attach_lora(copy.deepcopy(tiny[0]), config.peft, config.seed)
     cut = Cut(model, config.split.cut_layer, u_shaped=config.split.u_shaped)
-    settings = fedpeft.settings_from(type("Ctx", (), {"config": config}))
+    settings = fedpeft.fedpeft_settings(type("Ctx", (), {"config": config}))
     main = MainServer(model, cut, settings, device=CPU, count_flops=config.train.count_flops)
     want = split.Activations(torch.float32, model.config.hidden_size, model.config.vocab_size)
     service = svc.SplitService(main, want, tokens=pki["tokens"], mtls=True, max_bytes=max_bytes)
     server, port = svc.start_server(service, "127.0.0.1:0",
-                                    svc.ServerSecurity(*pki["server"], ca=pki["ca"], tokens=pki["tokens"]))
+                                    auth.ServerSecurity(*pki["server"], ca=pki["ca"], tokens=pki["tokens"]))
     return server, f"127.0.0.1:{port}", service
 
 
@@ -139,19 +143,19 @@ def clients_model(tiny, small):
     model.unload()
 
 
-def make_clients(model, tok, data, config, pki):
+def make_clients(model, tok, data, config, pki, address):
     cut = Cut(model, config.split.cut_layer)
-    settings = fedpeft.settings_from(type("Ctx", (), {"config": config}))
+    settings = fedpeft.fedpeft_settings(type("Ctx", (), {"config": config}))
     return cut, {i: split.SplitClient(i, model, [data.train[j] for j in data.parts[i]], settings, cut=cut,
                                       wire_dtype=torch.float32, device=CPU, pad_id=tok.pad_token_id, seed=config.seed,
-                                      dial=lambda address, node: svc.StepStream(
-                                          address, creds(pki, svc.node_identity(node)), timeout=TIMEOUT))
+                                      dial=lambda node: remote.StepStream(
+                                          address, creds(pki, auth.node_identity(node)), timeout=TIMEOUT))
                  for i in range(len(data.parts))}
 
 
-def remote(address, pki, cut, model):
-    return svc.RemoteMainServer(address, creds(pki, svc.FED_SERVER), cut=cut, wire_dtype=torch.float32,
-                                expect=fedtune.wire.spec_of(cut.part(fedpeft.adapter_state(model), SERVER)),
+def fed_server(address, pki, cut, model):
+    return remote.RemoteMainServer(address, creds(pki, auth.FED_SERVER), cut=cut, wire_dtype=torch.float32,
+                                expect=fedtune.wire.spec_of(cut.part(adapter_state(model), SERVER)),
                                 timeout=TIMEOUT)
 
 
@@ -159,7 +163,7 @@ def test_bytes_are_the_payload_lengths_on_both_ends_and_a_bad_client_is_not_aver
                                                                                      clients_model):
     address, main = service
     config, data = small
-    cut, clients = make_clients(clients_model, tiny[1], data, config, pki)
+    cut, clients = make_clients(clients_model, tiny[1], data, config, pki, address)
 
     def nan_on_step_2(msg):  # client 1 sends NaN activations on its second step: the service rejects them
         original = clients[1]._forward
@@ -174,11 +178,11 @@ def test_bytes_are_the_payload_lengths_on_both_ends_and_a_bad_client_is_not_aver
         return clients[1](msg)
 
     grid = Recording(LocalGrid({0: clients[0], 1: nan_on_step_2}))
-    fed = remote(address, pki, cut, clients_model)
-    init = cut.part(fedpeft.adapter_state(clients_model), CLIENT)
+    fed = fed_server(address, pki, cut, clients_model)
+    init = cut.part(adapter_state(clients_model), CLIENT)
     top_before = fed.state()
     log: list[dict] = []
-    hooks = fedpeft.ServerHooks(evaluate=lambda s: 0.0, log=log.append, save=lambda s, r: None, bars=Bars(quiet=True))
+    hooks = ServerHooks(evaluate=lambda s: 0.0, log=log.append, save=lambda s, r: None, bars=Bars(quiet=True))
     try:
         final, _ = split.serve(grid, init, fed, FedAvg(), split.Activations(torch.float32, 64, clients_model.config.vocab_size), rounds=1,
                                clients_per_round=2, seed=0, eval_every=1, hooks=hooks)
@@ -189,7 +193,7 @@ def test_bytes_are_the_payload_lengths_on_both_ends_and_a_bad_client_is_not_aver
     ok, bad = records[0], records[1]
     assert ok["status"] == "ok" and ok["server_steps"] == ok["steps"] == 2
     (fit_ins, fit_res) = [(m, r) for m, r in grid.log if r.meta.get("src") == 0][0]
-    assert fit_ins.meta["split_server"] == address and fit_res.kind == "fit_res"
+    assert fit_ins.kind == "split_fit_ins" and fit_res.kind == "fit_res"
     # the service counted the stream's payloads as received/sent; the client counted what it encoded/received
     assert ok["stream_bytes_up"] == fit_res.meta["stream_bytes_up"] > 0
     assert ok["stream_bytes_down"] == fit_res.meta["stream_bytes_down"] > 0
@@ -200,7 +204,7 @@ def test_bytes_are_the_payload_lengths_on_both_ends_and_a_bad_client_is_not_aver
     per_step_up = ok["stream_bytes_up"] / 2
     assert per_step_up > 4 * 8 * (64 * 4 + 1 + 4)
     # client 1: the service rejected step 2, the client failed, its adapter is not averaged
-    assert bad["status"] == "failed" and "INVALID_ARGUMENT" in bad["error"] and "NaN" in bad["error"]
+    assert bad["status"] == "rejected" and "NaN" in bad["error"]
     assert bad["server_steps"] == 1
     (returned,) = [r.tensors for _, r in grid.log if r.kind == "fit_res"]
     for k in init:
@@ -216,28 +220,28 @@ def test_callers_without_valid_credentials_are_refused(pki, service):
     act = Message({"activations": torch.zeros(1, 2, 64)}, {"kind": "split_act"})
 
     def step_status(credentials) -> str:
-        with pytest.raises(svc.SplitServiceError) as err:
-            with svc.StepStream(address, credentials, timeout=TIMEOUT) as stream:
+        with pytest.raises(remote.SplitServiceError) as err:
+            with remote.StepStream(address, credentials, timeout=TIMEOUT) as stream:
                 stream.exchange(act, expect={})
         return str(err.value)
 
-    node0 = svc.node_identity(0)
+    node0 = auth.node_identity(0)
     # certificate from another CA: the TLS handshake fails
     assert "UNAVAILABLE" in step_status(creds(pki, node0, cert_of="rogue"))
     # no client certificate at all: refused by the handshake too
-    assert "UNAVAILABLE" in step_status(svc.Credentials(node0, ca=pki["ca"], token=pki["tokens"][node0]))
+    assert "UNAVAILABLE" in step_status(auth.Credentials(node0, ca=pki["ca"], token=pki["tokens"][node0]))
     # another node's token, a missing token
-    assert "UNAUTHENTICATED" in step_status(creds(pki, node0, token_of=svc.node_identity(1)))
-    assert "UNAUTHENTICATED" in step_status(svc.Credentials(node0, ca=pki["ca"], cert=pki[node0][0],
+    assert "UNAUTHENTICATED" in step_status(creds(pki, node0, token_of=auth.node_identity(1)))
+    assert "UNAUTHENTICATED" in step_status(auth.Credentials(node0, ca=pki["ca"], cert=pki[node0][0],
                                                             key=pki[node0][1]))
     # node 0's token but node 1's certificate
-    assert "PERMISSION_DENIED" in step_status(creds(pki, node0, cert_of=svc.node_identity(1)))
+    assert "PERMISSION_DENIED" in step_status(creds(pki, node0, cert_of=auth.node_identity(1)))
     # valid, but the fed server has opened no session for node 0
     assert "FAILED_PRECONDITION" in step_status(creds(pki, node0))
     # a client may not call the fed server's methods
-    node_as_fed = svc.RemoteMainServer(address, creds(pki, node0), cut=None, wire_dtype=torch.float32, expect=None,
+    node_as_fed = remote.RemoteMainServer(address, creds(pki, node0), cut=None, wire_dtype=torch.float32, expect=None,
                                        timeout=TIMEOUT)
-    with pytest.raises(svc.SplitServiceError, match="PERMISSION_DENIED"):
+    with pytest.raises(remote.SplitServiceError, match="PERMISSION_DENIED"):
         node_as_fed.state()
     node_as_fed.close()
 
@@ -245,14 +249,14 @@ def test_callers_without_valid_credentials_are_refused(pki, service):
 def test_an_oversize_message_is_refused_and_the_service_goes_on(tiny, pki, small):
     server, address, service = start_service(tiny, pki, small[0], max_bytes=64 * 1024)
     main = service.main
-    fed = remote(address, pki, main.cut, main.model)
+    fed = fed_server(address, pki, main.cut, main.model)
     try:
         before = main.state()
         fed.begin(1, 0)
         big = Message({"activations": torch.zeros(1, 512, 64)}, {"kind": "split_act"})  # 128 KiB > 64 KiB
         assert encoded_size(big) > 64 * 1024
-        with pytest.raises(svc.SplitServiceError, match="RESOURCE_EXHAUSTED"):
-            with svc.StepStream(address, creds(pki, svc.node_identity(0)), timeout=TIMEOUT) as stream:
+        with pytest.raises(remote.SplitServiceError, match="RESOURCE_EXHAUSTED"):
+            with remote.StepStream(address, creds(pki, auth.node_identity(0)), timeout=TIMEOUT) as stream:
                 stream.exchange(big, expect={})
         report = fed.finish(1, 0)
         assert report["status"] == "incomplete" and report["server_steps"] == 0
@@ -268,10 +272,10 @@ def test_a_stalled_session_is_cut_off_when_the_fed_server_finishes_it(tiny, pki,
     import time
 
     server, address, service = start_service(tiny, pki, small[0])
-    fed = remote(address, pki, service.main.cut, service.main.model)
+    fed = fed_server(address, pki, service.main.cut, service.main.model)
     try:
         fed.begin(1, 0)
-        stream = svc.StepStream(address, creds(pki, svc.node_identity(0)), timeout=TIMEOUT)
+        stream = remote.StepStream(address, creds(pki, auth.node_identity(0)), timeout=TIMEOUT)
         deadline = time.monotonic() + TIMEOUT
         while not service.session_running and time.monotonic() < deadline:
             time.sleep(0.05)  # wait until the service has taken the stream (it holds the session lock)
@@ -280,7 +284,7 @@ def test_a_stalled_session_is_cut_off_when_the_fed_server_finishes_it(tiny, pki,
         report = fed.finish(1, 0)  # the client never sent a step
         assert time.monotonic() - started < 5
         assert report["status"] == "incomplete" and report["server_steps"] == 0
-        with pytest.raises(svc.SplitServiceError, match="CANCELLED"):
+        with pytest.raises(remote.SplitServiceError, match="CANCELLED"):
             stream.exchange(Message({}, {"kind": "split_act"}), expect={})
         stream.close()
         fed.state()  # the service is free again
@@ -305,8 +309,8 @@ def _use_credentials_from(folder: Path, monkeypatch) -> None:
     """The environment a fed server and its clients read their credentials from (files per identity)."""
     for var, name in [("ca", "ca.pem"), ("cert", "{identity}.pem"), ("key", "{identity}.key"),
                       ("token_file", "{identity}.token")]:
-        monkeypatch.setenv(svc.ENV[var], str(folder / name))
-    monkeypatch.setenv(svc.ENV["timeout"], str(TIMEOUT))
+        monkeypatch.setenv(auth.ENV[var], str(folder / name))
+    monkeypatch.setenv(auth.ENV["timeout"], str(TIMEOUT))
 
 
 def _assert_same_as_local(tmp_path: Path, local: dict, remote_run: dict) -> None:

@@ -1,4 +1,4 @@
-"""The fast client step (fedtune.train_step): its static-shape loss is the masked loss, and a shared runner
+"""The fast client step (fedtune.train.step_runner): its static-shape loss is the masked loss, and a shared runner
 behaves like a fresh optimizer per client. The CUDA-graph replay itself is checked in benchmarks/gpu.py on a GPU."""
 
 from __future__ import annotations
@@ -9,12 +9,15 @@ import torch
 from fedtune import config as cfg
 from fedtune.data.tasks import collate
 from fedtune.experiment import prepare_data
-from fedtune.losses import lm_loss
+from fedtune.train.losses import lm_loss
 from fedtune.models import attach_lora
 from fedtune.paradigms import fedpeft
 from fedtune.progress import Bars
-from fedtune.train_step import StepRunner, pad_to_bucket, static_loss
+from fedtune.train.step_runner import StepRunner, pad_to_bucket, static_loss
 from fedtune.wire import Message
+from fedtune.train.adapter import adapter_state, load_adapter_state
+from fedtune.train.local_steps import TrainSettings, make_optimizer
+from fedtune.train.step_runner import make_runner
 
 SMALL = ["model.name=tiny-llama", "data.demo_train_size=60", "data.demo_test_size=12", "federation.num_clients=3",
          "federation.clients_per_round=3", "eval.base=false"]
@@ -66,9 +69,9 @@ def test_pad_to_bucket_pads_right_with_ignored_labels():
 
 def test_shared_runner_equals_a_fresh_optimizer_per_client(setup):
     _, model, tok, data = setup
-    s = fedpeft.TrainSettings(local_steps=3, local_epochs=None, batch_size=4, lr=0.01, count_flops=False)
-    init = fedpeft.adapter_state(model)
-    shared = fedpeft.make_runner(model, s, device=torch.device("cpu"), pad_id=tok.pad_token_id)
+    s = TrainSettings(local_steps=3, local_epochs=None, batch_size=4, lr=0.01, count_flops=False)
+    init = adapter_state(model)
+    shared = make_runner(model, s, device=torch.device("cpu"), pad_id=tok.pad_token_id)
 
     def client(i, runner=None):
         return fedpeft.FedPeftClient(i, model, [data.train[j] for j in data.parts[i]], s,
@@ -90,9 +93,9 @@ def test_graphs_need_cuda(setup):
 
 
 def _runner(model, tok, **kw):
-    s = fedpeft.TrainSettings(local_steps=3, local_epochs=None, batch_size=4, lr=0.5, optimizer="sgd",
+    s = TrainSettings(local_steps=3, local_epochs=None, batch_size=4, lr=0.5, optimizer="sgd",
                               max_grad_norm=0.05, prox_mu=0.3, count_flops=False)
-    return StepRunner(model, lambda params, capturable: fedpeft.make_optimizer(params, s, capturable),
+    return StepRunner(model, lambda params, capturable: make_optimizer(params, s, capturable),
                       max_grad_norm=s.max_grad_norm, prox_mu=s.prox_mu, device=torch.device("cpu"),
                       pad_id=tok.pad_token_id, **kw)
 
@@ -101,16 +104,16 @@ def test_static_runner_without_graphs_steps_like_the_masked_eager_runner(setup):
     """The captured step's math (right padding, no mask, head on every position, clipping, FedProx, the
     optimizer) run eagerly on the CPU ends where the masked eager step ends (SGD, clipping that bites)."""
     _, model, tok, data = setup
-    init = fedpeft.adapter_state(model)
+    init = adapter_state(model)
     chunks = [data.train[i: i + 4] for i in (0, 4, 8)]
     ends = []
     for static in (False, True):
-        fedpeft.load_adapter_state(model, init)
+        load_adapter_state(model, init)
         runner = _runner(model, tok, static=static, count_flops=True)
         runner.reset()
         for chunk in chunks:
             runner.step(chunk)
-        ends.append((fedpeft.adapter_state(model), runner.losses(), runner.flops))
+        ends.append((adapter_state(model), runner.losses(), runner.flops))
     (eager, eager_losses, _), (static, static_losses, flops) = ends
     assert static_losses == pytest.approx(eager_losses, rel=1e-5)
     for k in init:
@@ -142,7 +145,7 @@ def test_pluggable_params_loss_and_clip_are_used(setup):
 
     runner = _runner(model, tok, static=True, params=[extra], loss=loss, clip=clip)
     runner.reset()
-    before = fedpeft.adapter_state(model)
+    before = adapter_state(model)
     batch = pad_to_bucket(collate(data.train[:2], tok.pad_token_id), 64, tok.pad_token_id)
     runner.step_static(batch)
     (recorded,) = runner.losses()
@@ -152,7 +155,7 @@ def test_pluggable_params_loss_and_clip_are_used(setup):
     assert clipped == [(((3,),), 0.05)]
     # SGD on sum(base * extra) with FedProx at the start (no pull yet): extra -= lr * base.
     torch.testing.assert_close(extra.detach(), torch.full((3,), 1 - 0.5 * expected), atol=1e-5, rtol=0)
-    assert all(torch.equal(v, fedpeft.adapter_state(model)[k]) for k, v in before.items())  # adapter untouched
+    assert all(torch.equal(v, adapter_state(model)[k]) for k, v in before.items())  # adapter untouched
 
 
 def test_runner_refuses_conflicting_options(setup):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedtune.data.tasks import IGNORE, ClassificationTask, GenerationTask, collate, normalize, rouge_l
-from fedtune.losses import label_scores, lm_loss
+from fedtune.train.losses import label_scores, lm_loss
 
 
 def make_cls(tok, **kw):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def run(config: Any, out: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
@@ -13,7 +13,7 @@ def run(config: Any, out: str | Path | None = None, quiet: bool = False) -> dict
 
     The summary is the same dict the CLI writes to ``summary.json``.
     """
-    from .experiment import run as _run
+    from .launch import run as _run
 
     return _run(config, out=out, quiet=quiet)
 

@@ -8,7 +8,7 @@ import sys
 import typing
 import warnings
 
-from . import __version__
+from .version import __version__
 from . import config as cfg
 
 

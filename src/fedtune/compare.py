@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from . import config as cfg  # noqa: E402
+from . import registry  # noqa: E402
 from .progress import console  # noqa: E402
 from .report import MB, read_metrics  # noqa: E402
 
@@ -42,8 +43,8 @@ def parse_sweep(items: list[str]) -> list[tuple[str, list[Any]]]:
 def plan(config_path: str | None, overrides: list[str], paradigms: list[str], sweep: list[tuple[str, list[Any]]]):
     """Every run of the comparison as (label, swept values, validated Config); all are checked before any runs."""
     for p in paradigms:
-        if p not in cfg.PARADIGMS:
-            raise cfg.ConfigError(f"--paradigms: {p!r} is not one of {', '.join(cfg.PARADIGMS)}.")
+        if p not in registry.names():
+            raise cfg.ConfigError(f"--paradigms: {p!r} is not one of {', '.join(registry.names())}.")
     runs = []
     grids = [[(k, v) for v in vs] for k, vs in sweep]  # no sweep: product() yields one empty point
     for point in itertools.product(*grids):

@@ -263,8 +263,9 @@ def validate(c: Config) -> None:
     spec = registry.get(f.paradigm)
     if c.runtime.batch_clients > 1 and spec.batched is None:
         _fail("runtime.batch_clients", c.runtime.batch_clients,
-              f"federation.paradigm {f.paradigm!r} does not batch its clients (those that do: "
-              f"{', '.join(p for p in registry.names() if registry.get(p).batched is not None)})",
+              f"clients are batched for federation.paradigm "
+              f"{' or '.join(p for p in registry.names() if registry.get(p).batched is not None)} only, "
+              f"not {f.paradigm!r}",
               "Set runtime.batch_clients=1.")
     if spec.validate is not None:
         try:

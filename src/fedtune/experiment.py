@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from .version import __version__
 from . import checkpoint
 from . import config as cfg
 from . import paradigms
