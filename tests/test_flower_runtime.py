@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from fedtune import config as cfg
 from fedtune import experiment
 from fedtune.data.demo import make_demo_task
+from fedtune.paradigms import kd
 from fedtune.runtime import flower
 from fedtune.wire import Message, WireError, encode
 
@@ -148,7 +149,7 @@ def test_kd_clients_keep_their_own_adapter_between_messages_in_flowers_node_stat
         # A new client object for every message, as in a new process; only Flower's node state carries over.
         def fresh_client(config_yaml, node_config, run_id):
             k = int(node_config["partition-id"])
-            return paradigm.KDClient(k, ctx.model, init[k].examples, init[k].public, init[k].settings, init[0].state,
+            return kd.KDClient(k, ctx.model, init[k].examples, init[k].public, init[k].settings, init[0].state,
                                      distill_steps=init[k].distill_steps, device=ctx.device, pad_id=ctx.pad_id,
                                      seed=c.seed)
 
@@ -197,8 +198,13 @@ def test_split_runs_on_flower_only_with_a_split_server_and_waits_for_a_whole_cli
                              connect_timeout=1))
     monkeypatch.setattr(flower, "client_for", lambda config_yaml, node_config, run_id: lambda m: Message({}, {"kind": "x"}))
     grid.send_and_receive([Message({}, {"kind": "split_fit_ins", "dst": 0})])
-    grid.send_and_receive([Message({}, {"kind": "fit_ins", "dst": 0})])
-    assert sent == [(30, [30]), (900, [900]), (30, [30])]  # hello, a split client's round, an ordinary message
+    grid.send_and_receive([Message({}, {"kind": "fit_ins", "dst": 0})], timeout=5)
+    # hello; then a split run's calls wait a whole client round (Paradigm.long_exchanges), unless a call says otherwise
+    assert sent == [(30, [30]), (900, [900]), (5, [5])]
+    fedllm = flower.FlowerGrid(Recorder({12: {"partition-id": 0}}), cfg.load(None, SMALL),
+                               dataclasses.replace(settings, connect_timeout=1))
+    fedllm.send_and_receive([Message({}, {"kind": "fit_ins", "dst": 0})])
+    assert sent[-1] == (30, [30])  # an ordinary paradigm's calls wait reply-timeout
     with pytest.raises(ValueError, match="split-round-timeout"):
         flower.FlowerSettings.from_run_config({"split-round-timeout": 0})
 
@@ -213,18 +219,26 @@ def test_a_long_lived_process_builds_a_client_once_per_run(monkeypatch):
         def unload(self):
             self.unloaded = True
 
+    class Ctx:
+        def __init__(self):
+            self.model, self.closed = Model(), False
+
+        def close(self):
+            self.closed = True
+
     def build(config_yaml, node_config):
-        built.append((Model(), Model()))
+        ctx = Ctx()
+        built.append((object(), ctx))
         return built[-1]
 
     monkeypatch.setattr(flower, "build_client", build)
-    monkeypatch.setattr(flower, "_CLIENTS", {})
+    monkeypatch.setattr(flower, "_NODE", flower.NodeClient())
     node = {"partition-id": 1, "num-partitions": 2}
     first = flower.client_for("a: 1\n", node, 7)
     assert flower.client_for("a: 1\n", dict(node), 7) is first and len(built) == 1  # the next round of run 7
     second = flower.client_for("a: 1\n", node, 8)  # a new run with the same config: a fresh client
-    assert second is not first and len(built) == 2 and built[0][1].unloaded
-    assert flower.client_for("a: 2\n", node, 8) is not second and built[1][1].unloaded  # another config
+    assert second is not first and len(built) == 2 and built[0][1].model.unloaded and built[0][1].closed
+    assert flower.client_for("a: 2\n", node, 8) is not second and built[1][1].model.unloaded  # another config
 
 
 def test_the_worker_ignores_a_sigint_while_a_task_runs_and_stops_on_one_when_idle():

@@ -410,7 +410,8 @@ def handle(inbound: Message, config_yaml: str | None, context: Context) -> Messa
         agree(config_yaml, str(node_config["config"]))
     app = client_for(config_yaml, node_config, context.run_id)
     # A paradigm whose clients keep state between rounds (KD's private adapters) keeps it in `app.state`.
-    stateful = registry.get(_NODE.ctx.config.federation.paradigm).stateful_clients
+    paradigm = (yaml.safe_load(config_yaml).get("federation") or {}).get("paradigm", "fedpeft")
+    stateful = registry.get(paradigm).stateful_clients
     if stateful and STATE_KEY in context.state:
         app.state = unpack(RecordDict({"fedtune": context.state[STATE_KEY]}))[0].tensors
     reply = app(inbound)
