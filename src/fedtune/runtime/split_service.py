@@ -377,8 +377,7 @@ class SplitService:
         u_shaped = self.main.cut.u_shaped
         kind = "split_top_grad" if session.top_shape else "split_act"
         try:
-            # No copy: the step only reads the tensors (the main server casts or moves them first).
-            msg = decode(raw, max_bytes=self.max_bytes, copy=False)
+            msg = decode(raw, max_bytes=self.max_bytes)
             if msg.kind != kind or msg.meta.get("round") != session.round:
                 raise WireError(f"expected a {kind} of round {session.round}, got a {msg.kind!r} of round "
                                 f"{msg.meta.get('round')!r}")
@@ -505,8 +504,7 @@ class StepStream:
         self._replies = call(iter(self._outbox.get, self._END), metadata=credentials.metadata(), timeout=timeout)
 
     def exchange(self, msg: Message, expect=None) -> Message:
-        """Send one message and return the reply, decoded within ``max_bytes`` as views of the payload
-        (``wire.decode(copy=False)``: the client's step functions only read a reply, casting or moving it first).
+        """Send one message and return the reply, decoded within ``max_bytes``.
 
         With `expect` (a ``wire.decode`` spec) the reply's tensors are also checked against it; the split
         client passes none, since its step functions check every reply themselves (once per reply).
@@ -521,7 +519,7 @@ class StepStream:
         except grpc.RpcError as err:
             raise _describe(self.address, err) from None
         self.bytes_down += len(reply)
-        return decode(reply, expect=expect, max_bytes=self.max_bytes, copy=False)
+        return decode(reply, expect=expect, max_bytes=self.max_bytes)
 
     def close(self) -> None:
         self._outbox.put(self._END)
