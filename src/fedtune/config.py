@@ -281,9 +281,11 @@ def validate(c: Config) -> None:
         _fail("data.label_words", d.label_words, "a list of label words or a mapping raw label -> word",
               "Classification on your own data needs the words the model should answer with.")
     k = c.kd
-    for path, v in [("kd.top_k", k.top_k), ("kd.distill_steps", k.distill_steps + 1), ("kd.server_steps", k.server_steps + 1)]:
-        if v < 1:
-            _fail(path, v, "a positive integer (steps may be 0)")
+    if k.top_k < 1:
+        _fail("kd.top_k", k.top_k, "a positive integer")
+    for path, v in [("kd.distill_steps", k.distill_steps), ("kd.server_steps", k.server_steps)]:
+        if v < 0:
+            _fail(path, v, "an integer >= 0 (0 skips that distillation)")
     if k.public_size is not None and k.public_size < 1:
         _fail("kd.public_size", k.public_size, "a positive integer or null",
               "An empty public set leaves nothing to distil on.")
