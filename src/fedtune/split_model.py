@@ -160,7 +160,8 @@ def head_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 class MainServer:
     """The main server of SplitFed: the top part of the model and its one optimizer.
 
-    The interface a networked main server (gRPC) will implement:
+    Its interface, which `runtime.split_service.SplitService` serves over gRPC (and `RemoteMainServer` offers the
+    fed server there):
 
     * ``forward_backward(activations, attention_mask, labels) -> (grad_at_cut, loss)``: one training step
       of the top part (standard split);
