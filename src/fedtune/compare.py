@@ -19,7 +19,7 @@ from rich.table import Table  # noqa: E402
 
 from . import config as cfg  # noqa: E402
 from .progress import console  # noqa: E402
-from .report import MB, read_metrics  # noqa: E402
+from .report import MB, NOT_COUNTED, read_metrics  # noqa: E402
 
 DEFAULT_PARADIGMS = ("fedpeft", "kd", "split")
 
@@ -66,13 +66,18 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "bytes_up": s["bytes_up"],
         "bytes_down": s["bytes_down"],
         "client_flops": s["client_flops"],
-        "client_gflops_per_round": s["client_flops"] / 1e9 / rounds,
-        "server_gflops_per_round": s.get("server_flops", 0) / 1e9 / rounds,
+        "client_gflops_per_round": _per_round_gflops(s["client_flops"], rounds),
+        "server_gflops_per_round": _per_round_gflops(s.get("server_flops", 0), rounds),
         "client_peak_memory_bytes": s["client_peak_memory_bytes"],
         "wall_time_s": s["wall_time_s"],
         "rounds": s["rounds"],
         "failed_client_rounds": s.get("failed_client_rounds", 0),
     }
+
+
+def _per_round_gflops(flops: int | None, rounds: int) -> float | None:
+    """GFLOPs per round; None when the run did not count FLOPs."""
+    return None if flops is None else flops / 1e9 / rounds
 
 
 COLUMNS = [
@@ -92,7 +97,7 @@ COLUMNS = [
 def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
     v = r.get(key)
     if v is None:
-        return "-"
+        return NOT_COUNTED if key.endswith("gflops_per_round") else "-"
     if fmt == "mb":
         return f"{v / MB:.2f}"
     if fmt == "mib":
@@ -152,7 +157,9 @@ def plots(out: Path, runs: list[tuple[str, Path]], rows: list[dict[str, Any]]) -
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
+    if all(r["client_gflops_per_round"] is None for r in rows):
+        ax.text(0.5, 0.5, "FLOPs not counted (train.count_flops: false)", ha="center", transform=ax.transAxes)
+    for r in (r for r in rows if r["client_gflops_per_round"] is not None):
         ax.scatter(r["client_gflops_per_round"], r["accuracy"] or 0.0, s=40)
         ax.annotate(r["run"], (r["client_gflops_per_round"], r["accuracy"] or 0.0), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
@@ -207,7 +214,7 @@ def compare(
           "![accuracy vs communication](plots/accuracy_vs_communication.png)",
           "![client compute vs accuracy](plots/compute_vs_accuracy.png)", "",
           "MB are exact encoded bytes over the whole run; GFLOPs are counted on the real steps "
-          "(client: all sampled clients of a round together).", ""]
+          "(client: all sampled clients of a round together; \"not counted\" with train.count_flops: false).", ""]
     (out / "comparison.md").write_text("\n".join(md))
     if not quiet:
         console.print(rich_table(rows, swept_names))

@@ -21,10 +21,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def total_flops(records: list[dict[str, Any]], counted: bool = True) -> int | None:
+    """Sum of the records' ``flops``; None when FLOPs were not counted.
+
+    Not counted: the run had ``train.count_flops: false`` (`counted`), or the records carry FLOPs and every one
+    is null. No records, with counting on, is 0.
+    """
+    values = [r.get("flops") for r in records]
+    if not counted or (values and all(v is None for v in values)):
+        return None
+    return sum(v or 0 for v in values)
+
+
 def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accuracy, wall_time_s: float):
     """Run totals computed from the per-client-round records."""
     clients = [r for r in records if r.get("type") == "client"]
     ok = [r for r in clients if r.get("status") == "ok"]
+    counted = bool(config.get("train", {}).get("count_flops", True))
     evals = [r for r in records if r.get("type") == "eval" and r.get("model") != "base"]
     fed, data = config["federation"], config["data"]
     metric = data.get("metric") or ("accuracy" if data["task"] == "classification" else "rouge_l")
@@ -43,10 +56,10 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
         "accuracy_by_round": {str(r["round"]): r["accuracy"] for r in evals},
         "bytes_up": sum(r.get("bytes_up", 0) for r in clients),
         "bytes_down": sum(r.get("bytes_down", 0) for r in clients),
-        "client_flops": sum(r.get("flops") or 0 for r in ok),
+        "client_flops": total_flops(ok, counted),
         "client_peak_memory_bytes": max((r.get("peak_memory_bytes", 0) for r in ok), default=0),
         "client_seconds": sum(r.get("seconds", 0.0) for r in ok),
-        "server_flops": sum(r.get("flops") or 0 for r in records if r.get("type") == "server"),
+        "server_flops": total_flops([r for r in records if r.get("type") == "server"], counted),
         "client_rounds": len(clients),
         "failed_client_rounds": len(clients) - len(ok),
         "wall_time_s": wall_time_s,
@@ -85,10 +98,19 @@ def plot(records: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+NOT_COUNTED = "not counted"
+"""How a FLOP figure reads when the run did not count FLOPs (``train.count_flops: false``)."""
+
+
 def _fmt(v, pct: bool = False) -> str:
     if v is None:
         return "-"
     return f"{v:.3f}"
+
+
+def gflops(flops: int | None) -> str:
+    """FLOPs as GFLOPs with one decimal, or "not counted" for None."""
+    return NOT_COUNTED if flops is None else f"{flops / 1e9:.1f}"
 
 
 def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
@@ -97,8 +119,8 @@ def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("base accuracy", _fmt(s["base_accuracy"])),
         (f"final {s['metric']}", _fmt(s["accuracy"])),
         ("MB up / down", f"{s['bytes_up'] / MB:.2f} / {s['bytes_down'] / MB:.2f}"),
-        ("client GFLOPs (total)", f"{s['client_flops'] / 1e9:.1f}"),
-        ("server GFLOPs (total)", f"{s.get('server_flops', 0) / 1e9:.1f}"),
+        ("client GFLOPs (total)", gflops(s["client_flops"])),
+        ("server GFLOPs (total)", gflops(s.get("server_flops", 0))),
         ("client peak memory", f"{s['client_peak_memory_bytes'] / 2**20:.0f} MiB"),
         ("client time (total)", f"{s['client_seconds']:.1f} s"),
         ("wall time", f"{s['wall_time_s']:.1f} s"),
