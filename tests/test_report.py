@@ -1,4 +1,4 @@
-"""report.summarize and the run's report.md: FLOPs not counted."""
+"""report.summarize and the run's report.md: FLOPs not counted, base accuracy."""
 
 from __future__ import annotations
 
@@ -63,3 +63,15 @@ def test_a_run_without_flop_counting_reports_not_counted(uncounted_compare):
     table = (out / "comparison.md").read_text()
     assert all(line.count("not counted") == 2 for line in table.splitlines() if line.startswith("| fedpeft |")
                or line.startswith("| centralized |"))
+
+
+def test_a_run_that_reuses_the_comparisons_base_score_reports_it(uncounted_compare):
+    # centralized runs second: the base model was scored in the fedpeft run and not again
+    out = uncounted_compare
+    first, second = (json.loads((out / r / "summary.json").read_text()) for r in ("fedpeft", "centralized"))
+    assert second["base_accuracy"] == first["base_accuracy"] is not None
+    assert second["base_accuracy_from"] == "fedpeft" and "base_accuracy_from" not in first
+    report = (out / "centralized" / "report.md").read_text()
+    assert f"| base accuracy | {first['base_accuracy']:.3f} (scored once for the comparison, in run `fedpeft`) |" \
+        in report
+    assert "| base accuracy | - |" not in report

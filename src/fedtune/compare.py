@@ -19,7 +19,7 @@ from rich.table import Table  # noqa: E402
 
 from . import config as cfg  # noqa: E402
 from .progress import console  # noqa: E402
-from .report import MB, NOT_COUNTED, read_metrics  # noqa: E402
+from .report import MB, NOT_COUNTED, read_metrics, write_summary  # noqa: E402
 
 DEFAULT_PARADIGMS = ("fedpeft", "kd", "split")
 
@@ -188,7 +188,7 @@ def compare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, done = [], []
-    base_cache: dict[str, float] = {}
+    base_cache: dict[str, tuple[float, str]] = {}  # -> (base accuracy, the run that scored it)
     for i, (label, swept, c) in enumerate(runs, 1):
         if not quiet:
             console.rule(f"[bold]{i}/{len(runs)}: {label}")
@@ -199,10 +199,12 @@ def compare(
             c.eval.base = False
         summary = run(c, out=out / label, quiet=quiet)
         if known is not None:
-            summary["base_accuracy"] = known
-            (out / label / "summary.json").write_text(json.dumps(summary, indent=2))
+            # The run did not score the base (eval.base was off): its summary.json and report.md get the
+            # comparison's number, so the run's own report agrees with the comparison table.
+            summary["base_accuracy"], summary["base_accuracy_from"] = known
+            write_summary(out / label, summary)
         elif summary["base_accuracy"] is not None:
-            base_cache[key] = summary["base_accuracy"]
+            base_cache[key] = (summary["base_accuracy"], label)
         rows.append(row(label, swept, summary))
         done.append((label, out / label))
         # Written after every run, so an interrupted comparison keeps what finished.

@@ -113,10 +113,15 @@ def gflops(flops: int | None) -> str:
     return NOT_COUNTED if flops is None else f"{flops / 1e9:.1f}"
 
 
+def _base(s: dict[str, Any]) -> str:
+    source = s.get("base_accuracy_from")
+    return _fmt(s["base_accuracy"]) + (f" (scored once for the comparison, in run `{source}`)" if source else "")
+
+
 def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("paradigm", f"{s['paradigm']} ({s['strategy']})"),
-        ("base accuracy", _fmt(s["base_accuracy"])),
+        ("base accuracy", _base(s)),
         (f"final {s['metric']}", _fmt(s["accuracy"])),
         ("MB up / down", f"{s['bytes_up'] / MB:.2f} / {s['bytes_down'] / MB:.2f}"),
         ("client GFLOPs (total)", gflops(s["client_flops"])),
@@ -136,18 +141,23 @@ def table(s: dict[str, Any]) -> Table:
     return t
 
 
-def write_outputs(path: Path, config, base_accuracy, evaluations, wall_time_s: float, bars) -> dict[str, Any]:
-    """Write summary.json, plots/ and report.md for a finished run, print the table, return the summary."""
-    records = read_metrics(path)
-    s = summarize(records, config.to_dict(), base_accuracy, wall_time_s)
+def write_summary(path: Path, s: dict[str, Any]) -> None:
+    """Write a run's summary.json and report.md from its summary (again, when a comparison amends it)."""
     (path / "summary.json").write_text(json.dumps(s, indent=2))
-    plot(records, path / "plots")
     lines = [f"# fedtune run `{s['name']}`", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(s)]
     lines += ["", "![accuracy](plots/accuracy.png) ![communication](plots/communication.png)", "",
               "Files: `config.resolved.yaml`, `metrics.jsonl` (one line per client-round and evaluation), "
               "`summary.json`, `adapter/` (PEFT format).", ""]
     (path / "report.md").write_text("\n".join(lines))
+
+
+def write_outputs(path: Path, config, base_accuracy, evaluations, wall_time_s: float, bars) -> dict[str, Any]:
+    """Write summary.json, plots/ and report.md for a finished run, print the table, return the summary."""
+    records = read_metrics(path)
+    s = summarize(records, config.to_dict(), base_accuracy, wall_time_s)
+    plot(records, path / "plots")
+    write_summary(path, s)
     bars.print(table(s))
     bars.print(f"run folder: {path}")
     return s
