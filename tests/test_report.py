@@ -1,4 +1,4 @@
-"""report.summarize and the run's report.md: FLOPs not counted, base accuracy."""
+"""report.summarize and the run's report.md: FLOPs not counted, first-round vs steady peak memory, base accuracy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import EXAMPLES
 from fedtune.cli import main
-from fedtune.report import summarize, summary_rows
+from fedtune.report import WARM_UP_NOTE, summarize, summary_rows
 
 MIB = 2**20
 CONFIG = {"name": "t", "federation": {"paradigm": "fedpeft", "strategy": "fedavg", "rounds": 3, "num_clients": 2,
@@ -24,6 +24,27 @@ def client(rnd: int, node: int, peak_mib: int, flops: int | None = 10**9, status
 
 def rows(s: dict) -> dict[str, str]:
     return dict(summary_rows(s))
+
+
+def test_peak_memory_is_split_into_the_first_round_and_the_steady_state():
+    # a CUDA-like first round: the first client of the process warms up (5.6 GiB), the rest run at ~562 MiB
+    records = [client(1, 0, 5734), client(1, 1, 560), client(2, 0, 562), client(2, 1, 561), client(3, 0, 550),
+               client(3, 1, 9999, status="failed")]  # a failed record measures nothing
+    s = summarize(records, CONFIG, 0.5, 1.0)
+    assert s["client_peak_memory_bytes"] == 562 * MIB
+    assert s["client_peak_memory_first_bytes"] == 5734 * MIB
+    assert rows(s)["client peak memory"] == "562 MiB" and rows(s)["client peak memory, first round"] == "5734 MiB"
+
+
+def test_peak_memory_of_a_one_round_run_and_of_a_resumed_one():
+    s = summarize([client(1, 0, 700), client(1, 1, 300)], CONFIG, None, 1.0)
+    assert s["client_peak_memory_bytes"] is None and s["client_peak_memory_first_bytes"] == 700 * MIB
+    assert rows(s)["client peak memory"].startswith("- (one round")
+    # the first round is the first one with successful client records (round 1's clients all failed here)
+    s = summarize([client(1, 0, 900, status="failed"), client(2, 0, 800), client(3, 0, 400)], CONFIG, None, 1.0)
+    assert (s["client_peak_memory_first_bytes"], s["client_peak_memory_bytes"]) == (800 * MIB, 400 * MIB)
+    s = summarize([client(1, 0, 900, status="failed")], CONFIG, None, 1.0)
+    assert s["client_peak_memory_bytes"] is None and s["client_peak_memory_first_bytes"] is None
 
 
 def test_flops_not_counted_are_null_and_read_not_counted():
@@ -58,6 +79,8 @@ def test_a_run_without_flop_counting_reports_not_counted(uncounted_compare):
         assert s["client_flops"] is None and s["server_flops"] is None, run
         report = (out / run / "report.md").read_text()
         assert "| client GFLOPs (total) | not counted |" in report and "| 0.0 |" not in report
+        assert WARM_UP_NOTE in report
+        assert s["client_peak_memory_bytes"] > 0 and s["client_peak_memory_first_bytes"] > 0
     rows_ = json.loads((out / "comparison.json").read_text())
     assert all(r["client_gflops_per_round"] is None and r["client_flops"] is None for r in rows_)
     table = (out / "comparison.md").read_text()

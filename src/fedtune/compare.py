@@ -69,6 +69,7 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "client_gflops_per_round": _per_round_gflops(s["client_flops"], rounds),
         "server_gflops_per_round": _per_round_gflops(s.get("server_flops", 0), rounds),
         "client_peak_memory_bytes": s["client_peak_memory_bytes"],
+        "client_peak_memory_first_bytes": s.get("client_peak_memory_first_bytes"),
         "wall_time_s": s["wall_time_s"],
         "rounds": s["rounds"],
         "failed_client_rounds": s.get("failed_client_rounds", 0),
@@ -88,6 +89,7 @@ COLUMNS = [
     ("MB down", "bytes_down", "mb"),
     ("client GFLOPs/round", "client_gflops_per_round", "{:.1f}"),
     ("client peak MiB", "client_peak_memory_bytes", "mib"),
+    ("1st-round peak MiB", "client_peak_memory_first_bytes", "mib"),
     ("server GFLOPs/round", "server_gflops_per_round", "{:.1f}"),
     ("wall s", "wall_time_s", "{:.0f}"),
     ("failed", "failed_client_rounds", "{}"),
@@ -216,7 +218,9 @@ def compare(
           "![accuracy vs communication](plots/accuracy_vs_communication.png)",
           "![client compute vs accuracy](plots/compute_vs_accuracy.png)", "",
           "MB are exact encoded bytes over the whole run; GFLOPs are counted on the real steps "
-          "(client: all sampled clients of a round together; \"not counted\" with train.count_flops: false).", ""]
+          "(client: all sampled clients of a round together; \"not counted\" with train.count_flops: false). "
+          "Client peak MiB is the largest of the rounds after the first; the first round's includes one-time "
+          "warm-up.", ""]
     (out / "comparison.md").write_text("\n".join(md))
     if not quiet:
         console.print(rich_table(rows, swept_names))
