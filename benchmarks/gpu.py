@@ -27,7 +27,6 @@ labels. Cases, each printed as a ratio against its baseline run in the same proc
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import sys
@@ -38,60 +37,24 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from _common import LORA, LR, PAD, SEQ, SHAPES, as_examples, build, free, random_batches  # puts src/ on the path
+import paradigm_throughput  # the KD and split cases
+from peft import get_peft_model, set_peft_model_state_dict
 
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from fedtune.data.tasks import Example  # noqa: E402
-from fedtune.paradigms import fedpeft  # noqa: E402
-from fedtune.progress import Bars  # noqa: E402
-from fedtune.runtime.local import LocalGrid  # noqa: E402
-from fedtune.strategies import FedAvg  # noqa: E402
+from fedtune.paradigms import fedpeft
+from fedtune.progress import Bars
+from fedtune.runtime.local import LocalGrid
+from fedtune.strategies import FedAvg
 from fedtune.rounds import ServerHooks
 from fedtune.train.adapter import adapter_state
 from fedtune.train.local_steps import TrainSettings
 from fedtune.train.step_runner import make_runner
 
-SHAPES = {
-    "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                 intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SEQ = 512
-LR = 1e-4
 ISSUE_PEAK = 785e12
-PAD = 0
-LORA = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
 def log(*args) -> None:
     print(*args, flush=True)
-
-
-def build(shape: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0, lora: bool = True):
-    """A random-weight Llama of `shape` in `dtype`, frozen, with a seeded LoRA r=16 on every linear layer."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, attn_implementation="sdpa")
-    with torch.device(device):
-        base = LlamaForCausalLM(config).to(dtype)
-    base.requires_grad_(False)
-    if not lora:
-        return base
-    torch.manual_seed(seed + 1)
-    return get_peft_model(base, LORA)
-
-
-def random_batches(n: int, batch: int, vocab: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, vocab, (batch, SEQ), generator=g) for _ in range(n)]
-
-
-def as_examples(ids: torch.Tensor) -> list[Example]:
-    """Full-sequence LM examples: every token after the first is a target (as ``labels=input_ids``)."""
-    return [Example(prompt_ids=row[:1].tolist(), target_ids=row[1:].tolist()) for row in ids]
 
 
 def settings(batch: int, steps: int, compile: bool = False) -> TrainSettings:
@@ -115,11 +78,6 @@ def peak_matmul_flops() -> float:
         a @ b
     best = min(timed(lambda: a @ b) for _ in range(20))
     return 2 * 8192**3 / best
-
-
-def free() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- plain transformers + peft
@@ -331,8 +289,6 @@ def main() -> None:
     peak = peak_matmul_flops()
     results["measured_peak_bf16_tflops"] = peak / 1e12
     log(f"{results['versions']}; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
-    import paradigm_throughput  # the KD and split cases (it imports this file as `gpu`, hence not at the top)
-
     plan = {
         "client_step_135m_b4": lambda: client_step("135m", 4, steps, peak),
         "client_step_1b_b16": lambda: client_step("1b", 16, max(5, steps // 2), peak),

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import _common  # noqa: E402  (puts src/ on the path)
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -48,13 +48,9 @@ from fedtune.runtime import free_port
 from fedtune.rounds import ServerHooks
 from fedtune.train.adapter import adapter_state
 
-SHAPES = {
-    "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                 intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=True),
-}
-PAD = 0
+SHAPES = {"135m": _common.SHAPES["135m"],
+          "tiny": {**_common.SHAPES["tiny"], "num_hidden_layers": 2}}  # the CPU smoke check's 2-layer toy
+PAD = _common.PAD
 
 
 def settings(a: argparse.Namespace) -> cfg.Config:

@@ -3,7 +3,7 @@
     python benchmarks/paradigm_throughput.py --device cuda --shape 135m   # GPU figures (gpu.py runs these too)
     python benchmarks/paradigm_throughput.py --device cpu --shape tiny    # CPU smoke test, a few seconds
 
-Each case builds the random-weight Llama of `gpu.build` (``tiny``: a 4-layer toy for the CPU), gives 10
+Each case builds the random-weight Llama of `_common.build` (``tiny``: a 4-layer toy for the CPU), gives 10
 clients random full-sequence language-modelling examples and runs two rounds of 10 clients x 10 local steps
 through the paradigm's own code (`fedpeft.serve`, `kd.serve`, `split.serve` with their client apps) on a
 `LocalGrid` with ``serialize=False``. The second round is timed (the first warms up: CUDA graphs captured,
@@ -33,24 +33,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from tests/ too
 
-import gpu  # noqa: E402  (also puts src/ on the path)
+import _common as common  # noqa: E402  (also puts src/ on the path)
 
 from fedtune.data.tasks import Example  # noqa: E402
 from fedtune.paradigms import fedpeft, kd, split  # noqa: E402
 from fedtune.progress import Bars  # noqa: E402
 from fedtune.runtime.local import LocalGrid  # noqa: E402
 from fedtune.split_model import CLIENT, Cut, MainServer  # noqa: E402
+from fedtune.split_session import Activations, LocalMainServer  # noqa: E402
 from fedtune.strategies import FedAvg  # noqa: E402
 from fedtune.rounds import ServerHooks
 from fedtune.train.adapter import adapter_state
 from fedtune.train.local_steps import TrainSettings
 from fedtune.train.step_runner import make_runner
-
-TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=1024, tie_word_embeddings=True)
-gpu.SHAPES.setdefault("tiny", TINY)  # the CPU smoke shape, built by gpu.build like the others
 
 CLIENTS = 10
 STEPS = 10
@@ -68,13 +65,13 @@ def sync(device: torch.device) -> None:
 
 def free(device: torch.device) -> None:
     if device.type == "cuda":
-        gpu.free()
+        common.free()
 
 
 def client_data(vocab: int, batch: int, seq: int) -> list[list[Example]]:
     """Per client, 2 x batch random sequences of `seq` tokens, every token after the first a target."""
     g = torch.Generator().manual_seed(SEED + 6)
-    return [gpu.as_examples(torch.randint(1, vocab, (batch * 2, seq), generator=g)) for _ in range(CLIENTS)]
+    return [common.as_examples(torch.randint(1, vocab, (batch * 2, seq), generator=g)) for _ in range(CLIENTS)]
 
 
 class RoundClock:
@@ -104,11 +101,13 @@ class RoundClock:
 
 
 def settings(batch: int) -> TrainSettings:
-    return TrainSettings(local_steps=STEPS, local_epochs=None, batch_size=batch, lr=gpu.LR, count_flops=False)
+    return TrainSettings(local_steps=STEPS, local_epochs=None, batch_size=batch, lr=common.LR,
+                                 count_flops=False)
 
 
 def model_for(shape: str, device: torch.device):
-    return gpu.build(shape, torch.bfloat16 if device.type == "cuda" else torch.float32, device=str(device), seed=SEED)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return common.build(shape, dtype, device=str(device), seed=SEED)
 
 
 def peak_gb(device: torch.device) -> float | None:
@@ -127,9 +126,9 @@ def fedllm_round(shape: str, batch: int, seq: int, device: torch.device) -> dict
     """FedLLM (LoRA + FedAvg) as `fedpeft.make_clients` wires it: one shared model and step runner."""
     model = model_for(shape, device)
     s = settings(batch)
-    runner = make_runner(model, s, device=device, pad_id=gpu.PAD)
+    runner = make_runner(model, s, device=device, pad_id=common.PAD)
     data = client_data(model.get_input_embeddings().weight.shape[0], batch, seq)
-    apps = {i: fedpeft.FedPeftClient(i, model, data[i], s, device=device, pad_id=gpu.PAD, seed=SEED, runner=runner)
+    apps = {i: fedpeft.FedPeftClient(i, model, data[i], s, device=device, pad_id=common.PAD, seed=SEED, runner=runner)
             for i in range(CLIENTS)}
     clock = RoundClock(device)
     reset_peak(device)
@@ -150,13 +149,13 @@ def kd_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
     prompt_len = max(2, seq // 4)
     public = kd.PublicSet([Example(prompt_ids=row.tolist(), target_ids=[])
                            for row in torch.randint(1, vocab, (KD_PUBLIC_PROMPTS, prompt_len), generator=g)],
-                          "topk", [], [], vocab, KD_TOP_K, 1.0, batch, gpu.PAD)
+                          "topk", [], [], vocab, KD_TOP_K, 1.0, batch, common.PAD)
     public.spans = kd.distill_spans(public.examples)
     public.__post_init__()  # the rows follow the spans
     data = client_data(vocab, batch, seq)
     init = adapter_state(model)
     apps = {i: kd.KDClient(i, model, data[i], public, s, init, distill_steps=KD_DISTILL_STEPS, device=device,
-                           pad_id=gpu.PAD, seed=SEED) for i in range(CLIENTS)}
+                           pad_id=common.PAD, seed=SEED) for i in range(CLIENTS)}
     clock = RoundClock(device)
     reset_peak(device)
     kd.serve(LocalGrid(apps, serialize=False), public, model, init, s, server_steps=KD_SERVER_STEPS, rounds=2,
@@ -187,10 +186,10 @@ def split_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
     cut = Cut(model, body.num_hidden_layers // 2)
     wire_dtype = next(model.get_base_model().parameters()).dtype  # the model's dtype: no cast at the cut
     data = client_data(body.vocab_size, batch, seq)
+    want = Activations(wire_dtype, body.hidden_size, body.vocab_size)
+    main = LocalMainServer(MainServer(model, cut, s, device=device, count_flops=False), want, serialize=False)
     apps = {i: split.SplitClient(i, model, data[i], s, cut=cut, wire_dtype=wire_dtype, device=device,
-                                 pad_id=gpu.PAD, seed=SEED) for i in range(CLIENTS)}
-    main = MainServer(model, cut, s, device=device, count_flops=False)
-    want = split.Activations(wire_dtype, body.hidden_size, body.vocab_size)
+                                 pad_id=common.PAD, seed=SEED, dial=main.dial) for i in range(CLIENTS)}
     clock = RoundClock(device)
     reset_peak(device)
     split.serve(LocalGrid(apps, serialize=False), cut.part(adapter_state(model), CLIENT), main, FedAvg(),
@@ -204,7 +203,7 @@ def split_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
 
 def _case(paradigm, shape: str, batch: int, seq: int | None, device: str) -> dict:
     dev = torch.device(device)
-    seq = seq or (gpu.SEQ if shape in ("135m", "1b") else 64)
+    seq = seq or (common.SEQ if shape in ("135m", "1b") else 64)
     random.seed(SEED)
     ours = paradigm(shape, batch, seq, dev)
     fedllm = fedllm_round(shape, batch, seq, dev)
@@ -226,7 +225,7 @@ def split_throughput(shape: str, batch: int, seq: int | None = None, device: str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
-    ap.add_argument("--shape", default="135m", choices=sorted(gpu.SHAPES))
+    ap.add_argument("--shape", default="135m", choices=sorted(common.SHAPES))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512; tiny: 64)")
     ap.add_argument("--out", default=None, help="also write the results here as JSON")

@@ -33,7 +33,7 @@ import grpc
 import torch
 
 from fedtune.data.tasks import IGNORE
-from fedtune.paradigms.split import Activations
+from fedtune.split_session import Activations
 from fedtune.runtime import split_auth as auth
 from fedtune.runtime import split_client as remote
 from fedtune.runtime import split_service as svc

@@ -89,3 +89,17 @@ def test_every_example_config_loads_and_starts_with_its_command():
         first = f.read_text().splitlines()[0]
         assert first.startswith("# fedtune ") and f.name in first, f
         cfg.load(f)
+
+
+@pytest.mark.parametrize("field", ["kd.distill_steps", "kd.server_steps"])
+def test_negative_kd_steps_are_reported_with_the_users_value(field):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(None, [f"{field}=-1"])
+    assert f"{field} = -1 is not allowed" in str(e.value) and ">= 0" in str(e.value)
+    assert "= 0 is not allowed" not in str(e.value)
+    assert getattr(cfg.load(None, [f"{field}=0"]).kd, field.split(".")[1]) == 0  # 0 skips the distillation
+
+
+def test_kd_top_k_must_be_positive():
+    with pytest.raises(cfg.ConfigError, match=r"kd.top_k = 0 is not allowed: a positive integer\."):
+        cfg.load(None, ["kd.top_k=0"])

@@ -51,3 +51,18 @@ def test_smollm2_cache_matches_the_gguf_weights():
     ids = torch.tensor([tok("Federated learning keeps data where it is.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(cached(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_loading_a_model_prints_no_transformers_progress_bar(tiny, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "saved")  # transformers' own "Writing model shards" bar: setup, not ours
+    tok.save_pretrained(tmp_path / "saved")
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    loaded, _ = load_base(str(tmp_path / "saved"))
+    out, err = capfd.readouterr()
+    assert loaded is not model
+    assert "Loading weights" not in err + out and "it/s" not in err + out and "%|" not in err + out, err[-500:]
+    assert hf_logging.is_progress_bar_enabled()  # restored for the caller's own use of transformers

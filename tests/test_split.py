@@ -281,7 +281,7 @@ def test_end_to_end_split_run_reports_bytes_and_both_sides_flops(tmp_path):
 
 class ServiceStandIn:
     """A client's end of a split-service session without gRPC: each step's reply comes from a `MainServer`, as
-    real wire bytes decoded the way `StepStream.exchange` decodes them (views; checked only when given `expect`)."""
+    real wire bytes decoded the way `StepStream.exchange` decodes them (checked only when given `expect`)."""
 
     def __init__(self, main: MainServer, nan_at_step: int | None = None) -> None:
         self.main, self.nan_at_step = main, nan_at_step
@@ -294,7 +294,7 @@ class ServiceStandIn:
             grad[0, 0, 0] = float("nan")
         reply = Message({"grad": grad}, {"kind": "split_grad", "round": msg.meta["round"], "step": msg.meta["step"],
                                          "last": msg.meta["step"] == msg.meta["steps"], "loss": loss})
-        return decode(encode(reply), expect=expect, copy=False)
+        return decode(encode(reply), expect=expect)
 
     def __enter__(self):
         return self

@@ -85,3 +85,19 @@ def test_packed_states_with_other_shapes_of_the_same_total_are_refused():
     other = {"x": b[:6].view(2, 3), "y": b[6:]}  # same keys and total length, other shapes
     with pytest.raises(RuntimeError):
         weighted_mean([one, other], [1.0, 1.0])
+
+
+def test_server_lr_defaults_are_one_value_each_in_class_factory_and_config_docs():
+    from pathlib import Path
+
+    from fedtune import config
+    from fedtune.strategies import make_strategy
+
+    assert FedAdam.DEFAULT_SERVER_LR == 1e-3 and FedAvgM.DEFAULT_SERVER_LR == 1.0
+    assert FedAdam().server_lr == make_strategy("fedadam", None, 0.9).server_lr == FedAdam.DEFAULT_SERVER_LR
+    assert FedAvgM().server_lr == make_strategy("fedavgm", None, 0.9).server_lr == FedAvgM.DEFAULT_SERVER_LR
+    assert make_strategy("fedadam", 0.05, 0.9).server_lr == 0.05
+    # the field docstring of federation.server_lr states the same defaults
+    source = Path(config.__file__).read_text()
+    doc = source[source.index("server_lr: float | None = None"):].split('"""')[1]
+    assert "1.0 and 1e-3" in doc and float("1e-3") == FedAdam.DEFAULT_SERVER_LR

@@ -447,9 +447,8 @@ def test_oversized_header_rejected_consistently(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_decode_accepts_and_rejects_exactly_what_safetensors_does(payload: tuple[bytes, dict]) -> None:
-    # decode parses the header itself (one copy of the data instead of safetensors' zero-fill + copy):
-    # every single-byte change of the header must be accepted or rejected as safetensors' own reader does,
-    # with the same tensors when accepted.
+    # decode reads through safetensors, then reads the accepted header's metadata itself: every single-byte
+    # change of the header must be accepted or rejected as safetensors' own reader does, with the same tensors.
     data, _ = payload
     n = struct.unpack("<Q", data[:8])[0]
     rng = random.Random(3)
@@ -490,17 +489,40 @@ def test_decode_of_an_unaligned_tensor_gives_it_an_aligned_copy() -> None:
     assert torch.equal(safetensors.torch.load(data)["x"], x)
 
 
-def test_decode_without_copy_views_the_payload_and_equals_the_copy(payload: tuple[bytes, dict]) -> None:
+def test_decode_reads_through_safetensors_and_returns_tensors_that_own_their_memory(
+    monkeypatch: pytest.MonkeyPatch, payload: tuple[bytes, dict]
+) -> None:
+    # One parser of hostile input: safetensors' own. Its tensors are copies, never views of the payload.
     data, expect = payload
-    copied, viewed = decode(data, expect=expect), decode(data, expect=expect, copy=False)
-    _assert_same_tensors(copied.tensors, viewed.tensors)
-    assert viewed.meta == copied.meta
-    start = struct.unpack("<Q", data[:8])[0] + 8  # the tensors' bytes are the payload's own
-    head = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
-    for t in viewed.tensors.values():
-        assert head + start <= t.data_ptr() < head + len(data)
-    for t in copied.tensors.values():
-        assert not head <= t.data_ptr() < head + len(data)
+    calls = []
+    real_load = safetensors.torch.load
+    monkeypatch.setattr(safetensors.torch, "load", lambda raw: calls.append(len(raw)) or real_load(raw))
+    out = decode(memoryview(data), expect=expect)
+    assert calls == [len(data)]
+    head = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    _assert_same_tensors(real_load(data), out.tensors)
+    for t in out.tensors.values():
+        assert not head.data_ptr() <= t.data_ptr() < head.data_ptr() + len(data)
+        t.zero_()  # writable
+    assert decode(data, expect=expect).tensors["a"].abs().sum() > 0  # the payload itself is untouched
+    with pytest.raises(TypeError):
+        decode(data, copy=False)  # the zero-copy reader is gone (see wire's module docstring)
+
+
+@pytest.mark.parametrize("ndim", [65, 60000])
+def test_decode_refuses_more_than_64_dimensions_that_safetensors_accepts(ndim: int) -> None:
+    # Sizes of 1 hold exactly 4 bytes, so safetensors' layout checks pass (and torch builds the tensor).
+    header = {"__metadata__": {"fedtune": "{}"}, "x": {"dtype": "F32", "shape": [1] * ndim, "data_offsets": [0, 4]}}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    data = struct.pack("<Q", len(head)) + head + bytes(4)
+    assert safetensors.torch.load(data)["x"].ndim == ndim
+    with pytest.raises(WireError, match=f"{ndim} dimensions, more than 64"):
+        decode(data)
+    ok = {"__metadata__": {"fedtune": "{}"}, "x": {"dtype": "F32", "shape": [1] * 64, "data_offsets": [0, 4]}}
+    head = json.dumps(ok).encode()
+    head += b" " * (-len(head) % 8)
+    assert decode(struct.pack("<Q", len(head)) + head + bytes(4)).tensors["x"].ndim == 64
 
 
 @pytest.mark.parametrize("shape", [[0, 10**30], [0, 2**62, 2**62], [2**40, 2**40], [1] * 65, [2**62] * 60000])

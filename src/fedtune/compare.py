@@ -20,7 +20,7 @@ from rich.table import Table  # noqa: E402
 from . import config as cfg  # noqa: E402
 from . import registry  # noqa: E402
 from .progress import console  # noqa: E402
-from .report import MB, read_metrics  # noqa: E402
+from .report import MB, NOT_COUNTED, read_metrics, write_summary  # noqa: E402
 
 DEFAULT_PARADIGMS = ("fedpeft", "kd", "split")
 
@@ -67,13 +67,19 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "bytes_up": s["bytes_up"],
         "bytes_down": s["bytes_down"],
         "client_flops": s["client_flops"],
-        "client_gflops_per_round": s["client_flops"] / 1e9 / rounds,
-        "server_gflops_per_round": s.get("server_flops", 0) / 1e9 / rounds,
+        "client_gflops_per_round": _per_round_gflops(s["client_flops"], rounds),
+        "server_gflops_per_round": _per_round_gflops(s.get("server_flops", 0), rounds),
         "client_peak_memory_bytes": s["client_peak_memory_bytes"],
+        "client_peak_memory_first_bytes": s.get("client_peak_memory_first_bytes"),
         "wall_time_s": s["wall_time_s"],
         "rounds": s["rounds"],
         "failed_client_rounds": s.get("failed_client_rounds", 0),
     }
+
+
+def _per_round_gflops(flops: int | None, rounds: int) -> float | None:
+    """GFLOPs per round; None when the run did not count FLOPs."""
+    return None if flops is None else flops / 1e9 / rounds
 
 
 COLUMNS = [
@@ -84,6 +90,7 @@ COLUMNS = [
     ("MB down", "bytes_down", "mb"),
     ("client GFLOPs/round", "client_gflops_per_round", "{:.1f}"),
     ("client peak MiB", "client_peak_memory_bytes", "mib"),
+    ("1st-round peak MiB", "client_peak_memory_first_bytes", "mib"),
     ("server GFLOPs/round", "server_gflops_per_round", "{:.1f}"),
     ("wall s", "wall_time_s", "{:.0f}"),
     ("failed", "failed_client_rounds", "{}"),
@@ -93,7 +100,7 @@ COLUMNS = [
 def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
     v = r.get(key)
     if v is None:
-        return "-"
+        return NOT_COUNTED if key.endswith("gflops_per_round") else "-"
     if fmt == "mb":
         return f"{v / MB:.2f}"
     if fmt == "mib":
@@ -153,7 +160,9 @@ def plots(out: Path, runs: list[tuple[str, Path]], rows: list[dict[str, Any]]) -
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
+    if all(r["client_gflops_per_round"] is None for r in rows):
+        ax.text(0.5, 0.5, "FLOPs not counted (train.count_flops: false)", ha="center", transform=ax.transAxes)
+    for r in (r for r in rows if r["client_gflops_per_round"] is not None):
         ax.scatter(r["client_gflops_per_round"], r["accuracy"] or 0.0, s=40)
         ax.annotate(r["run"], (r["client_gflops_per_round"], r["accuracy"] or 0.0), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
@@ -182,7 +191,7 @@ def compare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, done = [], []
-    base_cache: dict[str, float] = {}
+    base_cache: dict[str, tuple[float, str]] = {}  # -> (base accuracy, the run that scored it)
     for i, (label, swept, c) in enumerate(runs, 1):
         if not quiet:
             console.rule(f"[bold]{i}/{len(runs)}: {label}")
@@ -193,10 +202,12 @@ def compare(
             c.eval.base = False
         summary = run(c, out=out / label, quiet=quiet)
         if known is not None:
-            summary["base_accuracy"] = known
-            (out / label / "summary.json").write_text(json.dumps(summary, indent=2))
+            # The run did not score the base (eval.base was off): its summary.json and report.md get the
+            # comparison's number, so the run's own report agrees with the comparison table.
+            summary["base_accuracy"], summary["base_accuracy_from"] = known
+            write_summary(out / label, summary)
         elif summary["base_accuracy"] is not None:
-            base_cache[key] = summary["base_accuracy"]
+            base_cache[key] = (summary["base_accuracy"], label)
         rows.append(row(label, swept, summary))
         done.append((label, out / label))
         # Written after every run, so an interrupted comparison keeps what finished.
@@ -208,7 +219,9 @@ def compare(
           "![accuracy vs communication](plots/accuracy_vs_communication.png)",
           "![client compute vs accuracy](plots/compute_vs_accuracy.png)", "",
           "MB are exact encoded bytes over the whole run; GFLOPs are counted on the real steps "
-          "(client: all sampled clients of a round together).", ""]
+          "(client: all sampled clients of a round together; \"not counted\" with train.count_flops: false). "
+          "Client peak MiB is the largest of the rounds after the first; the first round's includes one-time "
+          "warm-up.", ""]
     (out / "comparison.md").write_text("\n".join(md))
     if not quiet:
         console.print(rich_table(rows, swept_names))

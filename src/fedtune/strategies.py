@@ -93,8 +93,10 @@ class FedAvgM:
     """FedAvg with server momentum (Hsu et al., 2019): v = beta * v + (w - mean); w -= lr * v."""
 
     name = "fedavgm"
+    DEFAULT_SERVER_LR = 1.0
+    """``federation.server_lr`` when unset."""
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+    def __init__(self, server_lr: float = DEFAULT_SERVER_LR, momentum: float = 0.9) -> None:
         self.server_lr = server_lr
         self.momentum = momentum
         self.velocity: State = {}
@@ -121,8 +123,11 @@ class FedAdam:
     """FedAdam (Reddi et al., 2021): Adam on the server with the pseudo-gradient mean - w."""
 
     name = "fedadam"
+    DEFAULT_SERVER_LR = 1e-3
+    """``federation.server_lr`` when unset (the class and `make_strategy` both use this one value)."""
 
-    def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(self, server_lr: float = DEFAULT_SERVER_LR, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3) -> None:
         self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
         self.m: State = {}
         self.v: State = {}
@@ -168,7 +173,7 @@ def make_strategy(name: str, server_lr: float | None, momentum: float):
     if name == "fedavg":
         return FedAvg()
     if name == "fedavgm":
-        return FedAvgM(server_lr=1.0 if server_lr is None else server_lr, momentum=momentum)
+        return FedAvgM(server_lr=FedAvgM.DEFAULT_SERVER_LR if server_lr is None else server_lr, momentum=momentum)
     if name == "fedadam":
-        return FedAdam(server_lr=1e-3 if server_lr is None else server_lr, beta1=momentum)
+        return FedAdam(server_lr=FedAdam.DEFAULT_SERVER_LR if server_lr is None else server_lr, beta1=momentum)
     raise ValueError(f"federation.strategy = {name!r} is not one of fedavg, fedavgm, fedadam")

@@ -6,12 +6,21 @@ client id, kind, example counts, metrics, ...) is stored as a single JSON string
 under ``__metadata__["fedtune"]`` in the safetensors header, because safetensors
 only allows a flat ``str -> str`` metadata map.
 
-Security model: nothing here uses pickle (or ``torch.load``). Decoding parses a
-length-prefixed JSON header and copies raw little-endian numbers, so a
-malicious peer can send wrong numbers but never code. ``decode`` additionally
-bounds the payload size and, given an ``expect`` spec, rejects payloads whose
-tensor names, dtypes or shapes differ from what the receiver asked for, or
-whose floating tensors hold NaN/Inf.
+Security model: nothing here uses pickle (or ``torch.load``). Decoding goes
+through safetensors' own reader (``safetensors.torch.load``), so a malicious
+peer can send wrong numbers but never code, and there is one parser of hostile
+input, not two. ``decode`` additionally bounds the payload size and, given an
+``expect`` spec, rejects payloads whose tensor names, dtypes or shapes differ
+from what the receiver asked for, or whose floating tensors hold NaN/Inf.
+
+Why not a faster hand-written reader: one that returned views of the payload
+saved little. Measured on 2 shared CPU cores, one torch thread (fp32 split
+activations; median): 1 MiB decodes in 0.10 ms with safetensors, 0.11 ms
+copying by hand, 0.07 ms as views; 16 MiB in 2.6-2.8 ms, 2.6-2.8 ms and
+0.06 ms. A split step over gRPC (benchmarks/split_grpc_latency.py, 5 runs
+each) was 5.5 ms vs 5.7 ms for the views at 1 MiB and 71 ms vs 69 ms at
+16 MiB: within the run-to-run noise, against 3 ms and 45 ms for a bare gRPC
+echo of the same bytes.
 
 ``encoded_size`` reproduces the safetensors layout exactly so that traffic can
 be accounted for without serialising (and without copying tensors off a GPU).
@@ -23,11 +32,11 @@ import cmath
 import functools
 import json
 import sys
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import safetensors.torch
 import torch
 
 __all__ = [
@@ -94,7 +103,6 @@ def _dtype_table() -> dict[torch.dtype, tuple[str, int]]:
 
 
 _DTYPES = _dtype_table()
-_CODES = {code: dtype for dtype, (code, _) in _DTYPES.items()}
 
 
 class WireError(ValueError):
@@ -193,7 +201,6 @@ def decode(
     expect: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     allow_extra: bool = False,
-    copy: bool = True,
 ) -> Message:
     """Parse and validate a payload received from a peer.
 
@@ -207,12 +214,10 @@ def decode(
             ``spec_of``. None skips the tensor checks.
         max_bytes: Payloads longer than this are rejected before parsing.
         allow_extra: Accept (and return) tensors that ``expect`` does not name.
-        copy: False returns tensors that are views of `data` itself (no copy) for a receiver that only
-            reads them and drops them soon (split learning's per-step activations and gradients, which
-            are moved or cast before use): writing into them would write into the immutable payload.
 
     Returns:
-        The decoded message; tensors are on the CPU and own writable memory (unless ``copy=False``).
+        The decoded message; tensors are on the CPU and own writable memory
+        (one copy of the payload's bytes each).
 
     Raises:
         WireError: The payload is oversized, malformed, or does not match
@@ -230,7 +235,7 @@ def decode(
         )
     if not isinstance(data, bytes):
         data = bytes(data)
-    tensors, header = _load(data, copy)
+    tensors, header = _load(data)
     meta = _read_meta(header)
     if expect is not None:
         _check_tensors(tensors, expect, allow_extra)
@@ -384,109 +389,39 @@ def _to_cpu(name: str, t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _load(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a payload with safetensors' own reader; return its tensors and its JSON header.
 
-
-def _load(data: bytes, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Parse a safetensors payload by the rules of safetensors' own reader; return its tensors and header.
-
-    The checks are safetensors' (header length, a JSON object, known dtypes, offsets that tile the data
-    exactly, sizes that match the shapes); the difference is the copy: the data is copied once into one
-    writable buffer and every tensor is a view of it, where ``safetensors.torch.load`` zero-fills a
-    buffer per tensor and then copies into it (two passes over every byte, which showed in split
-    learning's per-step latency). A tensor whose offset is not a multiple of its item size gets its
-    own aligned copy. With ``copy=False`` the tensors view `data` itself (see `decode`).
+    ``safetensors.torch.load`` validates the layout (header length within the payload and under its
+    100 MB limit, a JSON object with ``str -> str`` metadata, known dtypes, offsets that tile the data
+    exactly, sizes that match the shapes, products that fit in 64 bits) and copies each tensor once into
+    its own writable buffer. Whatever it or torch raises on a hostile payload (a SafetensorError, a
+    KeyError for a dtype it can write but not load, a RuntimeError for a shape torch refuses) becomes a
+    WireError. Only then is the header's JSON read again here, for the metadata: it is the header
+    safetensors has just accepted, so its length is bounded and its nesting shallow.
     """
     def invalid(why: str) -> WireError:
         return WireError(f"payload is not valid safetensors ({why})")
 
-    assert sys.byteorder == "little", "the wire is little-endian; this reader views native bytes"
-    if len(data) < _PREFIX_BYTES:
-        raise invalid(f"{len(data)} bytes, shorter than the {_PREFIX_BYTES}-byte header length")
-    n = int.from_bytes(data[:_PREFIX_BYTES], "little")
-    if n > min(_MAX_HEADER_BYTES, len(data) - _PREFIX_BYTES):
-        raise invalid(f"header length {n} exceeds the payload or safetensors' limit")
-    raw = data[_PREFIX_BYTES : _PREFIX_BYTES + n]
-    if not raw.startswith(b"{"):
-        raise invalid("the header does not start with '{'")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # noqa: BLE001 - hostile input: every failure is a rejection, never a crash
+        raise invalid(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    for name, t in tensors.items():
+        if t.ndim > _MAX_DIMS:  # torch builds them, but no peer of ours sends one: refuse before any math on it
+            raise invalid(f"tensor {name!r} has {t.ndim} dimensions, more than {_MAX_DIMS}")
+    n = int.from_bytes(data[:_PREFIX_BYTES], "little")
+    try:
+        header = json.loads(data[_PREFIX_BYTES : _PREFIX_BYTES + n].decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise invalid(f"header is not UTF-8 JSON: {type(exc).__name__}: {exc}") from exc
     if not isinstance(header, dict):
         raise invalid("the header is not a JSON object")
-    st_meta = header.get("__metadata__")
-    if st_meta is not None and not (isinstance(st_meta, dict) and all(isinstance(v, str) for v in st_meta.values())):
-        raise invalid("__metadata__ must map str to str")
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        code = info.get("dtype") if isinstance(info, dict) else None
-        dtype = _CODES.get(code) if isinstance(code, str) else None
-        if dtype is None:
-            raise invalid(f"tensor {name!r}: no dtype this reader can load ({code!r})")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-            raise invalid(f"tensor {name!r}: shape {str(shape)[:200]} is not a list of sizes")
-        if _numel(shape) is None:
-            raise invalid(f"tensor {name!r}: shape {str(shape)[:200]} has more than {_MAX_DIMS} dimensions or "
-                          "sizes whose product does not fit in 64 bits")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-            raise invalid(f"tensor {name!r}: data_offsets {offsets!r} is not a [start, end] pair")
-        entries.append((offsets[0], offsets[1], name, dtype, shape))
-    entries.sort(key=lambda e: (e[0], e[1]))
-    body_len = len(data) - _PREFIX_BYTES - n
-    end = 0
-    for start, stop, name, dtype, shape in entries:
-        if start != end or stop < start:
-            raise invalid(f"tensor {name!r}: data_offsets [{start}, {stop}] do not start at the previous "
-                          f"tensor's end {end}")
-        if stop - start != _numel(shape) * dtype.itemsize:
-            raise invalid(f"tensor {name!r}: {stop - start} bytes do not hold shape {shape} of {dtype}")
-        end = stop
-    if end != body_len:
-        raise invalid(f"the tensors cover {end} of the {body_len} data bytes")
-    try:
-        if copy:
-            body = bytearray(memoryview(data)[_PREFIX_BYTES + n :]) if body_len else bytearray()
-            return {name: _view(body, start, stop - start, dtype, shape)
-                    for start, stop, name, dtype, shape in entries}, header
-        with warnings.catch_warnings():
-            # torch warns (once) that `data` is not writable: with copy=False that is the contract.
-            warnings.simplefilter("ignore", UserWarning)
-            return {name: _view(data, _PREFIX_BYTES + n + start, stop - start, dtype, shape)
-                    for start, stop, name, dtype, shape in entries}, header
-    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:  # a shape torch refuses
-        raise invalid(f"a tensor cannot be built: {type(exc).__name__}: {exc}") from exc
+    return tensors, header
 
 
 _MAX_DIMS = 64
-"""Most dimensions a received tensor may have (torch's own limit; real tensors have a handful)."""
-
-
-def _numel(shape: list[int]) -> int | None:
-    """The number of elements of `shape`; None when it has more than `_MAX_DIMS` dimensions or when the
-    product of its non-zero sizes exceeds 64 bits (torch could not build it, and a bounded product keeps
-    a hostile header from costing big-integer arithmetic)."""
-    if len(shape) > _MAX_DIMS:
-        return None
-    product = 1
-    for d in shape:
-        if d:
-            product *= d
-            if product >= 2**63:
-                return None
-    return 0 if 0 in shape else product
-
-
-def _view(buffer, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    """The tensor of `nbytes` bytes at `offset` of `buffer`; a misaligned one is copied to aligned memory."""
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(buffer, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
-    return (flat.clone() if flat.data_ptr() % dtype.itemsize else flat).view(shape)
+"""Most dimensions a received tensor may have (real tensors have a handful)."""
 
 
 def _read_meta(header: dict[str, Any]) -> dict[str, Any]:

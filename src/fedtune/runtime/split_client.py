@@ -49,7 +49,7 @@ class StepStream:
 
     def exchange(self, msg: Message, expect=None) -> Message:
         """Send one message and return the reply, decoded within ``max_bytes`` as views of the payload
-        (``wire.decode(copy=False)``: the client's step functions only read a reply, casting or moving it first).
+        (`wire.decode`).
 
         With `expect` (a ``wire.decode`` spec) the reply's tensors are also checked against it; the split
         client passes none, since its step functions check every reply themselves (once per reply).
@@ -64,7 +64,7 @@ class StepStream:
         except grpc.RpcError as err:
             raise _describe(self.address, err) from None
         self.bytes_down += len(reply)
-        return decode(reply, expect=expect, max_bytes=self.max_bytes, copy=False)
+        return decode(reply, expect=expect, max_bytes=self.max_bytes)
 
     def close(self) -> None:
         self._outbox.put(self._END)

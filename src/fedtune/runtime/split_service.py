@@ -177,8 +177,7 @@ class SplitService:
                     context.abort(grpc.StatusCode.CANCELLED, "the fed server closed this session")
                 session.bytes_up += len(raw)
                 try:
-                    # No copy: the step only reads the tensors (the main server casts or moves them first).
-                    reply = encode(session.handle(decode(raw, max_bytes=self.max_bytes, copy=False)))
+                    reply = encode(session.handle(decode(raw, max_bytes=self.max_bytes)))
                 except WireError as err:
                     session.status, session.error = "rejected", str(err)[:500]
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rejected: {err}")
