@@ -16,7 +16,7 @@ TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
 TORCH_ARGS := --extra-index-url $(TORCH_CPU_INDEX)
 endif
 
-.PHONY: env demo test test-slow bench clean
+.PHONY: env demo test test-slow bench docs clean
 
 env: $(VENV)/.installed
 
@@ -40,8 +40,15 @@ test-slow: env
 	$(PY) -m pytest -q -m slow --durations=10
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site
 
 # GPU benchmarks (CUDA only): every case of benchmarks/gpu.py side by side with its baseline.
 bench: env
 	$(PY) benchmarks/gpu.py --out benchmarks/results.json
+
+# The documentation site (mkdocs-material) in site/: the configuration reference is regenerated from the config
+# dataclasses first, and the build is strict (a broken link or anchor, or a page missing from the nav, fails it).
+docs: env
+	$(PY) -c "import mkdocs, material" 2>/dev/null || $(PIP) install -q -e ".[docs]"
+	$(PY) docs/gen_config_reference.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
