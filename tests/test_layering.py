@@ -16,7 +16,10 @@ from conftest import REPO
 SRC = REPO / "src"
 BENCH = REPO / "benchmarks"
 MAX_LINES = 450
-ALLOWED_LONG: dict[str, str] = {}
+ALLOWED_LONG: dict[str, str] = {
+    "fedtune.config": "the schema of the core sections and its loader",
+    "fedtune.wire": "every parse and check of bytes from another party in one place",
+}
 """Modules allowed past MAX_LINES: module -> why (each must say so in its docstring too)."""
 
 
@@ -142,6 +145,9 @@ def test_modules_stay_small():
     long = {module_name(f, SRC): n for f in (SRC / "fedtune").rglob("*.py")
             if (n := len(f.read_text().splitlines())) > MAX_LINES}
     assert set(long) <= set(ALLOWED_LONG), f"modules over {MAX_LINES} lines: {long}"
+    for name in ALLOWED_LONG:  # each says why in its docstring
+        path = SRC / (name.replace(".", "/") + ".py")
+        assert "Why one module" in (ast.get_docstring(ast.parse(path.read_text())) or ""), name
 
 
 def test_no_paradigm_name_is_matched_outside_paradigms():

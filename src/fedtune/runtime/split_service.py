@@ -29,7 +29,7 @@ from concurrent import futures
 
 import grpc
 
-from .. import experiment
+from .. import experiment, registry
 from ..models import DTYPES, backbone
 from ..split_model import Cut, MainServer
 from ..split_session import Activations, Session
@@ -226,9 +226,9 @@ def build_service(config, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tokens=
     run would train, and a networked run reproduces the in-process one.
     """
     c = config
-    if c.federation.paradigm != "split":
-        raise ValueError(f"federation.paradigm = {c.federation.paradigm!r}: the split server serves "
-                         "federation.paradigm = 'split' configs only.")
+    if not registry.get(c.federation.paradigm).long_exchanges:
+        raise ValueError(f"federation.paradigm = {c.federation.paradigm!r}: the split server serves split "
+                         "learning configs only (federation.paradigm = 'split').")
     require_authentication(tokens, mtls)  # before the model is loaded
     model, _, device = experiment.load_model(c)
     cut = Cut(model, c.split.cut_layer, u_shaped=c.split.u_shaped)
