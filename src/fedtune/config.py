@@ -173,20 +173,39 @@ def _to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
 
+@dataclass
+class Config:
+    """A whole experiment: ``name``, ``seed`` and one dataclass per section (the schema).
+
+    The class used is this one extended with each paradigm's own section (`Paradigm.section`) and then
+    ``runtime`` (see below), so a paradigm's section is one more attribute like the others.
+    """
+
+    name: str = "fedtune"
+    """Names the run folder (runs/<name>-<timestamp>) and the report."""
+    seed: int = 0
+    """Seeds everything: data split, partition, LoRA initialisation, client sampling, batch order."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
 def _section_field(name: str, cls: type) -> tuple[str, type, Any]:
     return name, cls, field(default_factory=cls)
 
 
-Config = dataclasses.make_dataclass(
+_CORE = [(f.name, typing.get_type_hints(Config)[f.name], f) for f in dataclasses.fields(Config) if f.name != "runtime"]
+Config = dataclasses.make_dataclass(  # noqa: F811 (the schema above, with the paradigms' sections before runtime)
     "Config",
-    [("name", str, field(default="fedtune")), ("seed", int, field(default=0)),
-     *(_section_field(n, c) for n, c in [("model", ModelConfig), ("data", DataConfig), ("federation", FederationConfig),
-                                         ("train", TrainConfig), ("peft", PeftConfig), ("eval", EvalConfig)]),
-     # Each paradigm's own section (`Paradigm.section`), then the runtime.
+    [*((n, t, field(default=f.default) if f.default is not dataclasses.MISSING else field(default_factory=f.default_factory))
+       for n, t, f in _CORE),
      *(_section_field(n, c) for n, c in registry.sections().items()),
      _section_field("runtime", RuntimeConfig)],
-    namespace={"__post_init__": _post_init, "to_dict": _to_dict, "__module__": __name__,
-               "__doc__": "A whole experiment: ``name``, ``seed`` and one dataclass per section (the schema)."},
+    namespace={"__post_init__": _post_init, "to_dict": _to_dict, "__module__": __name__, "__doc__": Config.__doc__},
 )
 
 
