@@ -81,7 +81,7 @@ class FedPeftClient(ClientApp):
 
         With CUDA graphs nothing here waits for the GPU (the steps, the losses and the copy of the
         adapter are queued in stream order), so a runtime can queue the next client's round before
-        taking this one's reply (`fedtune.runtime.local.LocalGrid`): the GPU never idles while the
+        taking this one's reply (the local runtime's `LocalGrid`): the GPU never idles while the
         host screens replies or prepares batches. Elsewhere the work is done when this returns.
         """
         rnd = int(msg.meta["round"])

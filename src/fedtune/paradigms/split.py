@@ -18,7 +18,7 @@ Round r, as the fed server sees it (`serve`), one sampled client at a time:
 
 Where the main server lives is not this module's business: ``ctx.services`` (built by the experiment
 or runtime layer) hands the fed server its main server and the clients their stream to it, in
-process (`split_session.LocalServices`) or over gRPC (`fedtune.runtime.split_client.RemoteServices`).
+process (`split_session.LocalServices`) or over gRPC (the split client of the gRPC runtime, `RemoteServices`).
 
 Messages:
 
