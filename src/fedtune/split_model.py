@@ -23,7 +23,8 @@ from contextlib import contextmanager
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from .meter import ComputeMeter
+from .data.tasks import IGNORE
+from .meter import ComputeMeter, FlopCache
 from .models import backbone
 from .train.adapter import State, adapter_state
 from .train.local_steps import TrainSettings, clip_and_step, make_optimizer
@@ -192,7 +193,7 @@ class MainServer:
         self.params = cut.params(model, SERVER)
         self.optimizer = make_optimizer(self.params, settings)
         self.count_flops = count_flops
-        self._flops = 0
+        self.flops = FlopCache(count_flops)  # counted once per (step kind, batch shape), then reused
         self._seconds = 0.0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # U-shaped: (input leaf, top output)
 
@@ -200,7 +201,7 @@ class MainServer:
                          labels: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Top forward, loss, backward and optimizer step; returns the gradient at the cut and the loss."""
         assert not self.cut.u_shaped, "U-shaped split uses forward() and backward()"
-        with self._metered():
+        with self._metered(("forward_backward", *activations.shape[:2], int((labels[:, 1:] != IGNORE).sum()))):
             x = self._leaf(activations)
             loss = head_loss(self.model, top_forward(self.model, self.cut.layer, x, attention_mask.to(self.device)),
                              labels.to(self.device, torch.long))
@@ -213,7 +214,7 @@ class MainServer:
         """U-shaped: blocks [c, L) on the activations; keeps the graph for `backward`."""
         assert self.cut.u_shaped, "standard split uses forward_backward()"
         assert self._pending is None, "forward() twice without backward()"
-        with self._metered():
+        with self._metered(("forward", *activations.shape[:2])):
             x = self._leaf(activations)
             out = top_forward(self.model, self.cut.layer, x, attention_mask.to(self.device))
         self._pending = (x, out)
@@ -224,7 +225,7 @@ class MainServer:
         assert self._pending is not None, "backward() without forward()"
         x, out = self._pending
         self._pending = None
-        with self._metered():
+        with self._metered(("backward", *top_grad.shape[:2])):
             self.optimizer.zero_grad(set_to_none=True)
             out.backward(top_grad.to(self.device, out.dtype))
             self._step()
@@ -240,8 +241,8 @@ class MainServer:
 
     def take_compute(self) -> tuple[int, float]:
         """FLOPs and seconds of the server's work since the last call."""
-        out = (self._flops, self._seconds)
-        self._flops, self._seconds = 0, 0.0
+        out = (self.flops.take() or 0, self._seconds)
+        self._seconds = 0.0
         return out
 
     # ------------------------------------------------------------------ internals
@@ -254,10 +255,9 @@ class MainServer:
         clip_and_step(self.params, self.optimizer, self.max_grad_norm)
 
     @contextmanager
-    def _metered(self):
+    def _metered(self, key: tuple):
         self.model.train()
-        meter = ComputeMeter(self.device, count_flops=self.count_flops)
-        with meter:
+        meter = ComputeMeter(self.device, count_flops=False)
+        with meter, self.flops.block(key):
             yield
-        self._flops += meter.flops or 0
         self._seconds += meter.seconds

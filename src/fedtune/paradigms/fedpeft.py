@@ -97,11 +97,10 @@ class FedPeftClient(ClientApp):
         self.bars.start("steps", steps, info=f"client {self.node_id}")
         if not self.model.training:  # train() walks every module (~25 ms on the 135M model): only when needed
             self.model.train()
-        # With CUDA graphs the runner counts FLOPs itself (once per batch shape); counting every
-        # replayed step under FlopCounterMode is impossible (nothing is dispatched) and would be slow.
-        # It also times the client on the GPU (CUDA events) instead of waiting for it.
-        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops and not runner.graphs,
-                             sync=not runner.graphs)
+        # The runner counts FLOPs itself, once per batch shape (a replayed CUDA graph dispatches nothing
+        # a FlopCounterMode could see, and counting every step would cost more than the step on a GPU).
+        # With graphs the client is timed on the GPU (CUDA events) instead of waiting for it.
+        meter = ComputeMeter(self.device, count_flops=False, sync=not runner.graphs)
         with meter:
             for chunk in batches(self.examples, self.settings.batch_size, steps, rng):
                 runner.step(chunk)
@@ -113,7 +112,7 @@ class FedPeftClient(ClientApp):
         if losses.is_cuda:
             # Read on the host only after `wait`: a blocking copy later would wait for the next client too.
             losses = pinned_copy(losses)
-        flops = (runner.flops if runner.graphs else meter.flops) if self.settings.count_flops else None
+        flops = runner.flops if self.settings.count_flops else None
         state, wait = adapter_snapshot(self.model)  # waiting for it also covers the losses, queued first
 
         def reply() -> Message:

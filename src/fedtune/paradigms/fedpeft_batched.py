@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..data.tasks import collate
-from ..meter import ComputeMeter
+from ..data.tasks import IGNORE, collate
+from ..meter import ComputeMeter, FlopCache
 from ..train.adapter import State
 from ..train.local_steps import batches, clip_and_step, make_optimizer, round_rng
 from ..train.losses import proximal_term
@@ -158,18 +158,22 @@ class BatchedFedPeft:
         ids = ", ".join(str(a.node_id) for a in apps)
         first.bars.start("steps", max(steps), info=f"clients {ids}")
         model.train()
-        meter = ComputeMeter(device, count_flops=s.count_flops)
+        meter = ComputeMeter(device, count_flops=False)
+        flops = FlopCache(s.count_flops)  # once per (combined batch shape, each client's target count)
         try:
             with meter, stacked:
                 for step in range(max(steps)):
                     chunks = [next(stream) if step < n else None for stream, n in zip(streams, steps)]
                     per_client = [collate(c, first.pad_id) if c is not None else None for c in chunks]
                     batch, routing = combine(per_client, first.pad_id, k, device)
-                    loss, means = stacked.loss(batch, routing)
-                    total = loss + proximal_term(params, anchor, s.prox_mu) if anchor is not None else loss
-                    opt.zero_grad(set_to_none=True)
-                    total.backward()
-                    clip_and_step(params, opt, s.max_grad_norm, lambda _, max_norm: stacked.clip_(max_norm))
+                    key = (*batch["input_ids"].shape, tuple(routing.groups),
+                           tuple(int((b["labels"][:, 1:] != IGNORE).sum()) for b in per_client if b is not None))
+                    with flops.block(key):
+                        loss, means = stacked.loss(batch, routing)
+                        total = loss + proximal_term(params, anchor, s.prox_mu) if anchor is not None else loss
+                        opt.zero_grad(set_to_none=True)
+                        total.backward()
+                        clip_and_step(params, opt, s.max_grad_norm, lambda _, max_norm: stacked.clip_(max_norm))
                     for (slot, _), mean in zip(routing.groups, means.detach()):
                         losses[slot].append(mean)
                         seen[slot] += len(chunks[slot])
@@ -180,7 +184,7 @@ class BatchedFedPeft:
         finally:
             model.eval()
         values = [torch.stack(x).cpu().tolist() for x in losses]
-        return self._replies(apps, rounds, finals, values, seen, tokens, meter.flops, meter)
+        return self._replies(apps, rounds, finals, values, seen, tokens, flops.total, meter)
 
     @staticmethod
     def _replies(apps: list[Any], rounds: list[int], finals: Sequence[State], losses: list[list[float]],

@@ -49,9 +49,9 @@ import torch
 from peft import get_peft_model_state_dict
 
 from ..checkpoint import load_optimizer_state, optimizer_state
-from ..data.tasks import Example, collate
+from ..data.tasks import IGNORE, Example, collate
 from ..grid import ClientApp, Grid
-from ..meter import ComputeMeter
+from ..meter import ComputeMeter, FlopCache
 from ..models import DTYPES, backbone
 from ..rounds import RoundLoop, ServerHooks, screen_reply
 from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss
@@ -132,6 +132,7 @@ class SplitClient(ClientApp):
         self.pad_id = pad_id
         self.seed = seed
         self.dial = dial
+        self.flops = FlopCache(settings.count_flops)  # counted once per (part, batch shape), then reused
         self._round: _Round | None = None
 
     def __call__(self, msg: Message) -> Message:
@@ -166,6 +167,7 @@ class SplitClient(ClientApp):
         steps = self.settings.steps_for(len(self.examples))
         rng, torch_seed = round_rng(self.seed, rnd, self.node_id)
         torch.manual_seed(torch_seed)
+        self.flops.take()
         self._round = _Round(rnd, steps, batches(self.examples, self.settings.batch_size, steps, rng),
                              make_optimizer(params, self.settings), params)
         self.model.train()
@@ -173,9 +175,9 @@ class SplitClient(ClientApp):
     def _forward(self) -> Message:
         """Bottom part on the next batch; the message carries the activations at the cut."""
         r = self._round
-        with self._metered():
-            chunk = next(r.batches)
-            batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+        chunk = next(r.batches)
+        batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+        with self._metered(("bottom forward", *batch["input_ids"].shape)):
             r.optimizer.zero_grad(set_to_none=True)
             r.cut_out = bottom_forward(self.model, self.cut.layer, batch["input_ids"], batch["attention_mask"])
             tensors = {"activations": r.cut_out.detach().to(self.wire_dtype),
@@ -193,7 +195,7 @@ class SplitClient(ClientApp):
         """U-shaped: norm, head and loss on the server's top activations; reply with their gradient."""
         r = self._round
         check(msg, {"top_activations": (tuple(r.cut_out.shape), self.wire_dtype)})
-        with self._metered():
+        with self._metered(("head", *r.labels.shape, int((r.labels[:, 1:] != IGNORE).sum()))):
             top = msg.tensors["top_activations"].to(self.device, compute_dtype(self.model)).detach()
             top.requires_grad_(True)
             loss = head_loss(self.model, top, r.labels)
@@ -207,7 +209,7 @@ class SplitClient(ClientApp):
         """Backpropagate the gradient at the cut through the bottom part and step."""
         r = self._round
         check(msg, {"grad": (tuple(r.cut_out.shape), self.wire_dtype)})
-        with self._metered():
+        with self._metered(("bottom backward", *r.cut_out.shape[:2])):
             r.cut_out.backward(msg.tensors["grad"].to(self.device, r.cut_out.dtype))
             clip_and_step(r.params, r.optimizer, self.settings.max_grad_norm)
         r.cut_out = None
@@ -218,18 +220,19 @@ class SplitClient(ClientApp):
         self.model.eval()
         meta: dict[str, Any] = {
             "kind": "fit_res", "round": r.rnd, "num_examples": len(self.examples), "examples_seen": r.seen,
-            "steps": r.step, "flops": r.flops, "peak_memory_bytes": r.peak, "seconds": r.seconds,
+            "steps": r.step, "flops": r.flops if self.settings.count_flops else None, "peak_memory_bytes": r.peak,
+            "seconds": r.seconds,
         }
         return Message(self.cut.part(adapter_state(self.model), CLIENT), meta)
 
     @contextmanager
-    def _metered(self):
-        """ComputeMeter around one piece of the client's own work, added to the round's totals."""
+    def _metered(self, key: tuple):
+        """Time and memory of one piece of the client's own work, and its FLOPs (counted once per `key`)."""
         r = self._round
-        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops)
-        with meter:
+        meter = ComputeMeter(self.device, count_flops=False)
+        with meter, self.flops.block(key):
             yield
-        r.flops += meter.flops or 0
+        r.flops = self.flops.total or 0
         r.seconds += meter.seconds
         r.peak = max(r.peak, meter.peak_memory_bytes)
 

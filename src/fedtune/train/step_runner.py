@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tasks import IGNORE, collate
-from ..meter import ComputeMeter
+from ..meter import ComputeMeter, FlopCache
 from ..models import backbone
 from .local_steps import TrainSettings, clip_and_step, make_optimizer
 from .losses import lm_loss, proximal_term, static_loss
@@ -132,6 +132,7 @@ class StepRunner:
         self._pool = None
         self._graph_failed: str | None = None
         self._losses: list[torch.Tensor] = []
+        self._eager_flops = FlopCache(count_flops)  # the eager path: counted once per (batch, width, targets)
         self.flops = 0
 
     # ------------------------------------------------------------------ per client
@@ -223,12 +224,16 @@ class StepRunner:
         return out if isinstance(out, tuple) else (out, out)
 
     def _eager_step(self, batch: dict[str, torch.Tensor]) -> None:
+        # The head runs on the target positions only: their count is part of what fixes the step's FLOPs.
+        key = (*batch["input_ids"].shape, int((batch["labels"][:, 1:] != IGNORE).sum()))
         batch = {k: v.to(self.device) for k, v in batch.items()}
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss, _ = lm_loss(self.model, batch)
-        self._finish_step(loss)
+        with self._eager_flops.block(key):
+            with self._autocast():
+                loss, _ = lm_loss(self.model, batch)
+            self._finish_step(loss)
         self._losses.append(loss.detach())
+        self.flops += self._eager_flops.take() or 0
 
     def _static_step(self, static: dict[str, torch.Tensor], record: bool, eager: bool = False) -> torch.Tensor:
         ids, labels = (static[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels"))
