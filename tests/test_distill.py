@@ -107,3 +107,84 @@ def test_topk_round_trip():
     torch.testing.assert_close(sparse, torch.softmax(masked, -1), rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="k <= 50"):
         distill.topk_compress(logits, 51)
+
+
+# --------------------------------------------------------------------------- label skew
+
+
+def skewed_prompts():
+    """Three classes, four prompts of each; the true likelihood p(x | y) is 0.6 on the prompt's class, 0.2 elsewhere."""
+    likelihood = torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]]).repeat_interleave(4, 0)
+    return likelihood, torch.arange(3).repeat_interleave(4)
+
+
+def test_prior_correction_undoes_a_bayes_clients_label_prior():
+    likelihood, _ = skewed_prompts()
+    counts = torch.tensor([30.0, 0.0, 5.0])
+    prior = distill.label_prior(counts)
+    assert prior.tolist() == pytest.approx([31 / 38, 1 / 38, 6 / 38])
+    client = distill.normalize(likelihood * prior)  # p_i(y | x) ∝ p(x | y) prior_i(y)
+    torch.testing.assert_close(distill.prior_correct(client, prior), likelihood)
+    # The logit form the client sends: its softmax at T is the corrected vote.
+    logits = torch.randn(12, 3)
+    for T in (1.0, 2.0):
+        torch.testing.assert_close(distill.probs(distill.prior_correct_logits(logits, prior, T), T),
+                                   distill.prior_correct(distill.probs(logits, T), prior))
+    with pytest.raises(ValueError, match="positive prior"):
+        distill.prior_correct(client, torch.tensor([1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        distill.label_prior(torch.tensor([1.0, -1.0]))
+
+
+def test_under_label_skew_the_plain_mean_picks_the_wrong_class_and_the_corrected_aggregation_the_right_one():
+    # Client A holds 200 examples of class 0 only and has collapsed: it says [0.98, 0.005, 0.015] to every prompt
+    # (its votes for classes it never saw are noise). Client B holds classes 1 and 2 (10 each), client C classes
+    # 0 and 1 (10 each); both are Bayes-optimal under their own priors.
+    likelihood, truth = skewed_prompts()
+    counts = [torch.tensor([200.0, 0, 0]), torch.tensor([0.0, 10, 10]), torch.tensor([10.0, 10, 0])]
+    votes = [torch.tensor([[0.98, 0.005, 0.015]]).expand(12, 3)]
+    votes += [distill.normalize(likelihood * distill.label_prior(c)) for c in counts[1:]]
+    examples = [float(c.sum()) for c in counts]
+    corrected = [distill.prior_correct(p, distill.label_prior(c)) for p, c in zip(votes, counts)]
+
+    def accuracy(p):
+        return float((p.argmax(-1) == truth).float().mean())
+
+    # The example-weighted mean follows the big client's prior: class 0 for every prompt.
+    assert distill.aggregate_dense(votes, examples).argmax(-1).tolist() == [0] * 12
+    # Each correction alone is not enough: dividing A's noise by its tiny priors makes it vote for class 2 ...
+    assert distill.aggregate_dense(corrected, examples).argmax(-1).tolist() == [2] * 12
+    # ... and weighting the raw votes by class counts still lets A's collapsed class-0 vote win everywhere.
+    assert accuracy(distill.aggregate_class_weighted(votes, counts)) == pytest.approx(1 / 3)
+    # Prior-corrected votes weighted per class by the clients' counts of it: every prompt right.
+    both = distill.aggregate_class_weighted(corrected, counts)
+    assert both.argmax(-1).tolist() == truth.tolist()
+    assert both.sum(-1).tolist() == pytest.approx([1.0] * 12)
+    # Sharpening keeps the decision and lowers the entropy.
+    sharp = distill.sharpen(both, 2.0)
+    assert sharp.argmax(-1).tolist() == truth.tolist()
+    entropy = lambda p: float(-(p * p.log()).sum(-1).mean())  # noqa: E731
+    assert entropy(sharp) < entropy(both)
+
+
+def test_class_weighted_aggregation_by_hand():
+    # Two clients, two classes. Class 0: only client 1 holds it -> its vote 0.3. Class 1: counts 1 and 3 ->
+    # (1 * 0.9 + 3 * 0.7) / 4 = 0.75. Row renormalized: [0.3, 0.75] / 1.05.
+    p1, p2 = torch.tensor([[0.1, 0.9]]), torch.tensor([[0.3, 0.7]])
+    got = distill.aggregate_class_weighted([p1, p2], [torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])])
+    assert got.tolist() == [pytest.approx([0.3 / 1.05, 0.75 / 1.05])]
+    # A class no client holds falls back to the plain mean of the votes for it.
+    got = distill.aggregate_class_weighted([p1, p2], [torch.tensor([0.0, 1.0]), torch.tensor([0.0, 3.0])])
+    assert got.tolist() == [pytest.approx([0.2 / 0.95, 0.75 / 0.95])]
+    with pytest.raises(ValueError, match="2 clients but 1"):
+        distill.aggregate_class_weighted([p1, p2], [torch.tensor([1.0, 1.0])])
+
+
+def test_sharpen_is_a_renormalized_power():
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
+    assert distill.sharpen(p, 2.0).tolist() == [pytest.approx([0.25 / 0.38, 0.09 / 0.38, 0.04 / 0.38, 0.0])]
+    torch.testing.assert_close(distill.sharpen(p, 1.0), p)
+    # A large power does not underflow: the argmax gets (almost) all the mass.
+    assert distill.sharpen(torch.tensor([[1e-20, 2e-20]]), 200.0).tolist() == [pytest.approx([0.0, 1.0])]
+    with pytest.raises(ValueError, match="positive power"):
+        distill.sharpen(p, 0.0)

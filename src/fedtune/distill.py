@@ -151,3 +151,98 @@ def sparse_distill_loss(
     p = teacher_probs.float()
     kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1)
     return kl.mean() * temperature**2
+
+
+# --------------------------------------------------------------------------- label skew (classification)
+#
+# Under label skew, a client's model is close to p_i(y | x) ∝ p(x | y) * prior_i(y): it votes for its own
+# majority class on most prompts, and the example-weighted mean of the votes reproduces the prior of the
+# largest clients. The three corrections below come from the federated-distillation literature
+# (Selective-FD, DS-FL); docs/kd-findings.md measures them.
+
+
+def label_prior(counts: torch.Tensor, smoothing: float = 1.0) -> torch.Tensor:
+    """A client's label prior from its label counts, with additive (Laplace) smoothing, float32.
+
+    ``(counts + smoothing) / (sum(counts) + classes * smoothing)``: a class the client never saw gets a small
+    positive prior instead of 0, so dividing by the prior stays finite.
+
+    Args:
+        counts: ``(classes,)`` non-negative label counts.
+        smoothing: Pseudo-count added to every class, ``> 0``.
+    """
+    if not smoothing > 0:
+        raise ValueError(f"the prior's smoothing must be positive, got {smoothing}")
+    counts = counts.float()
+    if counts.dim() != 1 or bool((counts < 0).any()):
+        raise ValueError(f"label counts must be a non-negative vector, got {counts.tolist()}")
+    return (counts + smoothing) / (counts.sum() + smoothing * counts.numel())
+
+
+def prior_correct(client_probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """Divide each row of probabilities by the client's label prior and renormalize (float32).
+
+    If ``p(y | x) ∝ p(x | y) prior(y)``, the result is ``p(x | y)`` normalized over y: the vote the client
+    would cast under a uniform prior.
+
+    Args:
+        client_probs: ``(positions, classes)``, rows summing to 1.
+        prior: ``(classes,)``, positive (see `label_prior`).
+    """
+    if not bool((prior > 0).all()):
+        raise ValueError("prior correction needs a positive prior for every class (smooth the counts)")
+    return normalize(client_probs.float() / prior.to(client_probs.device).float())
+
+
+def prior_correct_logits(logits: torch.Tensor, prior: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`prior_correct` in logit form: ``logits - T * log(prior)``, whose softmax at T is the corrected vote.
+
+    A client sends this instead of its raw logits, so the wire format and the server's aggregation stay as
+    they are (float32 out; the caller casts for the wire).
+    """
+    if not bool((prior > 0).all()):
+        raise ValueError("prior correction needs a positive prior for every class (smooth the counts)")
+    return logits.float() - temperature * prior.to(logits.device).float().log()
+
+
+def aggregate_class_weighted(client_probs: Sequence[torch.Tensor], class_counts: Sequence[torch.Tensor]
+                             ) -> torch.Tensor:
+    """Per-class weighted mean of the clients' votes, each class weighted by the clients' counts of it.
+
+    ``out[:, c] = sum_i n_ic p_i[:, c] / sum_i n_ic``, then rows renormalized: a client's vote for a class
+    counts in proportion to how many examples of that class it trained on (zero for a class it never saw).
+    A class no client holds gets the plain mean of the votes for it.
+
+    Args:
+        client_probs: One ``(positions, classes)`` tensor of probabilities per client.
+        class_counts: One ``(classes,)`` tensor of label counts per client.
+    """
+    if not client_probs:
+        raise ValueError("aggregation needs at least one client")
+    if len(client_probs) != len(class_counts):
+        raise ValueError(f"{len(client_probs)} clients but {len(class_counts)} label-count vectors")
+    classes = client_probs[0].shape[-1]
+    device = client_probs[0].device
+    counts = torch.stack([c.to(device).float() for c in class_counts])  # (clients, classes)
+    if counts.shape[1] != classes or bool((counts < 0).any()):
+        raise ValueError(f"label counts must be non-negative vectors of {classes} classes, got {counts.tolist()}")
+    total = counts.sum(0)
+    w = torch.where(total > 0, counts / total.clamp_min(1e-12), torch.full_like(counts, 1.0 / len(client_probs)))
+    acc = torch.zeros_like(client_probs[0], dtype=torch.float32)
+    for p, wi in zip(client_probs, w):
+        acc.add_(p.to(device).float() * wi)
+    return normalize(acc)
+
+
+def sharpen(p: torch.Tensor, power: float) -> torch.Tensor:
+    """Entropy reduction of aggregated soft labels (DS-FL's ERA): ``p ** power`` renormalized, float32.
+
+    ``power > 1`` sharpens (2 squares the probabilities), ``power = 1`` is the identity; equivalently
+    ``softmax(log p * power)``. Rows stay distributions; zero entries stay zero.
+    """
+    if not power > 0:
+        raise ValueError(f"sharpening needs a positive power, got {power}")
+    p = p.float()
+    # Scale each row by its max first, so large powers do not underflow to an all-zero row.
+    p = p / p.amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    return normalize(p.pow(power))

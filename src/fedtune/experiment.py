@@ -49,7 +49,13 @@ class Prepared:
     test: list[Example]
     parts: list[list[int]]
     keys: list[str]  # the value each train example was partitioned on
-    public: list[Example] = field(default_factory=list)  # KD: unlabeled prompts known to everyone
+    extras: dict[str, list[Example]] = field(default_factory=dict)
+    """What a paradigm holds back from every client (`Paradigm.held_data`), e.g. KD's public prompts."""
+
+    @property
+    def public(self) -> list[Example]:
+        """KD's public prompts (``extras["public"]``), known to the server and every client."""
+        return self.extras.get("public", [])
 
 
 def _load(d: cfg.DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -120,44 +126,16 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
         n=len(train),
         alpha=d.alpha,
     )
-    public: list[Example] = []
-    if spec.needs_public_set:
-        held, public = public_set(c, task, train_rows)
-        # Held back after partitioning, so KD's clients keep the partition the other frameworks get.
+    extras: dict[str, list[Example]] = {}
+    if spec.held_data is not None:
+        held, extras = spec.held_data(c, task, train_rows, train)
+        # Held back after partitioning, so these clients keep the partition the other frameworks get.
         parts = [[i for i in part if i not in held] for part in parts]
     if num_clients > 1:
         bars.print(label_histogram(parts, keys))
         bars.print(f"partition {d.partition}: {sum(map(len, parts))} train examples over {num_clients} clients, "
                    f"skew {skew(parts, keys):.3f} (0 = IID); {len(test)} test examples")
-    return Prepared(task, train, test, parts, keys, public)
-
-
-def public_set(c: cfg.Config, task, train_rows: list[dict]) -> tuple[set[int], list[Example]]:
-    """KD's public prompts, and the training rows they take from the clients.
-
-    Either a separate file (nothing taken), or a seeded ``kd.public_fraction`` of the training
-    rows, held back from every client with their labels dropped.
-    """
-    k = c.kd
-    held: set[int] = set()
-    if k.public_source:
-        rows = load_records(k.public_source)
-        require_fields(rows, task.fields, k.public_source)
-    else:
-        order = list(range(len(train_rows)))
-        random.Random(c.seed + 1).shuffle(order)
-        held = set(order[: int(len(train_rows) * k.public_fraction)])
-        if k.public_size:
-            held = set(sorted(held)[: k.public_size])
-        rows = [train_rows[i] for i in sorted(held)]
-    if k.public_size:
-        rows = rows[: k.public_size]
-    if not rows:
-        raise ValueError(
-            f"the KD public set is empty ({k.public_source or f'kd.public_fraction = {k.public_fraction}'}): "
-            "give kd.public_source a file with rows, or raise kd.public_fraction."
-        )
-    return held, [task.encode_prompt({f: r[f] for f in task.fields}) for r in rows]
+    return Prepared(task, train, test, parts, keys, extras)
 
 
 # --------------------------------------------------------------------------- run folder

@@ -38,7 +38,9 @@ class Paradigm:
         strategy_label: What the report shows as the aggregation (None: ``federation.strategy``).
         single_client: The centralized baseline: one client holds all training data (no federation).
         stateful_clients: Clients keep state between rounds (each must stay in one process).
-        needs_public_set: The data layer prepares KD's public prompts (``data.public``).
+        held_data: ``(config, task, train_rows, train_examples) -> (held indices, {name: examples})``: training
+            rows the data layer holds back from every client (after partitioning) and hands the paradigm
+            as ``ctx.data.extras`` (KD's public prompts and the server's validation split), or None.
         long_exchanges: One client reply spans the client's whole round of per-step traffic with a
             service (split learning): networked runtimes wait their round timeout for it.
         batched: ``(clients) -> run_batch`` for ``runtime.batch_clients > 1`` (several clients in one pass), or None.
@@ -59,7 +61,7 @@ class Paradigm:
     strategy_label: str | None = None
     single_client: bool = False
     stateful_clients: bool = False
-    needs_public_set: bool = False
+    held_data: Callable[[Any, Any, list, list], tuple[set[int], dict[str, list]]] | None = None
     long_exchanges: bool = False
     batched: Callable[[dict[int, Any]], Callable] | None = None
     needs: Callable[[Any, str], str | None] | None = None

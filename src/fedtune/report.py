@@ -82,6 +82,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
         "base_accuracy": base_accuracy,
         "accuracy": evals[-1]["accuracy"] if evals else None,
         "accuracy_by_round": {str(r["round"]): r["accuracy"] for r in evals},
+        "client_accuracy": client_accuracy(ok),
         "bytes_up": sum(r.get("bytes_up", 0) for r in clients),
         "bytes_down": sum(r.get("bytes_down", 0) for r in clients),
         "client_flops": total_flops(ok, counted),
@@ -93,6 +94,13 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
         "failed_client_rounds": len(clients) - len(ok),
         "wall_time_s": wall_time_s,
     }
+
+
+def client_accuracy(ok_clients: list[dict[str, Any]]) -> float | None:
+    """KD: the mean accuracy of the clients' own models on the test set, over the clients that reported one
+    (the last round's); None when none did."""
+    scores = [r["client_accuracy"] for r in ok_clients if r.get("client_accuracy") is not None]
+    return sum(scores) / len(scores) if scores else None
 
 
 def plot(records: list[dict[str, Any]], out: Path) -> None:
@@ -156,6 +164,7 @@ def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("paradigm", f"{s['paradigm']} ({s['strategy']})"),
         ("base accuracy", _base(s)),
         (f"final {s['metric']}", _fmt(s["accuracy"])),
+        *([("clients' own models (mean)", _fmt(s["client_accuracy"]))] if s.get("client_accuracy") is not None else []),
         ("MB up / down", f"{s['bytes_up'] / MB:.2f} / {s['bytes_down'] / MB:.2f}"),
         ("client GFLOPs (total)", gflops(s["client_flops"])),
         ("server GFLOPs (total)", gflops(s.get("server_flops", 0))),

@@ -32,6 +32,23 @@ encoded sizes of these messages; they grow with the public set and k, not with t
 
 Clients may hold a different model (``kd.client_model``) with the same tokenizer; logits are
 compared over the tokenizer's ids ``0 .. len(tokenizer) - 1`` (embedding rows past it are padding).
+
+Variants for label skew (measurements and advice in docs/kd-findings.md), each a ``kd.*`` setting that can
+be set on its own (prior correction and class weighting work best together: tests/test_distill.py):
+  * ``kd.mode = hybrid`` (FedDF, Lin et al. 2020): down, the global adapter instead of soft labels; a client
+    starts from it (no client-side distillation), trains, and returns its logits *and* its adapter
+    (tensors named `ADAPTER` + PEFT key); the server averages the adapters (`average_adapters`, FedAvg by
+    examples) and distils the soft labels into that average with a fresh optimizer.
+  * ``kd.vote_correction = prior``: a client sends ``logits - T log(prior)`` (`distill.prior_correct_logits`),
+    its vote under a uniform label prior; the prior is its smoothed label histogram (`label_counts`).
+  * ``kd.class_weighting``: the client also sends ``label_counts`` (int32, one per label) and the server takes
+    each class's vote from the clients in proportion to their counts of it (`distill.aggregate_class_weighted`).
+  * ``kd.sharpen``: the aggregated soft labels are raised to a power and renormalized (`distill.sharpen`).
+  * ``kd.val_size > 0``: keep-best (`distil_keep_best`): the server scores the model on its own labeled
+    validation rows (held back from every client, never the test set) before and during distillation and
+    keeps the best adapter, so a round's distillation never ends below where it started on that split.
+  * ``kd.client_accuracy_examples``: in the last round each sampled client scores its own model on (the start of)
+    the test set; their mean is ``client_accuracy`` in summary.json.
 """
 
 from __future__ import annotations
@@ -41,25 +58,28 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from .. import distill
 from ..checkpoint import ClientStore, load_optimizer_state, optimizer_state, resumes
 from ..checkpoint import enabled as checkpointing
 from ..data.tasks import Example, collate
+from ..evaluate import evaluate
 from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
 from ..models import attach_lora, load_base, load_tokenizer
 from ..progress import Bars
 from ..rounds import RoundLoop, ServerHooks, screen_reply
+from ..strategies import weighted_mean
 from ..train.adapter import State, adapter_state, load_adapter_state
 from ..train.local_steps import (TrainSettings, batches, clip_and_step, make_optimizer, round_rng, round_seed,
                                  settings_from)
 from ..train.losses import lm_loss
 from ..wire import Message, encoded_size, spec_of
 from ..registry import Paradigm, register
-from .kd_public import PublicSet, SoftLabels, distill_spans, make_public_set  # noqa: F401  (part of kd's API)
+from .kd_public import PublicSet, SoftLabels, distill_spans, held_data, make_public_set  # noqa: F401  (kd's API)
 
 
 
@@ -82,6 +102,24 @@ class KDConfig:
     """Server steps distilling the aggregated soft labels into the global model each round."""
     client_model: str | None = None
     """A different (e.g. smaller) client model with the same tokenizer; default: the server's model."""
+    mode: Literal["logits", "hybrid"] = "logits"
+    """`logits`: only logits travel (clients keep their own adapters). `hybrid` (FedDF, Lin et al. 2020): clients also send their adapters, the server averages them (FedAvg), distils the soft labels into the average and sends that adapter down; bytes then include the adapters. See docs/kd-findings.md."""
+    vote_correction: Literal["none", "prior"] = "none"
+    """Classification: `prior` makes every client divide its probabilities by its own (smoothed) label prior before they travel, so a client with skewed labels stops voting for its majority class (Selective-FD)."""
+    class_weighting: bool = False
+    """Classification: weight each class's votes by the clients' label counts of that class (DS-FL); clients then also send their label counts (one int32 per label)."""
+    sharpen: float | None = None
+    """Raise the aggregated soft labels to this power and renormalize (DS-FL's entropy reduction; 2 squares them); null: no sharpening."""
+    server_lr: float | None = None
+    """Learning rate of the server's distillation (default: train.lr)."""
+    val_size: int = 0
+    """Labeled training rows held back from every client as the server's validation split (never the test set): the server scores the global model on it during distillation and keeps the best checkpoint (keep-best, early stopping), so distillation never ends below its starting point on it. 0: no validation, the server keeps its last step."""
+    val_every: int = 2
+    """Keep-best: score the validation split every this many server steps."""
+    patience: int | None = None
+    """Keep-best: stop distilling after this many validation scores in a row without improvement (null: run all kd.server_steps)."""
+    client_accuracy_examples: int = 50
+    """In the last round each sampled client also scores its own model on the first this many test examples (of those the global model is scored on); their mean is `client_accuracy` in summary.json. 0: off."""
 
     def __post_init__(self) -> None:
         def fail(path: str, value: Any, allowed: str) -> None:
@@ -99,13 +137,40 @@ class KDConfig:
             fail("kd.public_fraction", self.public_fraction, "a number strictly between 0 and 1")
         if not self.temperature > 0:
             fail("kd.temperature", self.temperature, "a positive number")
+        if self.sharpen is not None and not self.sharpen > 0:
+            fail("kd.sharpen", self.sharpen, "a positive power (e.g. 2) or null; powers above 1 sharpen, below 1 smooth")
+        if self.server_lr is not None and not self.server_lr > 0:
+            fail("kd.server_lr", self.server_lr, "a positive number or null (null: train.lr)")
+        if self.val_size < 0:
+            fail("kd.val_size", self.val_size, "an integer >= 0 (0: no validation split, no keep-best)")
+        if self.client_accuracy_examples < 0:
+            fail("kd.client_accuracy_examples", self.client_accuracy_examples, "an integer >= 0 (0: off)")
+        if self.val_every < 1:
+            fail("kd.val_every", self.val_every, "a positive integer")
+        if self.patience is not None and self.patience < 1:
+            fail("kd.patience", self.patience, "a positive integer or null")
+
+
+def validate(c) -> None:
+    """Checks across sections (`Paradigm.validate`)."""
+    k = c.kd
+    if k.mode == "hybrid" and k.client_model not in (None, c.model.name):
+        raise ValueError(f"kd.client_model = {k.client_model!r} is not allowed: the server's model (or null) when "
+                         "kd.mode = 'hybrid'. Hybrid KD averages the clients' adapters into the server's model, so "
+                         "they must have the same shapes.")
+    if (k.vote_correction != "none" or k.class_weighting) and c.data.task != "classification":
+        what = "kd.vote_correction" if k.vote_correction != "none" else "kd.class_weighting"
+        value = k.vote_correction if k.vote_correction != "none" else k.class_weighting
+        raise ValueError(f"{what} = {value!r} is not allowed: label priors and label counts exist for classification "
+                         f"tasks only. Set {what} to its default for data.task = {c.data.task!r}.")
 
 
 def public_set_from(ctx) -> PublicSet:
     k = ctx.config.kd
     return make_public_set(ctx.data.public, ctx.data.task, vocab=len(ctx.tokenizer), pad_id=ctx.pad_id,
                            top_k=k.top_k, full_logits=k.full_logits, temperature=k.temperature,
-                           batch_size=ctx.config.train.batch_size)
+                           batch_size=ctx.config.train.batch_size, vote_correction=k.vote_correction,
+                           class_weighting=k.class_weighting, sharpen=k.sharpen)
 
 
 # --------------------------------------------------------------------------- training steps
@@ -132,7 +197,45 @@ def distil(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: r
     return losses
 
 
+def distil_keep_best(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
+                     device: torch.device, max_grad_norm, score: Callable[[], float], every: int,
+                     patience: int | None = None) -> tuple[list[float], dict[str, Any]]:
+    """`distil` with keep-best: score the model (on the server's validation split) before distilling and every
+    `every` steps, and leave it at the best-scoring adapter seen, the starting one included.
+
+    Ties keep the earlier adapter, so the model returned never scores below the one it started from.
+    ``patience``: stop after that many scores in a row without improvement (early stopping).
+
+    Returns:
+        The losses of the steps taken, and ``{"val_start", "val_best", "best_step", "val_scores"}``.
+    """
+    best = start = score()
+    best_state, best_step, scores, losses, stale = adapter_state(model), 0, [start], [], 0
+    while len(losses) < steps and (patience is None or stale < patience):
+        losses += distil(model, opt, public, labels, min(every, steps - len(losses)), rng, device=device,
+                         max_grad_norm=max_grad_norm)
+        scores.append(score())
+        if scores[-1] > best:
+            best, best_state, best_step, stale = scores[-1], adapter_state(model), len(losses), 0
+        else:
+            stale += 1
+    load_adapter_state(model, {k: v.to(device) for k, v in best_state.items()})
+    return losses, {"val_start": start, "val_best": best, "best_step": best_step, "val_scores": scores}
+
+
 # --------------------------------------------------------------------------- client side
+
+ADAPTER = "adapter/"
+"""``kd.mode = hybrid``: the prefix of the adapter tensors in a client's reply (the rest are its logits)."""
+
+
+def label_counts(examples: list[Example], labels: int) -> torch.Tensor:
+    """How many of `examples` carry each label, int32 ``(labels,)``: a client's label histogram."""
+    counts = torch.zeros(labels, dtype=torch.int32)
+    for e in examples:
+        counts[e.label] += 1
+    return counts
+
 
 
 class KDClient(ClientApp):
@@ -161,9 +264,16 @@ class KDClient(ClientApp):
         seed: int,
         bars: Bars | None = None,
         store: ClientStore | None = None,
+        hybrid: bool = False,
+        score: Callable[[Any], float] | None = None,
     ) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
+        # Label-skew corrections (classification): the client's histogram and its smoothed prior.
+        self.counts = label_counts(examples, public.width) if public.mode == "labels" else None
+        self.prior = distill.label_prior(self.counts) if public.vote_correction == "prior" else None
+        self.hybrid = hybrid
+        self.score = score
         self.node_id = node_id
         self.model = model
         self.examples = examples
@@ -180,11 +290,17 @@ class KDClient(ClientApp):
 
     def __call__(self, msg: Message) -> Message:
         rnd = int(msg.meta["round"])
-        labels = self.public.from_wire(msg.tensors, self.device) if msg.tensors else None
+        global_adapter = {k[len(ADAPTER):]: v for k, v in msg.tensors.items() if k.startswith(ADAPTER)}
+        soft = {k: v for k, v in msg.tensors.items() if not k.startswith(ADAPTER)}
+        labels = self.public.from_wire(soft, self.device) if soft else None
         start = self.store.before(rnd) if self.store is not None else None
         if self.store is not None:
             self.state = start[1] if start is not None else self.initial
-        load_adapter_state(self.model, {k: v.to(self.device) for k, v in self.state.items()})
+        if global_adapter:  # hybrid: start from the server's distilled average, like a FedLLM client
+            load_adapter_state(self.model, {k: v.to(self.device) for k, v in global_adapter.items()},
+                               expected=set(self.state), what="global adapter")
+        else:
+            load_adapter_state(self.model, {k: v.to(self.device) for k, v in self.state.items()})
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = make_optimizer(params, self.settings)
         # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
@@ -211,14 +327,15 @@ class KDClient(ClientApp):
                 losses.append(float(loss.detach()))
                 seen += len(chunk)
                 self.bars.advance("steps", info=f"{info} loss {losses[-1]:.3f}")
-            tensors = self.public.reply_tensors(self.model, self.device)
+            tensors = self.public.reply_tensors(self.model, self.device, prior=self.prior)
         self.model.eval()
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state(self.model).items()}
         if self.store is not None:
             self.store.save(rnd, self.state, start)
         return Message(
-            tensors,
+            {**tensors, **self.reply_extras()},
             {
+                **self.own_accuracy(bool(msg.meta.get("evaluate"))),
                 "kind": "kd_res",
                 "round": rnd,
                 "src": self.node_id,
@@ -235,6 +352,20 @@ class KDClient(ClientApp):
                 "seconds": meter.seconds,
             },
         )
+
+
+    def reply_extras(self) -> dict[str, torch.Tensor]:
+        """What travels beside the logits: label counts (``kd.class_weighting``), the adapter (hybrid)."""
+        out = {"label_counts": self.counts} if self.public.class_weighting else {}
+        if self.hybrid:
+            out.update({ADAPTER + k: v for k, v in self.state.items()})
+        return out
+
+    def own_accuracy(self, asked: bool) -> dict[str, float]:
+        """``{"client_accuracy": score}`` of this client's own model (loaded now) when the server asks for it."""
+        if not asked or self.score is None:
+            return {}
+        return {"client_accuracy": self.score(self.model)}
 
 
 # --------------------------------------------------------------------------- server side
@@ -255,6 +386,11 @@ def serve(
     device: torch.device,
     hooks: ServerHooks,
     min_replies: int = 1,
+    hybrid: bool = False,
+    val_score: Callable[[], float] | None = None,
+    val_every: int = 2,
+    patience: int | None = None,
+    client_accuracy: bool = False,
 ) -> tuple[State, list[dict[str, Any]]]:
     """Run the KD-FedLLM round loop and return the final global adapter state and the evaluations.
 
@@ -272,6 +408,13 @@ def serve(
         device: Where the server computes.
         hooks: Evaluation, logging, checkpointing and progress.
         min_replies: Fewer valid replies than this keep the previous soft labels and skip the server's distillation.
+        hybrid: FedDF: clients also return their adapters; the server starts each round's distillation from their
+            example-weighted mean (with a fresh optimizer) and sends the result down instead of soft labels.
+        val_score: Scores ``model`` as loaded on the server's validation split: distillation keeps the best
+            adapter (`distil_keep_best`); None: it keeps the last.
+        val_every: Keep-best: steps between validation scores.
+        patience: Keep-best: early stopping after this many scores without improvement.
+        client_accuracy: Ask the last round's clients to score their own models (``client_accuracy``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, settings)  # the server trains one adapter all run long: its optimizer persists
@@ -292,13 +435,20 @@ def serve(
         return tensors, {"optimizer": opt_meta}
 
     for rnd, chosen in loop:
-        down_tensors = public.to_wire(labels) if labels is not None else {}
-        messages = [Message(down_tensors, {"kind": "kd_ins", "round": rnd, "dst": n}) for n in chosen]
+        if hybrid:
+            down_tensors = {ADAPTER + k: v for k, v in global_state.items()}
+        else:
+            down_tensors = public.to_wire(labels) if labels is not None else {}
+        meta = {"kind": "kd_ins", "round": rnd, **({"evaluate": True} if client_accuracy and rnd == rounds else {})}
+        messages = [Message(down_tensors, {**meta, "dst": n}) for n in chosen]
         down = [encoded_size(m) for m in messages]
         replies = exchange(grid, messages, lambda n: hooks.bars.advance("clients", by=n))
         updates = []
+        extra = {ADAPTER + k: spec for k, spec in spec_of(global_state).items()} if hybrid else None
         for node, msg_bytes, reply in zip(chosen, down, replies):
-            fields, update = screen_reply(reply, public.check_reply)
+            fields, update = screen_reply(reply, lambda r: public.check_reply(r, extra))
+            if "client_accuracy" in reply.meta and fields["status"] == "ok":
+                fields["client_accuracy"] = float(reply.meta["client_accuracy"])
             hooks.log({"type": "client", "round": rnd, "client": node, "bytes_down": msg_bytes,
                        "bytes_up": encoded_size(reply), **fields})
             if update is not None:
@@ -306,24 +456,41 @@ def serve(
 
         aggregated = len(updates) >= min_replies
         kd_losses: list[float] = []
+        kept: dict[str, Any] = {}
         meter = ComputeMeter(device, count_flops=settings.count_flops)
         with meter:
             if aggregated:
-                labels = public.soft_labels(updates, device)
+                logits = [({k: v for k, v in t.items() if not k.startswith(ADAPTER)}, n) for t, n in updates]
+                labels = public.soft_labels(logits, device)
+                if hybrid:
+                    global_state, opt = average_adapters(updates, model, settings)
                 load_adapter_state(model, global_state)
                 rng = random.Random(round_seed(seed, rnd, -1))
                 # Torch seeded per round too (LoRA dropout), so a restarted server draws the same masks.
                 torch.manual_seed(round_seed(seed, rnd, -1))
-                kd_losses = distil(model, opt, public, labels, server_steps, rng, device=device,
-                                   max_grad_norm=settings.max_grad_norm)
+                if val_score is None:
+                    kd_losses = distil(model, opt, public, labels, server_steps, rng, device=device,
+                                       max_grad_norm=settings.max_grad_norm)
+                else:
+                    kd_losses, kept = distil_keep_best(model, opt, public, labels, server_steps, rng, device=device,
+                                                       max_grad_norm=settings.max_grad_norm, score=val_score,
+                                                       every=val_every, patience=patience)
                 model.eval()
                 global_state = adapter_state(model)
         hooks.log({"type": "server", "round": rnd, "flops": meter.flops, "seconds": meter.seconds,
                    "peak_memory_bytes": meter.peak_memory_bytes, "steps": len(kd_losses),
-                   "distill_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None})
+                   "distill_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None, **kept})
         loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated,
                  checkpoint=checkpoint)
     return global_state, loop.evaluations
+
+
+def average_adapters(updates: list[tuple[dict[str, torch.Tensor], float]], model, settings: TrainSettings
+                     ) -> tuple[State, torch.optim.Optimizer]:
+    """Hybrid: the example-weighted mean (FedAvg) of the clients' adapters, and a fresh server optimizer for it."""
+    states = [{k[len(ADAPTER):]: v for k, v in t.items() if k.startswith(ADAPTER)} for t, _ in updates]
+    mean = weighted_mean(states, [n for _, n in updates])
+    return mean, make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
 
 
 # --------------------------------------------------------------------------- wiring
@@ -388,21 +555,51 @@ def make_clients(ctx) -> dict[int, KDClient]:
     model = client_model(ctx)
     init, settings, steps = adapter_state(model), settings_from(ctx.config), ctx.config.kd.distill_steps
     stores = client_store_dir(ctx)
+    score = client_scorer(ctx)
     return {
         i: KDClient(i, model, ctx.client_examples(i), public, settings, init, distill_steps=steps,
                     device=ctx.device, pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars,
-                    store=ClientStore(stores / f"client-{i}.safetensors", ctx.config) if stores else None)
+                    store=ClientStore(stores / f"client-{i}.safetensors", ctx.config) if stores else None,
+                    hybrid=ctx.config.kd.mode == "hybrid", score=score)
         for i in range(len(ctx.data.parts))
     }
 
 
+def client_scorer(ctx) -> Callable[[Any], float] | None:
+    """Scores a client's model on the first ``kd.client_accuracy_examples`` of the global model's test examples.
+
+    None when that is 0 or there are none.
+    """
+    test = ctx.data.test[: ctx.config.eval.max_examples][: ctx.config.kd.client_accuracy_examples]
+    if not test:
+        return None
+    e = ctx.config.eval
+    return lambda model: evaluate(model, ctx.data.task, test, batch_size=e.batch_size, device=ctx.device,
+                                  pad_id=ctx.pad_id)
+
+
+def server_val_scorer(ctx) -> Callable[[], float] | None:
+    """Scores ``ctx.model`` on the server's validation split (``kd.val_size`` labeled rows); None when there is none."""
+    val = ctx.data.extras.get("server_val", [])
+    if not val:
+        return None
+    e = ctx.config.eval
+    return lambda: evaluate(ctx.model, ctx.data.task, val, batch_size=e.batch_size, device=ctx.device,
+                            pad_id=ctx.pad_id)
+
+
 def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     """The server side of a whole run; leaves the final global adapter in ``ctx.model`` and on disk."""
-    c, f = ctx.config, ctx.config.federation
+    c, f, k = ctx.config, ctx.config.federation, ctx.config.kd
+    settings = settings_from(c)
+    if k.server_lr is not None:
+        settings.lr = k.server_lr
     final, evaluations = serve(
-        grid, public_set_from(ctx), ctx.model, adapter_state(ctx.model), settings_from(c),
-        server_steps=c.kd.server_steps, rounds=f.rounds, clients_per_round=f.clients_per_round, seed=c.seed,
+        grid, public_set_from(ctx), ctx.model, adapter_state(ctx.model), settings,
+        server_steps=k.server_steps, rounds=f.rounds, clients_per_round=f.clients_per_round, seed=c.seed,
         eval_every=c.eval.every, device=ctx.device, hooks=ServerHooks.for_model(ctx), min_replies=f.min_replies,
+        hybrid=k.mode == "hybrid", val_score=server_val_scorer(ctx), val_every=k.val_every, patience=k.patience,
+        client_accuracy=k.client_accuracy_examples > 0,
     )
     load_adapter_state(ctx.model, final)
     return evaluations
@@ -418,6 +615,7 @@ def _needs(config, runtime: str) -> str | None:
 
 register(Paradigm(
     "kd", "KD-FedLLM", "clients share logits on a public set of prompts; the server distils them into the global "
-    "model", make_clients, run_server, section=("kd", KDConfig), stateful_clients=True, needs_public_set=True,
+    "model", make_clients, run_server, section=("kd", KDConfig), validate=validate, stateful_clients=True,
+    held_data=held_data,
     strategy_label="kd (weighted mean of probabilities)", needs=_needs,
 ))

@@ -8,11 +8,13 @@ distillation loss toward them. See `fedtune.paradigms.kd` for the protocol.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
 from .. import distill
+from ..data.sources import load_records, require_fields
 from ..data.tasks import Example, collate
 from ..train.losses import hidden_states, label_scores
 from ..wire import Message, WireError, check, spec_of
@@ -52,6 +54,9 @@ class PublicSet:
         temperature: Of the soft labels and of the loss.
         batch_size: Prompts per forward pass and per distillation step.
         pad_id: Padding token.
+        vote_correction: ``labels``: ``prior`` when clients send prior-corrected logits (`distill.prior_correct_logits`).
+        class_weighting: ``labels``: weight each class's votes by the clients' label counts (they send them).
+        sharpen: Power applied to the aggregated soft labels (`distill.sharpen`); None: none.
     """
 
     examples: list[Example]
@@ -63,6 +68,9 @@ class PublicSet:
     temperature: float
     batch_size: int
     pad_id: int
+    vote_correction: str = "none"
+    class_weighting: bool = False
+    sharpen: float | None = None
 
     def __post_init__(self) -> None:
         sizes = [1] * len(self.examples) if self.mode == "labels" else [e - s for s, e in self.spans]
@@ -96,14 +104,19 @@ class PublicSet:
         return model.get_output_embeddings()(h[b.to(device), t.to(device)]).float()[:, : self.vocab]
 
     @torch.no_grad()
-    def reply_tensors(self, model, device: torch.device) -> dict[str, torch.Tensor]:
-        """What a client sends up: its compressed logits on the whole public set."""
+    def reply_tensors(self, model, device: torch.device, prior: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """What a client sends up: its compressed logits on the whole public set.
+
+        ``prior`` (``labels`` mode): the client's label prior; its logits are then prior-corrected before they travel.
+        """
         was_training = model.training
         model.eval()
         parts: list[tuple[torch.Tensor, ...]] = []
         for start in range(0, len(self.examples), self.batch_size):
             logits = self.student_logits(model, list(range(start, min(start + self.batch_size,
                                                                        len(self.examples)))), device)
+            if prior is not None:
+                logits = distill.prior_correct_logits(logits, prior, self.temperature)
             parts.append(distill.topk_compress(logits, self.top_k) if self.mode == "topk" else (logits.half(),))
         model.train(was_training)
         if self.mode == "topk":
@@ -114,11 +127,19 @@ class PublicSet:
         """The names, shapes and dtypes a client's reply must have."""
         if self.mode == "topk":
             return {"ids": ((self.rows, self.top_k), torch.int32), "values": ((self.rows, self.top_k), torch.float16)}
-        return {"logits": ((self.rows, self.width), torch.float16)}
+        spec = {"logits": ((self.rows, self.width), torch.float16)}
+        if self.class_weighting:
+            spec["label_counts"] = ((self.width,), torch.int32)
+        return spec
 
-    def check_reply(self, reply: Message) -> None:
-        """Names, shapes, dtypes, finite values (`wire.check`) and, for top-k, ids inside the vocabulary."""
-        check(reply, self.reply_spec())
+    def check_reply(self, reply: Message, extra: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None) -> None:
+        """Names, shapes, dtypes, finite values (`wire.check`) and, for top-k, ids inside the vocabulary.
+
+        ``extra``: more tensors the reply must carry (``kd.mode = hybrid``: the adapter, as `ADAPTER` + key).
+        """
+        check(reply, {**self.reply_spec(), **(extra or {})})
+        if "label_counts" in reply.tensors and bool((reply.tensors["label_counts"] < 0).any()):
+            raise WireError("label_counts must be non-negative")
         if self.mode == "topk":
             ids = reply.tensors["ids"]
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
@@ -131,9 +152,16 @@ class PublicSet:
         if self.mode == "topk":
             ids, probs = distill.aggregate_topk(
                 [(t["ids"].to(device), distill.probs(t["values"].to(device), T)) for t, _ in updates], weights)
-            return {"ids": ids, "probs": probs}
-        return {"probs": distill.aggregate_dense([distill.probs(t["logits"].to(device), T) for t, _ in updates],
-                                                 weights)}
+            return {"ids": ids, "probs": self._sharpened(probs)}
+        votes = [distill.probs(t["logits"].to(device), T) for t, _ in updates]
+        if self.class_weighting:
+            probs = distill.aggregate_class_weighted(votes, [t["label_counts"] for t, _ in updates])
+        else:
+            probs = distill.aggregate_dense(votes, weights)
+        return {"probs": self._sharpened(probs)}
+
+    def _sharpened(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs if self.sharpen is None else distill.sharpen(probs, self.sharpen)
 
     def to_wire(self, labels: SoftLabels) -> dict[str, torch.Tensor]:
         """The compact form sent down: float16 probabilities (and int32 ids for top-k)."""
@@ -173,7 +201,7 @@ class PublicSet:
 
 def make_public_set(
     examples: list[Example], task, *, vocab: int, pad_id: int, top_k: int, full_logits: bool, temperature: float,
-    batch_size: int,
+    batch_size: int, vote_correction: str = "none", class_weighting: bool = False, sharpen: float | None = None,
 ) -> PublicSet:
     """Build the `PublicSet` of a task, failing fast on settings that cannot work."""
     if not examples:
@@ -184,6 +212,65 @@ def make_public_set(
                          f"kd.top_k <= {vocab} (a few dozen at most is the point of compressing).")
     if task.kind == "classification":
         return PublicSet(examples, "labels", list(task.first_token_ids), [], vocab, top_k, temperature, batch_size,
-                         pad_id)
+                         pad_id, vote_correction, class_weighting, sharpen)
+    if vote_correction != "none" or class_weighting:
+        raise ValueError("kd.vote_correction and kd.class_weighting need a classification task (label priors).")
     return PublicSet(examples, "full" if full_logits else "topk", [], distill_spans(examples), vocab, top_k,
-                     temperature, batch_size, pad_id)
+                     temperature, batch_size, pad_id, sharpen=sharpen)
+
+
+# --------------------------------------------------------------------------- what KD holds back from clients
+
+
+def held_data(c, task, train_rows: list[dict], train: list[Example]) -> tuple[set[int], dict[str, list[Example]]]:
+    """`Paradigm.held_data` for KD: the public prompts and the server's validation split, and the rows they take."""
+    held, public = public_set(c, task, train_rows)
+    val_rows, server_val = server_val_set(c, train, held)
+    return held | val_rows, {"public": public, "server_val": server_val}
+
+
+def public_set(c, task, train_rows: list[dict]) -> tuple[set[int], list[Example]]:
+    """KD's public prompts, and the training rows they take from the clients.
+
+    Either a separate file (nothing taken), or a seeded ``kd.public_fraction`` of the training
+    rows, held back from every client with their labels dropped.
+    """
+    k = c.kd
+    held: set[int] = set()
+    if k.public_source:
+        rows = load_records(k.public_source)
+        require_fields(rows, task.fields, k.public_source)
+    else:
+        order = list(range(len(train_rows)))
+        random.Random(c.seed + 1).shuffle(order)
+        held = set(order[: int(len(train_rows) * k.public_fraction)])
+        if k.public_size:
+            held = set(sorted(held)[: k.public_size])
+        rows = [train_rows[i] for i in sorted(held)]
+    if k.public_size:
+        rows = rows[: k.public_size]
+    if not rows:
+        raise ValueError(
+            f"the KD public set is empty ({k.public_source or f'kd.public_fraction = {k.public_fraction}'}): "
+            "give kd.public_source a file with rows, or raise kd.public_fraction."
+        )
+    return held, [task.encode_prompt({f: r[f] for f in task.fields}) for r in rows]
+
+
+def server_val_set(c, train: list[Example], held: set[int]) -> tuple[set[int], list[Example]]:
+    """KD keep-best: ``kd.val_size`` labeled training rows that only the server holds, and their indices.
+
+    A seeded draw among the rows not already held back for the public set; like those, they are taken
+    from every client. Never the test set: keep-best chooses checkpoints on it. None on a node that
+    holds only its own data (no training rows here).
+    """
+    n = c.kd.val_size
+    if n == 0 or not train:
+        return set(), []
+    order = [i for i in range(len(train)) if i not in held]
+    random.Random(c.seed + 2).shuffle(order)
+    if n >= len(order):
+        raise ValueError(f"kd.val_size = {n} leaves no training rows for the clients ({len(order)} rows are not "
+                         "in the public set): lower kd.val_size.")
+    rows = set(order[:n])
+    return rows, [train[i] for i in sorted(rows)]

@@ -295,16 +295,18 @@ def own_data(c: cfg.Config, tokenizer, path: str, node: int):
     train = [task.encode(r, target, where=f"{path} row {i + 1}") for i, r in enumerate(rows)]
     if not train:
         raise ValueError(f"data-path {path!r} has no rows: this client has nothing to train on.")
-    public: list = []
+    extras: dict = {}
     spec = registry.get(c.federation.paradigm)
     refusal = spec.refusal(c, "flower-data-path")
     if refusal:
         raise ValueError(refusal)
-    if spec.needs_public_set:
-        public = experiment.public_set(c, task, rows)[1]
+    if spec.held_data is not None:
+        # What the paradigm needs beside the node's rows (KD's public prompts, from their file); the node's own
+        # rows all train here.
+        extras = spec.held_data(c, task, [], [])[1]
     # make_clients builds one app per partition; only this node's (index `node`) is used.
     everything = list(range(len(train)))
-    return experiment.Prepared(task, train, [], [everything] * (node + 1), ["-"] * len(train), public)
+    return experiment.Prepared(task, train, [], [everything] * (node + 1), ["-"] * len(train), extras)
 
 
 def build_client(config_yaml: str, node_config: dict[str, Any]):
