@@ -94,6 +94,14 @@ def _key(setting: str) -> str:
     return ".".join(cfg.parse_override(setting)[0])
 
 
+def _value(c, key: str) -> Any:
+    """The value of dotted `key` in config `c`, as loaded (typed: ``5e-4`` is a float)."""
+    node = c.to_dict()
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 @dataclass
 class Candidate:
     """One value of a tuning: its tuning run and the final run it would give."""
@@ -154,7 +162,7 @@ def plan(config_path: str | None, overrides: list[str], paradigms: list[str], sw
                     + [f"{k}={json.dumps(v)}" for k, v in point])
             c = cfg.load(config_path, sets)
             label = "-".join([p] + [f"{k.split('.')[-1]}={v}" for k, v in point])
-            settings = {_key(s): cfg.parse_override(s)[1] for s in own + set_for.get(p, [])}
+            settings = {k: _value(c, k) for k in map(_key, own + set_for.get(p, []))}
             planned = Planned(label, dict(point), c, settings)
             for text, value in (tune[1] if tune else []):
                 final = cfg.load(config_path, sets + [f"{tune_key}={json.dumps(value)}"])
