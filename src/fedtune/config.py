@@ -172,7 +172,7 @@ class EvalConfig:
 @dataclass
 class CompareConfig:
     lr: dict[str, float] = field(default_factory=dict)
-    """Per-framework learning rates for `fedtune compare`, e.g. {kd: 0.001, split: 0.0003}: the run of each named framework uses it as its train.lr (--set train.lr or --tune train.lr override it). `fedtune run` checks it but trains at train.lr."""
+    """Per-framework learning rates for `fedtune compare`, e.g. {kd: 0.001, split: 0.0003}: the runs of each named framework use it as their train.lr (unless --set, --sweep or --tune gives train.lr). `fedtune run` checks it and trains at train.lr."""
 
 
 def _post_init(self) -> None:
