@@ -39,7 +39,7 @@ def test_sweep_plans_every_point_and_validates_before_running():
     runs = plan(str(EXAMPLES / "quickstart-tiny.yaml"), [], ["fedpeft", "centralized"],
                 parse_sweep(["peft.r=4,8", "data.alpha=0.1,10"]))
     assert len(runs) == 2 * 2 * 2
-    assert {(c.peft.r, c.data.alpha, c.federation.paradigm) for _, _, c in runs} == {
+    assert {(r.config.peft.r, r.config.data.alpha, r.config.federation.paradigm) for r in runs} == {
         (r, a, p) for r in (4, 8) for a in (0.1, 10.0) for p in ("fedpeft", "centralized")}
     with pytest.raises(cfg.ConfigError, match="peft.r"):
         plan(None, [], ["fedpeft"], parse_sweep(["peft.r=4,0"]))

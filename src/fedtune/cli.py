@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run CONFIG under each framework with the same model, data, partition, seed and round "
         "budget (optionally over a sweep of one or two keys) and write comparison.json, comparison.md and "
         "plots/ (accuracy per round, accuracy vs communication, client compute vs accuracy).",
-        epilog="Example: fedtune compare examples/quickstart-tiny.yaml --paradigms fedpeft,split "
-        "--sweep peft.r=4,8 --out runs/cmp",
+        epilog="Examples: fedtune compare examples/quickstart-tiny.yaml --paradigms fedpeft,split "
+        "--sweep peft.r=4,8 --out runs/cmp\n"
+        "          fedtune compare examples/demo.yaml --tune train.lr=3e-4,1e-3,3e-3 --tune-rounds 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cp.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
     cp.add_argument("--paradigms", default="fedpeft,kd,split",
@@ -77,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep one config key over values (repeat for a second key), e.g. peft.r=4,8,16")
     cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one config value for every run (repeatable)")
+    cp.add_argument("--set-for", dest="set_for", action="append", default=[], metavar="PARADIGM:SECTION.KEY=VALUE",
+                    help="override one config value for one framework's runs only (repeatable), e.g. "
+                    "kd:train.lr=1e-3; the YAML's compare.lr sets each framework's train.lr the same way")
+    cp.add_argument("--tune", metavar="SECTION.KEY=V1,V2",
+                    help="tune one numeric key per framework, e.g. train.lr=1e-4,3e-4,1e-3: one run per value "
+                    "on a validation split of the training data (tuning/<run>-<value>/), then the final run at "
+                    "the best value on the test set")
+    cp.add_argument("--tune-rounds", type=int, metavar="N",
+                    help="federation.rounds of the tuning runs (default: the same as the final runs)")
     cp.add_argument("--out", default="runs/compare", help="comparison folder (default runs/compare)")
     cp.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     cp.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -168,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             from .compare import compare
 
             compare(args.config, overrides=args.overrides, paradigms=[p.strip() for p in args.paradigms.split(",")],
-                    sweep=args.sweep, out=args.out, quiet=args.quiet)
+                    sweep=args.sweep, set_for=args.set_for, tune=args.tune, tune_rounds=args.tune_rounds,
+                    out=args.out, quiet=args.quiet)
         elif args.command == "split-server":
             _split_server(args)
         return 0

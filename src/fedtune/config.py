@@ -75,6 +75,8 @@ class DataConfig:
     """System message of the chat template (null: the tokenizer's default)."""
     use_chat_template: bool = True
     test_fraction: float = 0.1
+    validation_fraction: float = 0.1
+    """With `eval.split: validation`: the seeded fraction of the training rows held back from every client and scored instead of the test set."""
     max_train_examples: int | None = None
     max_test_examples: int | None = None
     max_length: int = 256
@@ -163,6 +165,14 @@ class EvalConfig:
     batch_size: int = 32
     base: bool = True
     """Also evaluate the base model before training."""
+    split: Literal["test", "validation"] = "test"
+    """What the run scores: `test` (the held-out data), or `validation` (`data.validation_fraction` of the training rows, carved out before partitioning and held back from every client; the test set is never scored). `fedtune compare --tune` picks on it."""
+
+
+@dataclass
+class CompareConfig:
+    lr: dict[str, float] = field(default_factory=dict)
+    """Per-framework learning rates for `fedtune compare`, e.g. {kd: 0.001, split: 0.0003}: the runs of each named framework use it as their train.lr (unless --set, --sweep or --tune gives train.lr). `fedtune run` checks it and trains at train.lr."""
 
 
 def _post_init(self) -> None:
@@ -191,6 +201,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -267,6 +278,16 @@ def validate(c: Config) -> None:
         _fail("federation.prox_mu", f.prox_mu, "a number >= 0")
     if not 0 < d.test_fraction < 1:
         _fail("data.test_fraction", d.test_fraction, "a number strictly between 0 and 1")
+    if not 0 < d.validation_fraction < 1:
+        _fail("data.validation_fraction", d.validation_fraction, "a number strictly between 0 and 1")
+    for name, lr in c.compare.lr.items():
+        if name not in registry.names():
+            close = difflib.get_close_matches(name, registry.names(), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"compare.lr.{name} = {lr!r}: {name!r} is not a framework: the keys are "
+                              f"federation.paradigm values ({', '.join(registry.names())}).{hint}")
+        if not lr > 0:
+            _fail(f"compare.lr.{name}", lr, "a positive number")
     if not 0 <= p.dropout < 1:
         _fail("peft.dropout", p.dropout, "a number in [0, 1)")
     if not p.target_modules:

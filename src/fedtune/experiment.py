@@ -46,11 +46,12 @@ class Prepared:
 
     task: Any
     train: list[Example]
-    test: list[Example]
+    test: list[Example]  # what the run scores: the test set, or the validation set with eval.split: validation
     parts: list[list[int]]
     keys: list[str]  # the value each train example was partitioned on
     extras: dict[str, list[Example]] = field(default_factory=dict)
     """What a paradigm holds back from every client (`Paradigm.held_data`), e.g. KD's public prompts."""
+    eval_split: str = "test"  # which held-out data `test` holds: "test" or "validation"
 
     @property
     def public(self) -> list[Example]:
@@ -76,6 +77,22 @@ def _load(d: cfg.DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     return [r for i, r in enumerate(records) if i not in test_idx], [records[i] for i in sorted(test_idx)]
 
 
+def split_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded ``fraction`` of the training rows as a validation set: ``(the other rows, validation rows)``.
+
+    Its own random stream (``seed + 2``; the test hold-out uses ``seed``, KD's public set ``seed + 1``), so the
+    same seed always carves the same rows, and both keep their order.
+    """
+    order = list(range(len(rows)))
+    random.Random(seed + 2).shuffle(order)
+    n = max(1, int(round(len(rows) * fraction)))
+    if n >= len(rows):
+        raise ValueError(f"data.validation_fraction = {fraction}: only {len(rows)} training rows, too few to "
+                         "carve a validation set from; raise the training data or lower the fraction.")
+    held = set(order[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
 def build_task(d: cfg.DataConfig, tokenizer):
     """The task object (prompt formatting, targets, scoring) that `d` describes."""
     common = dict(system_prompt=d.system_prompt, use_chat_template=d.use_chat_template, max_length=d.max_length)
@@ -99,6 +116,11 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
         train_rows = train_rows[: d.max_train_examples]
     if d.max_test_examples:
         test_rows = test_rows[: d.max_test_examples]
+    test_source = d.test_source or d.source
+    if c.eval.split == "validation":
+        # Carved before partitioning, so no client trains on it; the test rows are dropped here and never scored.
+        train_rows, test_rows = split_validation(train_rows, d.validation_fraction, c.seed)
+        test_source = f"{d.source} (validation)"
     task = build_task(d, tokenizer)
     target_field = d.label_field if d.task == "classification" else d.response_field
     needed = sorted(set(task.fields) | {target_field})
@@ -108,13 +130,13 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
             raise ValueError(f"data.partition = {d.partition!r} needs data.partition_field for a generation task.")
         needed = sorted(set(needed) | {key_field})
     require_fields(train_rows, needed, d.source)
-    require_fields(test_rows, needed, d.test_source or d.source)
+    require_fields(test_rows, needed, test_source)
 
     def encode(rows: list[dict], source: str) -> list[Example]:
         return [task.encode(r, target_field, where=f"{source} row {i + 1}") for i, r in enumerate(rows)]
 
     train = encode(train_rows, d.source)
-    test = encode(test_rows, d.test_source or d.source)
+    test = encode(test_rows, test_source)
     keys = [str(r[key_field]) for r in train_rows] if key_field else ["-"] * len(train_rows)
     spec = paradigms.get(c.federation.paradigm)
     num_clients = 1 if spec.single_client else c.federation.num_clients
@@ -134,8 +156,8 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
     if num_clients > 1:
         bars.print(label_histogram(parts, keys))
         bars.print(f"partition {d.partition}: {sum(map(len, parts))} train examples over {num_clients} clients, "
-                   f"skew {skew(parts, keys):.3f} (0 = IID); {len(test)} test examples")
-    return Prepared(task, train, test, parts, keys, extras)
+                   f"skew {skew(parts, keys):.3f} (0 = IID); {len(test)} {c.eval.split} examples")
+    return Prepared(task, train, test, parts, keys, extras, c.eval.split)
 
 
 # --------------------------------------------------------------------------- run folder
