@@ -13,7 +13,8 @@ import torch
 
 from fedtune import config as cfg
 from fedtune.experiment import prepare_data
-from fedtune.meter import ComputeMeter, FlopCache
+from fedtune.flops import FlopCache
+from fedtune.meter import ComputeMeter
 from fedtune.models import attach_lora
 from fedtune.paradigms import fedpeft, split
 from fedtune.progress import Bars

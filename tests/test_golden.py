@@ -4,7 +4,9 @@ Each case runs the real experiment (`experiment.run`, as `fedtune run` does) and
 ``tests/golden.json``: per-round accuracy, every client record's training losses, the bytes each way,
 and a fingerprint of the final adapter (its norm and two fixed random projections). A refactor that
 keeps the math keeps these numbers; floats are compared to a relative 1e-4 (the same machine gives
-identical numbers; another CPU may round a few reductions differently), bytes exactly.
+identical numbers; another CPU may round a few reductions differently), bytes to 16 bytes a message (a
+message's JSON header carries floats such as the training loss, whose printed length can differ by a digit
+when their last bit does, and the header is padded to 8 bytes).
 
 ``python tests/test_golden.py --update`` rewrites the file: only for a change that is meant to move
 the numbers, said so in its commit message.
@@ -78,6 +80,13 @@ def observe(name: str, out: Path) -> dict:
     }
 
 
+BYTES_SLACK = 16
+
+
+def close_bytes(a, b) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= BYTES_SLACK for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+
 def close(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return a is not None and b is not None and math.isclose(a, b, rel_tol=REL, abs_tol=1e-6)
@@ -94,7 +103,8 @@ def test_paradigm_matches_golden(name, tmp_path):
     got = observe(name, tmp_path / name)
     want = golden[name]
     for key in want:
-        assert close(got[key], want[key]), f"{name}: {key} changed:\n got  {got[key]}\n want {want[key]}"
+        same = close_bytes(got[key], want[key]) if key == "bytes" else close(got[key], want[key])
+        assert same, f"{name}: {key} changed:\n got  {got[key]}\n want {want[key]}"
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_gqa_sdpa_flops_by_hand() -> None:
 
 
 def test_custom_formulas_cover_the_fused_attention_ops() -> None:
-    names = {str(op) for op in meter_mod._sdpa_formulas()}
+    names = {str(op) for op in meter_mod.sdpa_formulas()}
     assert "aten._scaled_dot_product_flash_attention_for_cpu" in names
     assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" in names
     for variant in ("flash", "efficient", "cudnn"):

@@ -24,7 +24,8 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .data.tasks import IGNORE
-from .meter import ComputeMeter, FlopCache
+from .flops import FlopCache
+from .meter import ComputeMeter
 from .models import backbone
 from .train.adapter import State, adapter_state
 from .train.local_steps import TrainSettings, clip_and_step, make_optimizer

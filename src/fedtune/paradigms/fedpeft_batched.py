@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from ..data.tasks import IGNORE, collate
-from ..meter import ComputeMeter, FlopCache
+from ..flops import FlopCache
+from ..meter import ComputeMeter
 from ..train.adapter import State
 from ..train.local_steps import batches, clip_and_step, make_optimizer, round_rng
 from ..train.losses import proximal_term

@@ -49,6 +49,10 @@ be set on its own (prior correction and class weighting work best together: test
     keeps the best adapter, so a round's distillation never ends below where it started on that split.
   * ``kd.client_accuracy_examples``: in the last round each sampled client scores its own model on (the start of)
     the test set; their mean is ``client_accuracy`` in summary.json.
+
+Why one module of ~550 lines: the KD client, the server's round loop and the label-skew variants they
+implement together (each variant has a client half and a server half); the public set, its soft labels
+and the distillation steps on it are `kd_public`.
 """
 
 from __future__ import annotations
@@ -72,14 +76,14 @@ from ..meter import ComputeMeter
 from ..models import attach_lora, load_base, load_tokenizer
 from ..progress import Bars
 from ..rounds import RoundLoop, ServerHooks, screen_reply
-from ..strategies import weighted_mean
 from ..train.adapter import State, adapter_state, load_adapter_state
-from ..train.local_steps import (TrainSettings, batches, clip_and_step, make_optimizer, round_rng, round_seed,
+from ..train.local_steps import (TrainSettings, batches, make_optimizer, round_rng, round_seed,
                                  settings_from)
 from ..train.losses import lm_loss
 from ..wire import Message, encoded_size, spec_of
 from ..registry import Paradigm, register
-from .kd_public import PublicSet, SoftLabels, distill_spans, held_data, make_public_set  # noqa: F401  (kd's API)
+from .kd_public import (ADAPTER, PublicSet, SoftLabels, average_adapters, distil, distil_keep_best,  # noqa: F401
+                        distill_spans, held_data, label_counts, make_public_set, step)
 
 
 
@@ -173,69 +177,7 @@ def public_set_from(ctx) -> PublicSet:
                            class_weighting=k.class_weighting, sharpen=k.sharpen)
 
 
-# --------------------------------------------------------------------------- training steps
-
-
-def _step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer, max_grad_norm) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_and_step(params, opt, max_grad_norm)
-
-
-def distil(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
-           device: torch.device, max_grad_norm, on_step: Callable[[float], None] | None = None) -> list[float]:
-    """`steps` optimizer steps of the distillation loss on batches of public prompts; returns the losses."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses: list[float] = []
-    model.train()
-    for idx in batches(list(range(len(public.examples))), public.batch_size, steps, rng):
-        loss = public.loss(model, idx, labels, device)
-        _step(loss, params, opt, max_grad_norm)
-        losses.append(float(loss.detach()))
-        if on_step:
-            on_step(losses[-1])
-    return losses
-
-
-def distil_keep_best(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
-                     device: torch.device, max_grad_norm, score: Callable[[], float], every: int,
-                     patience: int | None = None) -> tuple[list[float], dict[str, Any]]:
-    """`distil` with keep-best: score the model (on the server's validation split) before distilling and every
-    `every` steps, and leave it at the best-scoring adapter seen, the starting one included.
-
-    Ties keep the earlier adapter, so the model returned never scores below the one it started from.
-    ``patience``: stop after that many scores in a row without improvement (early stopping).
-
-    Returns:
-        The losses of the steps taken, and ``{"val_start", "val_best", "best_step", "val_scores"}``.
-    """
-    best = start = score()
-    best_state, best_step, scores, losses, stale = adapter_state(model), 0, [start], [], 0
-    while len(losses) < steps and (patience is None or stale < patience):
-        losses += distil(model, opt, public, labels, min(every, steps - len(losses)), rng, device=device,
-                         max_grad_norm=max_grad_norm)
-        scores.append(score())
-        if scores[-1] > best:
-            best, best_state, best_step, stale = scores[-1], adapter_state(model), len(losses), 0
-        else:
-            stale += 1
-    load_adapter_state(model, {k: v.to(device) for k, v in best_state.items()})
-    return losses, {"val_start": start, "val_best": best, "best_step": best_step, "val_scores": scores}
-
-
 # --------------------------------------------------------------------------- client side
-
-ADAPTER = "adapter/"
-"""``kd.mode = hybrid``: the prefix of the adapter tensors in a client's reply (the rest are its logits)."""
-
-
-def label_counts(examples: list[Example], labels: int) -> torch.Tensor:
-    """How many of `examples` carry each label, int32 ``(labels,)``: a client's label histogram."""
-    counts = torch.zeros(labels, dtype=torch.int32)
-    for e in examples:
-        counts[e.label] += 1
-    return counts
-
 
 
 class KDClient(ClientApp):
@@ -323,7 +265,7 @@ class KDClient(ClientApp):
             for chunk in batches(self.examples, self.settings.batch_size, steps, rng):
                 batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
                 loss, _ = lm_loss(self.model, batch)
-                _step(loss, params, opt, self.settings.max_grad_norm)
+                step(loss, params, opt, self.settings.max_grad_norm)
                 losses.append(float(loss.detach()))
                 seen += len(chunk)
                 self.bars.advance("steps", info=f"{info} loss {losses[-1]:.3f}")
@@ -483,14 +425,6 @@ def serve(
         loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated,
                  checkpoint=checkpoint)
     return global_state, loop.evaluations
-
-
-def average_adapters(updates: list[tuple[dict[str, torch.Tensor], float]], model, settings: TrainSettings
-                     ) -> tuple[State, torch.optim.Optimizer]:
-    """Hybrid: the example-weighted mean (FedAvg) of the clients' adapters, and a fresh server optimizer for it."""
-    states = [{k[len(ADAPTER):]: v for k, v in t.items() if k.startswith(ADAPTER)} for t, _ in updates]
-    mean = weighted_mean(states, [n for _, n in updates])
-    return mean, make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
 
 
 # --------------------------------------------------------------------------- wiring

@@ -1,4 +1,5 @@
-"""KD-FedLLM's public set: the prompts every party holds, and the logits computed and exchanged on them.
+"""KD-FedLLM's public set: the prompts every party holds, the logits computed and exchanged on them, and the
+distillation steps toward soft labels on it (with keep-best).
 
 `PublicSet` knows what travels for a task (the label words' logits for classification; top-k or full
 next-token logits at the positions after the prompts' common prefix for generation), how to compute a
@@ -9,13 +10,18 @@ distillation loss toward them. See `fedtune.paradigms.kd` for the protocol.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .. import distill
 from ..data.sources import load_records, require_fields
 from ..data.tasks import Example, collate
+from ..strategies import weighted_mean
+from ..train.adapter import State, adapter_state, load_adapter_state
+from ..train.local_steps import TrainSettings, batches, clip_and_step, make_optimizer
 from ..train.losses import hidden_states, label_scores
 from ..wire import Message, WireError, check, spec_of
 
@@ -217,6 +223,78 @@ def make_public_set(
         raise ValueError("kd.vote_correction and kd.class_weighting need a classification task (label priors).")
     return PublicSet(examples, "full" if full_logits else "topk", [], distill_spans(examples), vocab, top_k,
                      temperature, batch_size, pad_id, sharpen=sharpen)
+
+
+# --------------------------------------------------------------------------- distillation on the public set
+
+
+def step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer, max_grad_norm) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_and_step(params, opt, max_grad_norm)
+
+
+def distil(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
+           device: torch.device, max_grad_norm, on_step: Callable[[float], None] | None = None) -> list[float]:
+    """`steps` optimizer steps of the distillation loss on batches of public prompts; returns the losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    model.train()
+    for idx in batches(list(range(len(public.examples))), public.batch_size, steps, rng):
+        loss = public.loss(model, idx, labels, device)
+        step(loss, params, opt, max_grad_norm)
+        losses.append(float(loss.detach()))
+        if on_step:
+            on_step(losses[-1])
+    return losses
+
+
+def distil_keep_best(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
+                     device: torch.device, max_grad_norm, score: Callable[[], float], every: int,
+                     patience: int | None = None) -> tuple[list[float], dict[str, Any]]:
+    """`distil` with keep-best: score the model (on the server's validation split) before distilling and every
+    `every` steps, and leave it at the best-scoring adapter seen, the starting one included.
+
+    Ties keep the earlier adapter, so the model returned never scores below the one it started from.
+    ``patience``: stop after that many scores in a row without improvement (early stopping).
+
+    Returns:
+        The losses of the steps taken, and ``{"val_start", "val_best", "best_step", "val_scores"}``.
+    """
+    best = start = score()
+    best_state, best_step, scores, losses, stale = adapter_state(model), 0, [start], [], 0
+    while len(losses) < steps and (patience is None or stale < patience):
+        losses += distil(model, opt, public, labels, min(every, steps - len(losses)), rng, device=device,
+                         max_grad_norm=max_grad_norm)
+        scores.append(score())
+        if scores[-1] > best:
+            best, best_state, best_step, stale = scores[-1], adapter_state(model), len(losses), 0
+        else:
+            stale += 1
+    load_adapter_state(model, {k: v.to(device) for k, v in best_state.items()})
+    return losses, {"val_start": start, "val_best": best, "best_step": best_step, "val_scores": scores}
+
+
+ADAPTER = "adapter/"
+"""``kd.mode = hybrid``: the prefix of the adapter tensors in a client's reply (the rest are its logits)."""
+
+
+def label_counts(examples: list[Example], labels: int) -> torch.Tensor:
+    """How many of `examples` carry each label, int32 ``(labels,)``: a client's label histogram."""
+    counts = torch.zeros(labels, dtype=torch.int32)
+    for e in examples:
+        counts[e.label] += 1
+    return counts
+
+
+
+
+def average_adapters(updates: list[tuple[dict[str, torch.Tensor], float]], model, settings: TrainSettings
+                     ) -> tuple[State, torch.optim.Optimizer]:
+    """Hybrid: the example-weighted mean (FedAvg) of the clients' adapters, and a fresh server optimizer for it."""
+    states = [{k[len(ADAPTER):]: v for k, v in t.items() if k.startswith(ADAPTER)} for t, _ in updates]
+    mean = weighted_mean(states, [n for _, n in updates])
+    return mean, make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
 
 
 # --------------------------------------------------------------------------- what KD holds back from clients

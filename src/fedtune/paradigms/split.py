@@ -51,7 +51,8 @@ from peft import get_peft_model_state_dict
 from ..checkpoint import load_optimizer_state, optimizer_state
 from ..data.tasks import IGNORE, Example, collate
 from ..grid import ClientApp, Grid
-from ..meter import ComputeMeter, FlopCache
+from ..flops import FlopCache
+from ..meter import ComputeMeter
 from ..models import DTYPES, backbone
 from ..rounds import RoundLoop, ServerHooks, screen_reply
 from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss

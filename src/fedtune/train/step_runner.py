@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tasks import IGNORE, collate
-from ..meter import ComputeMeter, FlopCache
+from ..flops import FlopCache
+from ..meter import ComputeMeter
 from ..models import backbone
 from .local_steps import TrainSettings, clip_and_step, make_optimizer
 from .losses import lm_loss, proximal_term, static_loss
