@@ -10,6 +10,7 @@ client's reply into ok / rejected / failed for every paradigm.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .checkpoint import enabled as checkpointing
 from .grid import is_error
 from .progress import Bars
 from .train.adapter import State, load_adapter_state
-from .wire import Message, WireError, check
+from .wire import Message, WireError, check, meta_number
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -139,20 +140,69 @@ REPORTED = ("num_examples", "train_loss", "train_loss_first", "train_loss_last",
             "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen", "batched_clients")
 """The fields of a client's reply that go into its metrics record."""
 
+MAX_NUM_EXAMPLES = 2**53
+"""Largest ``num_examples`` a reply may claim (a float holds every integer up to it); `federation.max_weight`
+caps what a claim weighs in the average."""
+
+_COUNTS = ("flops", "peak_memory_bytes", "steps", "distill_steps", "examples_seen", "batched_clients")
+_LOSSES = ("train_loss", "train_loss_first", "train_loss_last", "distill_loss")
+
+
+def _metric_problem(key: str, value: Any) -> str | None:
+    """Why a client-reported metric cannot go into the metrics record as it is, or None when it can.
+
+    Counts are non-negative integers (``flops`` may be null: not counted); ``seconds`` a finite
+    non-negative number; losses any number (a diverged loss, NaN or Inf, is worth reporting).
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in _COUNTS:
+        if key == "flops" and value is None:
+            return None
+        if not (number and isinstance(value, int) or (number and math.isfinite(value) and value == int(value))):
+            return f"must be a non-negative integer, got {type(value).__name__} {value!r:.40}"
+        return None if 0 <= value <= 2**63 else f"must be in [0, 2**63], got {value!r:.40}"
+    if key == "seconds":
+        return None if number and math.isfinite(value) and value >= 0 else \
+            f"must be a finite number of seconds >= 0, got {type(value).__name__} {value!r:.40}"
+    if key in _LOSSES:
+        return None if number else f"must be a number, got {type(value).__name__} {value!r:.40}"
+    return None
+
+
+def screen_metrics(meta: dict[str, Any]) -> dict[str, Any]:
+    """The reported fields of a reply (`REPORTED`, less ``num_examples``) fit for the metrics record.
+
+    A field of the wrong type or out of range is dropped and its reason recorded under
+    ``dropped_metrics``, so one client's ``flops: "x"`` or ``seconds: null`` never crashes the report.
+    """
+    fields: dict[str, Any] = {}
+    dropped: dict[str, str] = {}
+    for key in REPORTED:
+        if key == "num_examples" or key not in meta:
+            continue
+        why = _metric_problem(key, meta[key])
+        if why is None:
+            fields[key] = int(meta[key]) if key in _COUNTS and meta[key] is not None else meta[key]
+        else:
+            dropped[key] = why
+    if dropped:
+        fields["dropped_metrics"] = dropped
+    return fields
+
 
 def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[dict[str, Any], tuple | None]:
     """Sort a client's reply into ok / rejected / failed.
 
     Returns the fields for its metrics record and, when it is usable, the update
-    ``(tensors, num_examples)``; `validate` raises `WireError` for a malformed reply.
+    ``(tensors, num_examples)``; `validate` raises `WireError` for a malformed reply. ``num_examples``
+    must be an integer in [1, 2**53] (not a bool, a string, NaN, Infinity or 10**400); reported metrics
+    of the wrong type or range are dropped with the reason (`screen_metrics`).
     """
     if is_error(reply):
         return {"status": "failed", "error": str(reply.meta.get("error", ""))[:500]}, None
     try:
         validate(reply)
-        n = float(reply.meta["num_examples"])
-        if not n > 0:
-            raise WireError(f"num_examples must be positive, got {n}")
-    except (WireError, KeyError, TypeError, ValueError) as err:
+        n = meta_number(reply, "num_examples", integer=True, maximum=MAX_NUM_EXAMPLES)
+    except (WireError, KeyError, TypeError, ValueError, OverflowError) as err:
         return {"status": "rejected", "error": str(err)[:500]}, None
-    return {"status": "ok", **{k: reply.meta[k] for k in REPORTED if k in reply.meta}}, (reply.tensors, n)
+    return {"status": "ok", "num_examples": n, **screen_metrics(reply.meta)}, (reply.tensors, float(n))

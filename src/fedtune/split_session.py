@@ -24,7 +24,6 @@ runtime's remote services (`fedtune.runtime.split_client.RemoteServices`): the p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 from .data.tasks import IGNORE
 from .split_model import Cut, MainServer
 from .train.local_steps import TrainSettings
-from .wire import Message, WireError, check, decode, encode, encoded_size
+from .wire import Message, WireError, check, decode, encode, encoded_size, meta_number
 
 
 @dataclass
@@ -43,16 +42,6 @@ class Activations:
     dtype: torch.dtype  # the wire dtype
     hidden_size: int
     vocab_size: int
-
-
-def meta_number(msg: Message, key: str, *, integer: bool = False) -> float:
-    """A finite number (positive integer when `integer`) from a received message's meta; WireError otherwise."""
-    value = msg.meta.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise WireError(f"{msg.kind} meta {key!r} must be a finite number, got {value!r}")
-    if integer and (int(value) != value or value < 1):
-        raise WireError(f"{msg.kind} meta {key!r} must be a positive integer, got {value!r}")
-    return value
 
 
 def read_activations(msg: Message, step: int, want: Activations, *, with_labels: bool):

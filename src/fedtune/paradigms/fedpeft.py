@@ -29,7 +29,7 @@ from ..strategies import make_strategy
 from ..train.adapter import State, adapter_snapshot, adapter_state, load_adapter_state, pinned_copy
 from ..train.local_steps import TrainSettings, batches, round_rng, settings_from
 from ..train.step_runner import StepRunner, make_runner
-from ..wire import Message, check, encoded_size, spec_of
+from ..wire import Message, check, encoded_size, meta_number, spec_of
 from .fedpeft_batched import BatchedFedPeft
 from ..registry import Paradigm, register
 
@@ -84,7 +84,7 @@ class FedPeftClient(ClientApp):
         taking this one's reply (`fedtune.runtime.local.LocalGrid`): the GPU never idles while the
         host screens replies or prepares batches. Elsewhere the work is done when this returns.
         """
-        rnd = int(msg.meta["round"])
+        rnd = int(meta_number(msg, "round", integer=True))
         load_adapter_state(self.model, msg.tensors)
         runner = self.runner
         runner.reset(keep_optimizer=self.persistent_optimizer and self._trained)

@@ -156,7 +156,7 @@ class SplitClient(ClientApp):
 
     def _start(self, msg: Message) -> None:
         """Check the server's split settings, load the global bottom adapter, seed and set up the round."""
-        rnd = int(msg.meta["round"])
+        rnd = int(meta_number(msg, "round", integer=True))
         mine = {"cut_layer": self.cut.layer, "u_shaped": self.cut.u_shaped, "wire_dtype": DTYPE_NAMES[self.wire_dtype]}
         theirs = {k: msg.meta.get(k) for k in mine}
         if theirs != mine:
