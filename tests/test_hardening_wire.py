@@ -71,3 +71,37 @@ def test_bad_client_metrics_are_dropped_with_the_reason_and_good_ones_kept():
     assert set(dropped) == {"flops", "seconds", "peak_memory_bytes", "train_loss_first", "examples_seen"}
     assert len(json.dumps(fields)) < 2000  # the 10 MB string is not logged
     assert "flops" not in fields and "seconds" not in fields
+
+
+# --------------------------------------------------------------------------- the aggregate and the global model
+
+
+def test_an_aggregate_that_overflows_keeps_the_previous_global_state_and_strategy_buffers():
+    from fedtune.rounds import aggregate
+    from fedtune.strategies import FedAvgM
+
+    glob = {"a": torch.full((3,), -3e38)}
+    strategy = FedAvgM(server_lr=1.0, momentum=0.5)
+    state, aggregated, note = aggregate(strategy, glob, [({"a": torch.zeros(3)}, 1.0)], min_replies=1)
+    assert aggregated and torch.isfinite(state["a"]).all()
+    velocity = strategy.velocity["a"].clone()
+    # Finite updates of 3e38: global - mean = -6e38 overflows float32.
+    new, aggregated, note = aggregate(strategy, state, [({"a": torch.full((3,), 3e38)}, 5.0)], min_replies=1)
+    assert not aggregated and "NaN/Inf" in note and new is state
+    assert torch.equal(strategy.velocity["a"], velocity)  # the poisoned momentum step was undone
+
+
+def test_a_non_finite_global_model_stops_the_run_keeping_the_last_good_round():
+    from fedtune.progress import Bars
+    from fedtune.rounds import RoundLoop, ServerHooks
+
+    saved, log = [], []
+    hooks = ServerHooks(evaluate=lambda s: 0.5, log=log.append, save=lambda s, r: saved.append(r), bars=Bars(quiet=True))
+    loop = RoundLoop(hooks, "test", nodes=[0], rounds=3, clients_per_round=1, seed=0, eval_every=1)
+    rounds = iter(loop)
+    rnd, _ = next(rounds)
+    loop.end(rnd, {"a": torch.ones(2)}, replies=1, sampled=1, aggregated=True)
+    rnd, _ = next(rounds)
+    with pytest.raises(ValueError, match="round 2: the global state holds NaN/Inf.*round 1 are kept"):
+        loop.end(rnd, {"a": torch.tensor([1.0, float("nan")])}, replies=1, sampled=1, aggregated=True)
+    assert saved == [1]  # round 2 was neither saved nor checkpointed

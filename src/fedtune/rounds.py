@@ -83,6 +83,7 @@ class RoundLoop:
         self.sampler = random.Random(seed)
         self.evaluations: list[dict[str, Any]] = []
         self.done = 0
+        self.last_good = 0  # the last round whose global state was saved
 
     def resume(self, expect: dict[str, Spec], device: torch.device | str) -> Saved | None:
         """The checkpoint to continue from, if any, with every tensor on `device`.
@@ -100,6 +101,7 @@ class RoundLoop:
         saved.tensors = {g: {k: v.to(device) for k, v in ts.items()} for g, ts in saved.tensors.items()}
         set_rng_state(self.sampler, saved.meta["sampler"])
         self.evaluations, self.done = list(saved.meta["evaluations"]), saved.round
+        self.last_good = saved.round
         self.hooks.bars.print(f"{self.name}: resuming from the checkpoint after round {saved.round}")
         return saved
 
@@ -114,15 +116,26 @@ class RoundLoop:
             yield rnd, chosen
 
     def end(self, rnd: int, state: State, *, replies: int, sampled: int, aggregated: bool,
-            checkpoint: Callable[[], tuple[dict[str, State], dict[str, Any]]] | None = None) -> None:
+            checkpoint: Callable[[], tuple[dict[str, State], dict[str, Any]]] | None = None,
+            note: str = "") -> None:
         """Log the round, evaluate (every `eval_every` rounds and after the last), save, checkpoint, move the bar.
 
         ``checkpoint`` returns the paradigm's own state to checkpoint (tensor groups and JSON meta); the
-        sampler and the evaluations are added here. Called only when the run checkpoints.
+        sampler and the evaluations are added here. Called only when the run checkpoints. ``note`` says why
+        a round did not aggregate (`aggregate`). A global state holding NaN/Inf stops the run with a
+        `ValueError` before anything of this round is saved: the last good round's adapter and checkpoint stay.
         """
         hooks = self.hooks
-        hooks.log({"type": "round", "round": rnd, "replies": replies, "failed": sampled - replies,
-                   "aggregated": aggregated})
+        record = {"type": "round", "round": rnd, "replies": replies, "failed": sampled - replies,
+                  "aggregated": aggregated, **({"note": note} if note else {})}
+        bad = nonfinite_keys(state)
+        if bad:
+            hooks.log({**record, "error": f"non-finite global state ({bad[0]!r})"})
+            raise ValueError(
+                f"round {rnd}: the global state holds NaN/Inf (in {len(bad)} tensor(s), e.g. {bad[0]!r}), so the "
+                f"run stops here; the adapter and checkpoint of round {self.last_good} are kept in the run folder. "
+                "Lower train.lr, keep train.max_grad_norm set, or defend the average (federation.aggregator).")
+        hooks.log(record)
         if rnd % self.eval_every == 0 or rnd == self.rounds:
             score = hooks.evaluate(state)
             self.evaluations.append({"round": rnd, "accuracy": score})
@@ -133,7 +146,32 @@ class RoundLoop:
             tensors, meta = checkpoint() if checkpoint is not None else ({}, {})
             hooks.checkpoint.save(rnd, tensors, {**meta, "sampler": rng_state(self.sampler),
                                                  "evaluations": self.evaluations})
+        self.last_good = rnd
         hooks.bars.advance("rounds", info=f"acc {self.evaluations[-1]['accuracy']:.3f}" if self.evaluations else "")
+
+
+def nonfinite_keys(state: State) -> list[str]:
+    """The names of the floating tensors of `state` that hold NaN or Inf."""
+    return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def aggregate(strategy, global_state: State, updates: list[tuple], *, min_replies: int) -> tuple[State, bool, str]:
+    """One round's aggregation, as every paradigm that averages updates does it: ``(state, aggregated, note)``.
+
+    Fewer than `min_replies` updates keep the previous global state. So does an aggregate that holds NaN
+    or Inf (finite updates of 3e38 overflow a float32 sum): the strategy's own buffers are put back as they
+    were, and the note says why, so one round of hostile updates never poisons the global model for good.
+    """
+    if len(updates) < min_replies:
+        return global_state, False, f"{len(updates)} valid replies, fewer than federation.min_replies = {min_replies}"
+    before = strategy.state_dict()
+    new = strategy.aggregate(global_state, updates)
+    bad = nonfinite_keys(new)
+    if bad:
+        strategy.load_state_dict(before)
+        return global_state, False, (f"the aggregate held NaN/Inf (in {len(bad)} tensor(s), e.g. {bad[0]!r}): the "
+                                     "previous global state is kept")
+    return new, True, ""
 
 
 REPORTED = ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "distill_loss", "flops",

@@ -24,7 +24,7 @@ from ..data.tasks import Example
 from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
 from ..progress import Bars
-from ..rounds import RoundLoop, ServerHooks, screen_reply
+from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
 from ..strategies import make_strategy
 from ..train.adapter import State, adapter_snapshot, adapter_state, load_adapter_state, pinned_copy
 from ..train.local_steps import TrainSettings, batches, round_rng, settings_from
@@ -191,10 +191,8 @@ def serve(
                        "bytes_up": encoded_size(reply) if counts_bytes else 0, **fields})
             if update is not None:
                 updates.append(update)
-        aggregated = len(updates) >= min_replies
-        if aggregated:
-            global_state = strategy.aggregate(global_state, updates)
-        loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated,
+        global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies)
+        loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
                  checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
     return global_state, loop.evaluations
 

@@ -53,7 +53,7 @@ from ..data.tasks import Example, collate
 from ..grid import ClientApp, Grid
 from ..meter import ComputeMeter
 from ..models import DTYPES, backbone
-from ..rounds import RoundLoop, ServerHooks, screen_reply
+from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
 from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss
 from ..split_session import Activations, meta_number
 from ..strategies import make_strategy
@@ -328,10 +328,9 @@ def serve(grid: Grid, bottom: State, main, strategy, want: Activations, *, round
             hooks.bars.advance("clients")
         flops, seconds = main.take_compute()
         hooks.log({"type": "server", "round": rnd, "flops": flops, "seconds": seconds})
-        aggregated = len(updates) >= min_replies
-        if aggregated:
-            bottom = strategy.aggregate(bottom, updates)
-        loop.end(rnd, bottom, replies=len(updates), sampled=len(chosen), aggregated=aggregated, checkpoint=checkpoint)
+        bottom, aggregated, note = aggregate(strategy, bottom, updates, min_replies=min_replies)
+        loop.end(rnd, bottom, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
+                 checkpoint=checkpoint)
     return bottom, loop.evaluations
 
 
