@@ -96,11 +96,17 @@ class RoundLoop:
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is None:
             return None
+        if checkpoint.fallback:
+            self.hooks.bars.print(f"{self.name}: {checkpoint.fallback}")
         for group, spec in expect.items():
             check(Message(saved.tensors.get(group, {})), spec)
         saved.tensors = {g: {k: v.to(device) for k, v in ts.items()} for g, ts in saved.tensors.items()}
-        set_rng_state(self.sampler, saved.meta["sampler"])
-        self.evaluations, self.done = list(saved.meta["evaluations"]), saved.round
+        try:
+            set_rng_state(self.sampler, saved.meta["sampler"])
+            self.evaluations, self.done = list(saved.meta["evaluations"]), saved.round
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{checkpoint.path} is not a readable fedtune checkpoint (its sampler or evaluations "
+                             f"are malformed: {type(err).__name__} {err}); delete it to start this folder over.") from None
         self.last_good = saved.round
         self.hooks.bars.print(f"{self.name}: resuming from the checkpoint after round {saved.round}")
         return saved
