@@ -184,11 +184,12 @@ def compare(
     quiet: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every framework (x every sweep point) and write the comparison; returns its rows."""
+    from .experiment import check_out
     from .launch import run
 
     sweep_keys = parse_sweep(sweep or [])
     runs = plan(config_path, overrides or [], list(paradigms or DEFAULT_PARADIGMS), sweep_keys)
-    out = Path(out)
+    out = check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, done = [], []
     base_cache: dict[str, tuple[float, str]] = {}  # -> (base accuracy, the run that scored it)

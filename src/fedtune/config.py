@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ class ConfigError(ValueError):
 
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+MAX_LR = 10.0
+"""Largest ``train.lr`` accepted: anything above trains nothing but noise."""
+MAX_LENGTH = 1_048_576
+"""Largest ``data.max_length`` accepted (2**20 tokens)."""
+MAX_BATCH_SIZE = 65_536
+"""Largest ``train.batch_size`` accepted."""
 PARTITIONS = ("iid", "dirichlet", "by_field", "quantity")
 TASKS = ("classification", "generation")
 METRICS = ("accuracy", "exact_match", "rouge_l")
@@ -261,6 +268,19 @@ def validate(c: Config) -> None:
     for path, v in [("train.lr", t.lr), ("federation.server_lr", f.server_lr), ("data.alpha", d.alpha)]:
         if v is not None and not v > 0:
             _fail(path, v, "a positive number")
+    if not t.lr <= MAX_LR:
+        _fail("train.lr", t.lr, f"a learning rate in (0, {MAX_LR:g}]", "Typical LoRA rates are 1e-4 to 1e-3.")
+    if t.max_grad_norm is not None and not t.max_grad_norm > 0:
+        _fail("train.max_grad_norm", t.max_grad_norm, "a positive number (the clipping norm) or null (no clipping)")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", t.weight_decay, "a number >= 0")
+    if d.max_length > MAX_LENGTH:
+        _fail("data.max_length", d.max_length, f"at most {MAX_LENGTH} tokens")
+    if t.batch_size > MAX_BATCH_SIZE:
+        _fail("train.batch_size", t.batch_size, f"at most {MAX_BATCH_SIZE}")
+    if not c.name or c.name in (".", "..") or any(ch in c.name for ch in "/\\\0") or ".." in c.name:
+        _fail("name", c.name, "a plain name without '/', '\\' or '..' (it names the folder runs/<name>-<time>)",
+              "Choose the run folder with --out instead.")
     if not 0 <= f.server_momentum < 1:
         _fail("federation.server_momentum", f.server_momentum, "a number in [0, 1)")
     if f.prox_mu < 0:
@@ -359,15 +379,21 @@ def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
             return value
         raise bad
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):
             # YAML 1.1 reads `1e-3` (no dot) as a string; accept what is plainly a number.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
-        raise bad
+                if value.strip().lower().lstrip("+-") in (".inf", ".nan"):  # YAML's spellings, as --set text
+                    number = math.inf
+        if number is None:
+            raise bad
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}{path} = {value!r} is not allowed: it must be a finite number.")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -512,11 +538,19 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist (paths are relative to {Path.cwd()}).")
-        text = p.read_text()
         try:
-            raw = yaml.safe_load(text) or {}
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {str(p)!r} is not a UTF-8 text file ({err.reason} at byte {err.start}): "
+                              "give a YAML file such as examples/quickstart-tiny.yaml.") from None
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if raw is None:
+            raise ConfigError(f"config file {str(p)!r} is empty: give it at least one section (see "
+                              "examples/quickstart-tiny.yaml), or omit the file and set values with --set "
+                              "section.key=value to run the defaults.")
         lines = _key_lines(text, str(p))
     raw = apply_overrides(raw, list(overrides or []))
     texts: dict[str, str] = {}

@@ -198,7 +198,7 @@ class RunFolder:
     """
 
     def __init__(self, path: Path, resume: bool = False) -> None:
-        self.path = path
+        self.path = check_out(path)
         path.mkdir(parents=True, exist_ok=True)
         self._metrics = open(path / "metrics.jsonl", "a" if resume else "w", buffering=1)
 
@@ -219,6 +219,16 @@ class RunFolder:
 
     def close(self) -> None:
         self._metrics.close()
+
+
+def check_out(path: str | Path, flag: str = "--out") -> Path:
+    """The run folder `path`, refused with a clear message when a file (not a folder) is in its place."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{flag} {str(path)!r}: {str(p)!r} is a file, not a folder; give a folder for the run "
+                             "(it is created when missing).")
+    return path
 
 
 def default_out(name: str) -> Path:
@@ -306,6 +316,8 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
             processes (``runtime.world_size > 1``) start through `fedtune.launch.run`, whose rank 0 calls this.
     """
     c = load(config)
+    if out is not None:
+        check_out(out)  # before the model is loaded
     started = time.perf_counter()
     bars = Bars(quiet=quiet)
     model, tokenizer, data, device = setup(c, bars)
