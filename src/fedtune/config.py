@@ -116,6 +116,18 @@ class FederationConfig:
     """FedProx proximal coefficient (used when paradigm is fedprox)."""
     min_replies: int = 1
     """A round whose valid replies are fewer keeps the previous global adapter."""
+    aggregator: Literal["mean", "norm_bound", "median", "trimmed_mean", "krum"] = "mean"
+    """The average every strategy starts from: `mean` (weighted by examples), `norm_bound` (updates clipped to `norm_bound`), `median` or `trimmed_mean` (coordinate-wise, unweighted), `krum` (multi-Krum); see docs/robustness.md."""
+    norm_bound: float | None = None
+    """`norm_bound` aggregator: the largest L2 norm of a client's update (its adapter minus the global one)."""
+    trim_fraction: float = 0.1
+    """`trimmed_mean`: the fraction of values dropped at each end of every coordinate, in [0, 0.5)."""
+    krum_f: int = 1
+    """`krum`: the number of malicious clients to tolerate (needs clients_per_round > 2 krum_f + 2)."""
+    krum_m: int = 1
+    """`krum`: how many of the best-scored updates are averaged (1 = Krum, more = multi-Krum)."""
+    max_weight: float | None = 10.0
+    """No client weighs more than this multiple of the median num_examples of its round (null: no cap); each cap is noted in the round's record."""
     serialize: bool = True
     """Local runtime: really encode and decode every message (validates the wire path); sizes are exact either way."""
 
@@ -283,6 +295,18 @@ def validate(c: Config) -> None:
               "Choose the run folder with --out instead.")
     if not 0 <= f.server_momentum < 1:
         _fail("federation.server_momentum", f.server_momentum, "a number in [0, 1)")
+    if f.aggregator == "norm_bound" and not (f.norm_bound is not None and f.norm_bound > 0):
+        _fail("federation.norm_bound", f.norm_bound, "a positive L2 norm when federation.aggregator is norm_bound")
+    if not 0 <= f.trim_fraction < 0.5:
+        _fail("federation.trim_fraction", f.trim_fraction, "a fraction in [0, 0.5)")
+    if f.krum_f < 0 or f.krum_m < 1:
+        _fail("federation.krum_f" if f.krum_f < 0 else "federation.krum_m", f.krum_f if f.krum_f < 0 else f.krum_m,
+              "krum_f >= 0 and krum_m >= 1")
+    if f.aggregator == "krum" and f.clients_per_round <= 2 * f.krum_f + 2:
+        _fail("federation.krum_f", f.krum_f, f"Krum needs clients_per_round ({f.clients_per_round}) > 2 krum_f + 2",
+              "Lower krum_f or sample more clients a round.")
+    if f.max_weight is not None and not f.max_weight >= 1:
+        _fail("federation.max_weight", f.max_weight, "a multiple >= 1 of the median weight, or null (no cap)")
     if f.prox_mu < 0:
         _fail("federation.prox_mu", f.prox_mu, "a number >= 0")
     if not 0 < d.test_fraction < 1:

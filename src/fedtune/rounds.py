@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint, Saved, rng_state, set_rng_state
 from .checkpoint import enabled as checkpointing
 from .grid import is_error
 from .progress import Bars
+from .robust import cap_weights
 from .train.adapter import State, load_adapter_state
 from .wire import Message, WireError, check, meta_number
 
@@ -167,17 +168,24 @@ def aggregate(strategy, global_state: State, updates: list[tuple], *, min_replie
     Fewer than `min_replies` updates keep the previous global state. So does an aggregate that holds NaN
     or Inf (finite updates of 3e38 overflow a float32 sum): the strategy's own buffers are put back as they
     were, and the note says why, so one round of hostile updates never poisons the global model for good.
+    A weight over ``federation.max_weight`` times the median weight is capped first (`robust.cap_weights`),
+    the note naming each cap.
     """
     if len(updates) < min_replies:
         return global_state, False, f"{len(updates)} valid replies, fewer than federation.min_replies = {min_replies}"
+    notes: list[str] = []
+    agg = getattr(strategy, "aggregator", None)
+    if agg is not None and agg.max_weight is not None:
+        weights, notes = cap_weights([n for _, n in updates], agg.max_weight)
+        updates = [(state, w) for (state, _), w in zip(updates, weights)]
     before = strategy.state_dict()
     new = strategy.aggregate(global_state, updates)
     bad = nonfinite_keys(new)
     if bad:
         strategy.load_state_dict(before)
-        return global_state, False, (f"the aggregate held NaN/Inf (in {len(bad)} tensor(s), e.g. {bad[0]!r}): the "
-                                     "previous global state is kept")
-    return new, True, ""
+        return global_state, False, "; ".join([*notes, (
+            f"the aggregate held NaN/Inf (in {len(bad)} tensor(s), e.g. {bad[0]!r}): the previous global state is kept")])
+    return new, True, "; ".join(notes)
 
 
 REPORTED = ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "distill_loss", "flops",

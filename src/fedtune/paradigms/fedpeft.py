@@ -25,7 +25,7 @@ from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
 from ..progress import Bars
 from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
-from ..strategies import make_strategy
+from ..strategies import aggregator_of, make_strategy
 from ..train.adapter import State, adapter_snapshot, adapter_state, load_adapter_state, pinned_copy
 from ..train.local_steps import TrainSettings, batches, round_rng, settings_from
 from ..train.step_runner import StepRunner, make_runner
@@ -230,7 +230,7 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     f = ctx.config.federation
     centralized = f.paradigm == "centralized"
     final, evaluations = serve(
-        grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum),
+        grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
         eval_every=ctx.config.eval.every, hooks=ServerHooks.for_model(ctx), min_replies=1 if centralized else f.min_replies,
         counts_bytes=not centralized,

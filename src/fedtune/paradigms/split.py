@@ -56,7 +56,7 @@ from ..models import DTYPES, backbone
 from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
 from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss
 from ..split_session import Activations, meta_number
-from ..strategies import make_strategy
+from ..strategies import aggregator_of, make_strategy
 from ..train.adapter import State, adapter_state, load_adapter_state
 from ..train.local_steps import TrainSettings, batches, clip_and_step, make_optimizer, round_rng, settings_from
 from ..wire import Message, WireError, check, encoded_size, spec_of
@@ -386,7 +386,7 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     try:
         final, evaluations = serve(
             grid, cut.part(adapter_state(ctx.model), CLIENT), main,
-            make_strategy(f.strategy, f.server_lr, f.server_momentum), want, rounds=f.rounds,
+            make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)), want, rounds=f.rounds,
             clients_per_round=f.clients_per_round, seed=c.seed, eval_every=c.eval.every,
             hooks=ServerHooks.for_model(ctx, load=combine), min_replies=f.min_replies,
             max_steps=round_steps(c, getattr(ctx.data, "parts", None)),
