@@ -204,7 +204,7 @@ def _metric_problem(key: str, value: Any) -> str | None:
     """Why a client-reported metric cannot go into the metrics record as it is, or None when it can.
 
     Counts are non-negative integers (``flops`` may be null: not counted); ``seconds`` a finite
-    non-negative number; losses any number (a diverged loss, NaN or Inf, is worth reporting).
+    non-negative number; losses any number (a diverged loss, NaN or Inf, is worth reporting) or null.
     """
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if key in _COUNTS:
@@ -216,8 +216,8 @@ def _metric_problem(key: str, value: Any) -> str | None:
     if key == "seconds":
         return None if number and math.isfinite(value) and value >= 0 else \
             f"must be a finite number of seconds >= 0, got {type(value).__name__} {value!r:.40}"
-    if key in _LOSSES:
-        return None if number else f"must be a number, got {type(value).__name__} {value!r:.40}"
+    if key in _LOSSES:  # null: no such loss this round (a KD client's first round has no soft labels)
+        return None if number or value is None else f"must be a number or null, got {type(value).__name__} {value!r:.40}"
     return None
 
 
