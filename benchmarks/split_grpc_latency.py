@@ -166,10 +166,10 @@ def bench(mb: float, steps: int, warmup: int, *, relay: bool) -> dict:
     payloads = [os.urandom(size) for _ in range(4)]
     step_times, echo_times = [], []
     try:
-        fed.begin(1, 0)
+        key = fed.begin(1, 0)
         up0, down0 = (counter.up, counter.down) if relay else (0, 0)
         creds = auth.Credentials(auth.node_identity(0), token=tokens[auth.node_identity(0)])
-        with remote.StepStream(address, creds, max_bytes=MAX_BYTES) as stream:
+        with remote.StepStream(address, creds, max_bytes=MAX_BYTES, session_key=key) as stream:
             for i, msg in enumerate(messages):
                 shape = tuple(msg.tensors["activations"].shape)
                 start = time.perf_counter()

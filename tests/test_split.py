@@ -188,8 +188,8 @@ def tiny_parts(model, tok, data, wire_dtype, steps=2, tamper=None):
     main.stream_log = []
     tampers = tamper or {}
 
-    def dial(node):
-        return RecordingStream(main.dial(node), main.stream_log, tampers.get(node))
+    def dial(node, key=""):
+        return RecordingStream(main.dial(node, key), main.stream_log, tampers.get(node))
 
     clients = {i: split.SplitClient(i, model, [data.train[j] for j in data.parts[i]], s, cut=cut,
                                     wire_dtype=wire_dtype, device=CPU, pad_id=tok.pad_token_id, seed=0, dial=dial)
@@ -308,7 +308,7 @@ def test_a_split_client_checks_each_main_server_reply_once_and_refuses_a_bad_one
     model, tok, data = tiny_setup
     cut, clients, main, want = tiny_parts(model, tok, data, torch.float32, steps=3)
     client = clients[0]
-    client.dial = lambda node: ServiceStandIn(main.main, nan_at_step)
+    client.dial = lambda node, key: ServiceStandIn(main.main, nan_at_step)
     checked = []  # every tensor check, wherever it runs (wire.decode with expect, or wire.check)
     real_check = wire._check_tensors
     monkeypatch.setattr(wire, "_check_tensors", lambda tensors, spec, extra: checked.append(sorted(spec))

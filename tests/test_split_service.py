@@ -148,8 +148,9 @@ def make_clients(model, tok, data, config, pki, address):
     settings = fedpeft.fedpeft_settings(type("Ctx", (), {"config": config}))
     return cut, {i: split.SplitClient(i, model, [data.train[j] for j in data.parts[i]], settings, cut=cut,
                                       wire_dtype=torch.float32, device=CPU, pad_id=tok.pad_token_id, seed=config.seed,
-                                      dial=lambda node: remote.StepStream(
-                                          address, creds(pki, auth.node_identity(node)), timeout=TIMEOUT))
+                                      dial=lambda node, key="": remote.StepStream(
+                                          address, creds(pki, auth.node_identity(node)), timeout=TIMEOUT,
+                                          session_key=key))
                  for i in range(len(data.parts))}
 
 
@@ -252,11 +253,12 @@ def test_an_oversize_message_is_refused_and_the_service_goes_on(tiny, pki, small
     fed = fed_server(address, pki, main.cut, main.model)
     try:
         before = main.state()
-        fed.begin(1, 0)
+        key = fed.begin(1, 0)
         big = Message({"activations": torch.zeros(1, 512, 64)}, {"kind": "split_act"})  # 128 KiB > 64 KiB
         assert encoded_size(big) > 64 * 1024
         with pytest.raises(remote.SplitServiceError, match="RESOURCE_EXHAUSTED"):
-            with remote.StepStream(address, creds(pki, auth.node_identity(0)), timeout=TIMEOUT) as stream:
+            with remote.StepStream(address, creds(pki, auth.node_identity(0)), timeout=TIMEOUT,
+                                   session_key=key) as stream:
                 stream.exchange(big, expect={})
         report = fed.finish(1, 0)
         assert report["status"] == "incomplete" and report["server_steps"] == 0
@@ -274,8 +276,8 @@ def test_a_stalled_session_is_cut_off_when_the_fed_server_finishes_it(tiny, pki,
     server, address, service = start_service(tiny, pki, small[0])
     fed = fed_server(address, pki, service.main.cut, service.main.model)
     try:
-        fed.begin(1, 0)
-        stream = remote.StepStream(address, creds(pki, auth.node_identity(0)), timeout=TIMEOUT)
+        key = fed.begin(1, 0)
+        stream = remote.StepStream(address, creds(pki, auth.node_identity(0)), timeout=TIMEOUT, session_key=key)
         deadline = time.monotonic() + TIMEOUT
         while not service.session_running and time.monotonic() < deadline:
             time.sleep(0.05)  # wait until the service has taken the stream (it holds the session lock)
@@ -385,7 +387,8 @@ def test_u_shaped_split_over_the_service_equals_the_local_runtime(tmp_path, tiny
     (["--tls-ca", "ca.pem", "--token-file", "tokens.txt"], "--tls-ca needs --tls-cert"),
     (["--token-file", "short.txt"], "at least 16 characters"),
     (["--token-file", "missing.txt"], "--token-file missing.txt: No such file"),
-], ids=["no-auth", "cert-without-key", "ca-without-tls", "short-token", "missing-file"])
+    (["--token-file", "tokens.txt"], "without --tls-cert/--tls-key on --host 0.0.0.0: bearer tokens travel in clear"),
+], ids=["no-auth", "cert-without-key", "ca-without-tls", "short-token", "missing-file", "tokens-in-clear-text"])
 def test_split_server_verb_refuses_bad_security_flags_before_loading_anything(tmp_path, pki, flags, error,
                                                                               monkeypatch):
     from fedtune.cli import main

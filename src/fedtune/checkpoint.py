@@ -25,7 +25,10 @@ top adapter and optimizer live in the service's process.
 
 The file is one `wire` message (safetensors tensors + a JSON header; no pickle), written to a
 temporary file and moved into place with `os.replace`, so a crash mid-write leaves the previous
-checkpoint intact. It also records the length of ``metrics.jsonl`` at that moment: a resumed run
+checkpoint intact. The header holds a SHA-256 of the content (every tensor's name, dtype, shape and
+bytes, and the rest of the header), checked on load: flipped bytes, a renamed key or an edited round
+number make the file unreadable, never silently wrong. The checkpoint before it is kept beside it
+(`PREVIOUS`); an unreadable checkpoint falls back to that one, losing one round instead of all. It also records the length of ``metrics.jsonl`` at that moment: a resumed run
 cuts the file back to it, dropping the records of the round that did not finish, so no round is
 logged twice. A run folder without a checkpoint starts a fresh ``metrics.jsonl`` (`resumes`).
 """
@@ -46,6 +49,8 @@ from . import registry
 from .wire import Message, WireError, decode, encode
 
 FILE = "checkpoint.safetensors"
+PREVIOUS = "checkpoint.previous.safetensors"
+"""The checkpoint before the last one: where an unreadable `FILE` falls back to."""
 
 State = dict[str, torch.Tensor]
 
@@ -66,7 +71,7 @@ def enabled(config) -> bool:
 
 def resumes(folder: Path, config) -> bool:
     """Whether a run of `config` in `folder` continues from a checkpoint there."""
-    return enabled(config) and (Path(folder) / FILE).exists()
+    return enabled(config) and any((Path(folder) / name).exists() for name in (FILE, PREVIOUS))
 
 
 def fingerprint(config) -> str:
@@ -126,14 +131,50 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: State, meta: dict[
     opt.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
-def _write_atomic(path: Path, msg: Message) -> None:
-    """Write `msg` encoded to `path` through a temporary file, so a crash mid-write leaves the old file."""
+def digest(msg: Message) -> str:
+    """SHA-256 of a message's content: its metadata (less any ``sha256`` key) and every tensor's name,
+    dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in msg.meta.items() if k != "sha256"}, sort_keys=True,
+                                  default=str).encode())
+    for name in sorted(msg.tensors):
+        t = msg.tensors[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, msg: Message, previous: Path | None = None) -> None:
+    """Write `msg` (sealed with its `digest`) to `path` through a temporary file, so a crash mid-write leaves
+    the old file; with `previous`, the old file is moved there first instead of being replaced."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory where fedtune keeps a checkpoint file: move it out of the run folder.")
+    sealed = Message(msg.tensors, {**msg.meta, "sha256": digest(msg)})
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        f.write(encode(msg))
+        f.write(encode(sealed))
         f.flush()
         os.fsync(f.fileno())
+    if previous is not None and path.is_file():
+        os.replace(path, previous)
     os.replace(tmp, path)
+
+
+def _read_sealed(path: Path, keys: tuple[str, ...], what: str, fix: str) -> Message:
+    """Read a file `_write_atomic` wrote; ValueError naming the file, the problem and `fix` when it is a
+    directory, not a fedtune message, lacks one of `keys`, or fails its checksum."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a {what}: move it out of the run folder ({fix}).")
+    try:
+        msg = decode(path.read_bytes())
+        missing = [k for k in (*keys, "sha256") if k not in msg.meta]
+        if missing:
+            raise WireError(f"its header lacks {', '.join(map(repr, missing))}")
+        if msg.meta["sha256"] != digest(msg):
+            raise WireError("its content does not match the SHA-256 in its header: it was edited or corrupted")
+    except (WireError, OSError) as err:
+        raise ValueError(f"{path} is not a readable {what} ({err}); {fix}.") from None
+    return msg
 
 
 def _split_groups(flat: State) -> dict[str, State]:
@@ -156,38 +197,54 @@ class Checkpoint:
         self.path = Path(folder) / FILE
         self.metrics = Path(folder) / "metrics.jsonl"
         self.fingerprint = fingerprint(config)
+        self.fallback = ""  # set by `load` when it fell back to the previous checkpoint: why
 
     def save(self, rnd: int, tensors: dict[str, State], meta: dict[str, Any]) -> None:
         """Atomically replace the checkpoint with the state after round `rnd`."""
         flat = {f"{group}/{name}": t for group, state in tensors.items() for name, t in state.items()}
         metrics_bytes = self.metrics.stat().st_size if self.metrics.exists() else 0
         header = {"round": rnd, "config": self.fingerprint, "metrics_bytes": metrics_bytes, "state": meta}
-        _write_atomic(self.path, Message(flat, header))
+        _write_atomic(self.path, Message(flat, header), previous=self.path.with_name(PREVIOUS))
 
     def load(self) -> Saved | None:
         """The saved state, or None when the folder holds no checkpoint.
 
-        Also truncates ``metrics.jsonl`` to what it held when the checkpoint was written.
+        An unreadable checkpoint falls back to the one before it (`PREVIOUS`), saying so in `fallback`.
+        Also truncates ``metrics.jsonl`` to what it held when the checkpoint read was written.
 
         Raises:
-            ValueError: The checkpoint belongs to another config, or cannot be read.
+            ValueError: The checkpoint belongs to another config, or neither it nor the previous one can be read.
         """
-        if not self.path.exists():
+        self.fallback = ""
+        previous = self.path.with_name(PREVIOUS)
+        if not self.path.exists() and not previous.exists():
             return None
+        fix = f"delete {self.path.name} and {previous.name} to start this folder over"
         try:
-            msg = decode(self.path.read_bytes())
-            rnd, owner, metrics_bytes, meta = (msg.meta[k] for k in ("round", "config", "metrics_bytes", "state"))
-        except (WireError, KeyError) as err:
-            raise ValueError(f"{self.path} is not a readable fedtune checkpoint ({err}); delete it to start over.") \
-                from None
+            msg = self._read(self.path, fix)
+        except ValueError as err:
+            if not previous.is_file():
+                raise
+            msg = self._read(previous, fix)
+            self.fallback = f"{err} Resuming from the checkpoint before it, {previous.name}."
+        rnd, owner, metrics_bytes, meta = (msg.meta[k] for k in ("round", "config", "metrics_bytes", "state"))
         if owner != self.fingerprint:
             raise ValueError(
                 f"{self.path.parent} holds a checkpoint of a different config: resuming would mix two experiments. "
-                f"Give this run another folder (--out), or delete {self.path} to start this folder over."
+                f"Give this run another folder (--out), or {fix}."
             )
         if self.metrics.exists() and self.metrics.stat().st_size > metrics_bytes:
             os.truncate(self.metrics, metrics_bytes)
         return Saved(int(rnd), _split_groups(msg.tensors), meta)
+
+    def _read(self, path: Path, fix: str) -> Message:
+        msg = _read_sealed(path, ("round", "config", "metrics_bytes", "state"), "fedtune checkpoint", fix)
+        meta = msg.meta
+        if (isinstance(meta["round"], bool) or not isinstance(meta["round"], int) or meta["round"] < 0
+                or not isinstance(meta["metrics_bytes"], int) or not isinstance(meta["state"], dict)):
+            raise ValueError(f"{path} is not a readable fedtune checkpoint (its header's round, metrics_bytes or "
+                             f"state is malformed); {fix}.")
+        return msg
 
 
 class ClientStore:
@@ -210,13 +267,8 @@ class ClientStore:
     def _read(self) -> dict[int, State]:
         if not self.path.exists():
             return {}
-        try:
-            msg = decode(self.path.read_bytes())
-            owner = msg.meta["config"]
-        except (WireError, KeyError) as err:
-            raise ValueError(f"{self.path} is not a readable fedtune client state ({err}); delete it to start this "
-                             "client over.") from None
-        if owner != self.fingerprint:
+        msg = _read_sealed(self.path, ("config",), "fedtune client state", "delete it to start this client over")
+        if msg.meta["config"] != self.fingerprint:
             raise ValueError(f"{self.path} holds a client state of a different config; delete it to start this "
                              "client over.")
         return {int(r): state for r, state in _split_groups(msg.tensors).items()}

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--tls-ca", help="CA (PEM) whose client certificates are required (mutual TLS; the "
                     "certificate's CN must be the caller's identity: node-<id> or fed-server)")
     ss.add_argument("--token-file", help="lines `<identity> <token>`; callers send `authorization: Bearer <token>`")
+    ss.add_argument("--insecure-tokens", action="store_true",
+                    help="allow tokens without TLS on an address other than loopback (they travel in clear text)")
+    ss.add_argument("--idle-timeout", type=float, default=300.0,
+                    help="seconds a client's stream may send nothing before it is cut off (default 300)")
     ss.add_argument("--max-message-mb", type=float, default=256.0,
                     help="largest message accepted or sent, in MiB (default 256)")
     ss.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -123,7 +127,7 @@ def _split_server(args) -> None:
     import threading
     from pathlib import Path
 
-    from .runtime.split_auth import ServerSecurity, read_token_file
+    from .runtime.split_auth import CLEAR_TEXT, ServerSecurity, is_loopback, read_token_file
     from .runtime.split_service import build_service, start_server
 
     def read(flag: str, path: str | None) -> bytes | None:
@@ -140,15 +144,19 @@ def _split_server(args) -> None:
                               read("--tls-ca", args.tls_ca),
                               read_token_file(args.token_file) if args.token_file else None)
     security.check()  # before the model is loaded
+    if args.idle_timeout <= 0:
+        raise ValueError(f"--idle-timeout = {args.idle_timeout} must be a positive number of seconds.")
+    if security.tokens and not security.cert and not is_loopback(args.host) and not args.insecure_tokens:
+        raise ValueError(f"--token-file without --tls-cert/--tls-key on --host {args.host}: {CLEAR_TEXT}. Give the "
+                         "service a certificate, listen on 127.0.0.1, or pass --insecure-tokens on a network you trust.")
     config = cfg.load(args.config, args.overrides)
     service = build_service(config, max_bytes=int(args.max_message_mb * 1024**2), tokens=security.tokens,
-                            mtls=security.ca is not None)
+                            mtls=security.ca is not None, idle_timeout=args.idle_timeout)
     server, port = start_server(service, f"{args.host}:{args.port}", security)
     modes = [m for m, on in [("TLS", security.cert), ("client certificates", security.ca),
                              ("tokens", security.tokens)] if on]
     if security.tokens and not security.cert:
-        print("fedtune split-server: warning: tokens travel in clear text without --tls-cert/--tls-key",
-              file=sys.stderr)
+        print(f"fedtune split-server: warning: {CLEAR_TEXT} (give --tls-cert/--tls-key)", file=sys.stderr)
     print(f"fedtune split-server: listening on {args.host}:{port} ({', '.join(modes)})", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

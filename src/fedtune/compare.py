@@ -354,6 +354,7 @@ def compare(
             then the final run at the best one (its row gets ``tuned`` and ``tuning``).
         tune_rounds: The tuning runs' federation.rounds (default: the final runs').
     """
+    from .experiment import check_out
     from .launch import run
 
     sweep_keys = parse_sweep(sweep or [])
@@ -361,7 +362,7 @@ def compare(
     tuning = parse_tune(tune) if tune else None
     runs = plan(config_path, overrides or [], names, sweep_keys, set_for=parse_set_for(set_for or [], names),
                 tune=tuning, tune_rounds=tune_rounds)
-    out = Path(out)
+    out = check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, done = [], []
     base_cache: dict[str, tuple[float, str]] = {}  # -> (base accuracy, the run that scored it)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ class ConfigError(ValueError):
 
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+MAX_LR = 10.0
+"""Largest ``train.lr`` accepted: anything above trains nothing but noise."""
+MAX_LENGTH = 1_048_576
+"""Largest ``data.max_length`` accepted (2**20 tokens)."""
+MAX_BATCH_SIZE = 65_536
+"""Largest ``train.batch_size`` accepted."""
 PARTITIONS = ("iid", "dirichlet", "by_field", "quantity")
 TASKS = ("classification", "generation")
 METRICS = ("accuracy", "exact_match", "rouge_l")
@@ -111,6 +118,18 @@ class FederationConfig:
     """FedProx proximal coefficient (used when paradigm is fedprox)."""
     min_replies: int = 1
     """A round whose valid replies are fewer keeps the previous global adapter."""
+    aggregator: Literal["mean", "norm_bound", "median", "trimmed_mean", "krum"] = "mean"
+    """The average every strategy starts from: `mean` (weighted by examples), `norm_bound` (updates clipped to `norm_bound`), `median` or `trimmed_mean` (coordinate-wise, unweighted), `krum` (multi-Krum); see docs/robustness.md."""
+    norm_bound: float | None = None
+    """`norm_bound` aggregator: the largest L2 norm of a client's update (its adapter minus the global one)."""
+    trim_fraction: float = 0.1
+    """`trimmed_mean`: the fraction of values dropped at each end of every coordinate, in [0, 0.5)."""
+    krum_f: int = 1
+    """`krum`: the number of malicious clients to tolerate (needs clients_per_round > 2 krum_f + 2)."""
+    krum_m: int = 1
+    """`krum`: how many of the best-scored updates are averaged (1 = Krum, more = multi-Krum)."""
+    max_weight: float | None = 10.0
+    """No client weighs more than this multiple of the median num_examples of its round (null: no cap); each cap is noted in the round's record."""
     serialize: bool = True
     """Local runtime: really encode and decode every message (validates the wire path); sizes are exact either way."""
 
@@ -272,8 +291,33 @@ def validate(c: Config) -> None:
     for path, v in [("train.lr", t.lr), ("federation.server_lr", f.server_lr), ("data.alpha", d.alpha)]:
         if v is not None and not v > 0:
             _fail(path, v, "a positive number")
+    if not t.lr <= MAX_LR:
+        _fail("train.lr", t.lr, f"a learning rate in (0, {MAX_LR:g}]", "Typical LoRA rates are 1e-4 to 1e-3.")
+    if t.max_grad_norm is not None and not t.max_grad_norm > 0:
+        _fail("train.max_grad_norm", t.max_grad_norm, "a positive number (the clipping norm) or null (no clipping)")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", t.weight_decay, "a number >= 0")
+    if d.max_length > MAX_LENGTH:
+        _fail("data.max_length", d.max_length, f"at most {MAX_LENGTH} tokens")
+    if t.batch_size > MAX_BATCH_SIZE:
+        _fail("train.batch_size", t.batch_size, f"at most {MAX_BATCH_SIZE}")
+    if not c.name or c.name in (".", "..") or any(ch in c.name for ch in "/\\\0") or ".." in c.name:
+        _fail("name", c.name, "a plain name without '/', '\\' or '..' (it names the folder runs/<name>-<time>)",
+              "Choose the run folder with --out instead.")
     if not 0 <= f.server_momentum < 1:
         _fail("federation.server_momentum", f.server_momentum, "a number in [0, 1)")
+    if f.aggregator == "norm_bound" and not (f.norm_bound is not None and f.norm_bound > 0):
+        _fail("federation.norm_bound", f.norm_bound, "a positive L2 norm when federation.aggregator is norm_bound")
+    if not 0 <= f.trim_fraction < 0.5:
+        _fail("federation.trim_fraction", f.trim_fraction, "a fraction in [0, 0.5)")
+    if f.krum_f < 0 or f.krum_m < 1:
+        _fail("federation.krum_f" if f.krum_f < 0 else "federation.krum_m", f.krum_f if f.krum_f < 0 else f.krum_m,
+              "krum_f >= 0 and krum_m >= 1")
+    if f.aggregator == "krum" and f.clients_per_round <= 2 * f.krum_f + 2:
+        _fail("federation.krum_f", f.krum_f, f"Krum needs clients_per_round ({f.clients_per_round}) > 2 krum_f + 2",
+              "Lower krum_f or sample more clients a round.")
+    if f.max_weight is not None and not f.max_weight >= 1:
+        _fail("federation.max_weight", f.max_weight, "a multiple >= 1 of the median weight, or null (no cap)")
     if f.prox_mu < 0:
         _fail("federation.prox_mu", f.prox_mu, "a number >= 0")
     if not 0 < d.test_fraction < 1:
@@ -380,15 +424,21 @@ def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
             return value
         raise bad
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):
             # YAML 1.1 reads `1e-3` (no dot) as a string; accept what is plainly a number.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
-        raise bad
+                if value.strip().lower().lstrip("+-") in (".inf", ".nan"):  # YAML's spellings, as --set text
+                    number = math.inf
+        if number is None:
+            raise bad
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}{path} = {value!r} is not allowed: it must be a finite number.")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -533,11 +583,19 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist (paths are relative to {Path.cwd()}).")
-        text = p.read_text()
         try:
-            raw = yaml.safe_load(text) or {}
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {str(p)!r} is not a UTF-8 text file ({err.reason} at byte {err.start}): "
+                              "give a YAML file such as examples/quickstart-tiny.yaml.") from None
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if raw is None:
+            raise ConfigError(f"config file {str(p)!r} is empty: give it at least one section (see "
+                              "examples/quickstart-tiny.yaml), or omit the file and set values with --set "
+                              "section.key=value to run the defaults.")
         lines = _key_lines(text, str(p))
     raw = apply_overrides(raw, list(overrides or []))
     texts: dict[str, str] = {}

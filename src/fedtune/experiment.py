@@ -198,15 +198,37 @@ class RunFolder:
     """
 
     def __init__(self, path: Path, resume: bool = False) -> None:
-        self.path = path
+        self.path = check_out(path)
         path.mkdir(parents=True, exist_ok=True)
         self._metrics = open(path / "metrics.jsonl", "a" if resume else "w", buffering=1)
 
     def log(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
 
+    def base_accuracy(self) -> float | None:
+        """The base model's accuracy already in ``metrics.jsonl`` (a resumed run's), or None."""
+        with open(self.path / "metrics.jsonl") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("type") == "eval" and record.get("model") == "base":
+                    return record.get("accuracy")
+        return None
+
     def close(self) -> None:
         self._metrics.close()
+
+
+def check_out(path: str | Path, flag: str = "--out") -> Path:
+    """The run folder `path`, refused with a clear message when a file (not a folder) is in its place."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{flag} {str(path)!r}: {str(p)!r} is a file, not a folder; give a folder for the run "
+                             "(it is created when missing).")
+    return path
 
 
 def default_out(name: str) -> Path:
@@ -294,6 +316,8 @@ def run(config: cfg.Config | dict | str | Path, out: str | Path | None = None, q
             processes (``runtime.world_size > 1``) start through `fedtune.launch.run`, whose rank 0 calls this.
     """
     c = load(config)
+    if out is not None:
+        check_out(out)  # before the model is loaded
     started = time.perf_counter()
     bars = Bars(quiet=quiet)
     model, tokenizer, data, device = setup(c, bars)
@@ -311,7 +335,9 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
     if not resume:
         # A fresh start overwrites the metrics: a checkpoint left by an earlier run in this folder (one that
         # checkpointed where this one does not) would otherwise be resumed by a later run, against them.
-        (path / checkpoint.FILE).unlink(missing_ok=True)
+        for name in (checkpoint.FILE, checkpoint.PREVIOUS):
+            if (path / name).is_file():
+                (path / name).unlink()
     folder = RunFolder(path, resume=resume)
     resolved = cfg.to_yaml(c) + f"# fedtune {__version__}, git commit {git_commit()}\n"
     (path / "config.resolved.yaml").write_text(resolved)
@@ -321,8 +347,10 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
                         device=device, pad_id=tokenizer.pad_token_id)
 
     ctx = context(c, model, tokenizer, data, device, bars, log=folder.log, score=score, path=path)
-    base_accuracy = None
-    if c.eval.base:
+    # A resumed run keeps the base evaluation it logged before round 1: a resume that then fails (an unreadable
+    # checkpoint) must not leave another round-0 record each time it is tried.
+    base_accuracy = folder.base_accuracy() if resume and c.eval.base else None
+    if c.eval.base and base_accuracy is None:
         with model.disable_adapter():
             base_accuracy = score()
         folder.log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})

@@ -178,6 +178,15 @@ def load_base(
             f"model.name = {name!r} is neither a known name ({SMOLLM2}, {TINY}), a local directory, "
             "nor a Hugging Face id of the form org/name."
         )
+    local = Path(name)
+    if name not in (SMOLLM2, TINY) and local.exists():
+        if not local.is_dir():
+            raise ValueError(f"model.name = {name!r} is a file; give the directory that holds the model "
+                             "(config.json, the weights and the tokenizer files).")
+        if not (local / "config.json").is_file():
+            raise ValueError(f"model.name = {name!r} is a directory but not a model: it has no config.json. Point "
+                             "it at a directory written by save_pretrained (config.json, *.safetensors, "
+                             "tokenizer files), a Hugging Face id, or smollm2-135m-instruct / tiny-llama.")
     try:
         tokenizer = load_tokenizer(name)
     except OSError as err:

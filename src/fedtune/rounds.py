@@ -10,6 +10,7 @@ client's reply into ok / rejected / failed for every paradigm.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from .checkpoint import Checkpoint, Saved, rng_state, set_rng_state
 from .checkpoint import enabled as checkpointing
 from .grid import is_error
 from .progress import Bars
+from .robust import cap_weights
 from .train.adapter import State, load_adapter_state
-from .wire import Message, WireError, check
+from .wire import Message, WireError, check, meta_number
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -82,6 +84,7 @@ class RoundLoop:
         self.sampler = random.Random(seed)
         self.evaluations: list[dict[str, Any]] = []
         self.done = 0
+        self.last_good = 0  # the last round whose global state was saved
 
     def resume(self, expect: dict[str, Spec], device: torch.device | str) -> Saved | None:
         """The checkpoint to continue from, if any, with every tensor on `device`.
@@ -94,11 +97,18 @@ class RoundLoop:
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is None:
             return None
+        if checkpoint.fallback:
+            self.hooks.bars.print(f"{self.name}: {checkpoint.fallback}")
         for group, spec in expect.items():
             check(Message(saved.tensors.get(group, {})), spec)
         saved.tensors = {g: {k: v.to(device) for k, v in ts.items()} for g, ts in saved.tensors.items()}
-        set_rng_state(self.sampler, saved.meta["sampler"])
-        self.evaluations, self.done = list(saved.meta["evaluations"]), saved.round
+        try:
+            set_rng_state(self.sampler, saved.meta["sampler"])
+            self.evaluations, self.done = list(saved.meta["evaluations"]), saved.round
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{checkpoint.path} is not a readable fedtune checkpoint (its sampler or evaluations "
+                             f"are malformed: {type(err).__name__} {err}); delete it to start this folder over.") from None
+        self.last_good = saved.round
         self.hooks.bars.print(f"{self.name}: resuming from the checkpoint after round {saved.round}")
         return saved
 
@@ -113,15 +123,26 @@ class RoundLoop:
             yield rnd, chosen
 
     def end(self, rnd: int, state: State, *, replies: int, sampled: int, aggregated: bool,
-            checkpoint: Callable[[], tuple[dict[str, State], dict[str, Any]]] | None = None) -> None:
+            checkpoint: Callable[[], tuple[dict[str, State], dict[str, Any]]] | None = None,
+            note: str = "") -> None:
         """Log the round, evaluate (every `eval_every` rounds and after the last), save, checkpoint, move the bar.
 
         ``checkpoint`` returns the paradigm's own state to checkpoint (tensor groups and JSON meta); the
-        sampler and the evaluations are added here. Called only when the run checkpoints.
+        sampler and the evaluations are added here. Called only when the run checkpoints. ``note`` says why
+        a round did not aggregate (`aggregate`). A global state holding NaN/Inf stops the run with a
+        `ValueError` before anything of this round is saved: the last good round's adapter and checkpoint stay.
         """
         hooks = self.hooks
-        hooks.log({"type": "round", "round": rnd, "replies": replies, "failed": sampled - replies,
-                   "aggregated": aggregated})
+        record = {"type": "round", "round": rnd, "replies": replies, "failed": sampled - replies,
+                  "aggregated": aggregated, **({"note": note} if note else {})}
+        bad = nonfinite_keys(state)
+        if bad:
+            hooks.log({**record, "error": f"non-finite global state ({bad[0]!r})"})
+            raise ValueError(
+                f"round {rnd}: the global state holds NaN/Inf (in {len(bad)} tensor(s), e.g. {bad[0]!r}), so the "
+                f"run stops here; the adapter and checkpoint of round {self.last_good} are kept in the run folder. "
+                "Lower train.lr, keep train.max_grad_norm set, or defend the average (federation.aggregator).")
+        hooks.log(record)
         if rnd % self.eval_every == 0 or rnd == self.rounds:
             score = hooks.evaluate(state)
             self.evaluations.append({"round": rnd, "accuracy": score})
@@ -132,27 +153,108 @@ class RoundLoop:
             tensors, meta = checkpoint() if checkpoint is not None else ({}, {})
             hooks.checkpoint.save(rnd, tensors, {**meta, "sampler": rng_state(self.sampler),
                                                  "evaluations": self.evaluations})
+        self.last_good = rnd
         hooks.bars.advance("rounds", info=f"acc {self.evaluations[-1]['accuracy']:.3f}" if self.evaluations else "")
+
+
+def nonfinite_keys(state: State) -> list[str]:
+    """The names of the floating tensors of `state` that hold NaN or Inf."""
+    return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def aggregate(strategy, global_state: State, updates: list[tuple], *, min_replies: int) -> tuple[State, bool, str]:
+    """One round's aggregation, as every paradigm that averages updates does it: ``(state, aggregated, note)``.
+
+    Fewer than `min_replies` updates keep the previous global state. So does an aggregate that holds NaN
+    or Inf (finite updates of 3e38 overflow a float32 sum): the strategy's own buffers are put back as they
+    were, and the note says why, so one round of hostile updates never poisons the global model for good.
+    A weight over ``federation.max_weight`` times the median weight is capped first (`robust.cap_weights`),
+    the note naming each cap.
+    """
+    if len(updates) < min_replies:
+        return global_state, False, f"{len(updates)} valid replies, fewer than federation.min_replies = {min_replies}"
+    notes: list[str] = []
+    agg = getattr(strategy, "aggregator", None)
+    if agg is not None and agg.max_weight is not None:
+        weights, notes = cap_weights([n for _, n in updates], agg.max_weight)
+        updates = [(state, w) for (state, _), w in zip(updates, weights)]
+    before = strategy.state_dict()
+    new = strategy.aggregate(global_state, updates)
+    bad = nonfinite_keys(new)
+    if bad:
+        strategy.load_state_dict(before)
+        return global_state, False, "; ".join([*notes, (
+            f"the aggregate held NaN/Inf (in {len(bad)} tensor(s), e.g. {bad[0]!r}): the previous global state is kept")])
+    return new, True, "; ".join(notes)
 
 
 REPORTED = ("num_examples", "train_loss", "train_loss_first", "train_loss_last", "distill_loss", "flops",
             "peak_memory_bytes", "seconds", "steps", "distill_steps", "examples_seen", "batched_clients")
 """The fields of a client's reply that go into its metrics record."""
 
+MAX_NUM_EXAMPLES = 2**53
+"""Largest ``num_examples`` a reply may claim (a float holds every integer up to it); `federation.max_weight`
+caps what a claim weighs in the average."""
+
+_COUNTS = ("flops", "peak_memory_bytes", "steps", "distill_steps", "examples_seen", "batched_clients")
+_LOSSES = ("train_loss", "train_loss_first", "train_loss_last", "distill_loss")
+
+
+def _metric_problem(key: str, value: Any) -> str | None:
+    """Why a client-reported metric cannot go into the metrics record as it is, or None when it can.
+
+    Counts are non-negative integers (``flops`` may be null: not counted); ``seconds`` a finite
+    non-negative number; losses any number (a diverged loss, NaN or Inf, is worth reporting) or null.
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in _COUNTS:
+        if key == "flops" and value is None:
+            return None
+        if not (number and isinstance(value, int) or (number and math.isfinite(value) and value == int(value))):
+            return f"must be a non-negative integer, got {type(value).__name__} {value!r:.40}"
+        return None if 0 <= value <= 2**63 else f"must be in [0, 2**63], got {value!r:.40}"
+    if key == "seconds":
+        return None if number and math.isfinite(value) and value >= 0 else \
+            f"must be a finite number of seconds >= 0, got {type(value).__name__} {value!r:.40}"
+    if key in _LOSSES:  # null: no such loss this round (a KD client's first round has no soft labels)
+        return None if number or value is None else f"must be a number or null, got {type(value).__name__} {value!r:.40}"
+    return None
+
+
+def screen_metrics(meta: dict[str, Any]) -> dict[str, Any]:
+    """The reported fields of a reply (`REPORTED`, less ``num_examples``) fit for the metrics record.
+
+    A field of the wrong type or out of range is dropped and its reason recorded under
+    ``dropped_metrics``, so one client's ``flops: "x"`` or ``seconds: null`` never crashes the report.
+    """
+    fields: dict[str, Any] = {}
+    dropped: dict[str, str] = {}
+    for key in REPORTED:
+        if key == "num_examples" or key not in meta:
+            continue
+        why = _metric_problem(key, meta[key])
+        if why is None:
+            fields[key] = int(meta[key]) if key in _COUNTS and meta[key] is not None else meta[key]
+        else:
+            dropped[key] = why
+    if dropped:
+        fields["dropped_metrics"] = dropped
+    return fields
+
 
 def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[dict[str, Any], tuple | None]:
     """Sort a client's reply into ok / rejected / failed.
 
     Returns the fields for its metrics record and, when it is usable, the update
-    ``(tensors, num_examples)``; `validate` raises `WireError` for a malformed reply.
+    ``(tensors, num_examples)``; `validate` raises `WireError` for a malformed reply. ``num_examples``
+    must be an integer in [1, 2**53] (not a bool, a string, NaN, Infinity or 10**400); reported metrics
+    of the wrong type or range are dropped with the reason (`screen_metrics`).
     """
     if is_error(reply):
         return {"status": "failed", "error": str(reply.meta.get("error", ""))[:500]}, None
     try:
         validate(reply)
-        n = float(reply.meta["num_examples"])
-        if not n > 0:
-            raise WireError(f"num_examples must be positive, got {n}")
-    except (WireError, KeyError, TypeError, ValueError) as err:
+        n = meta_number(reply, "num_examples", integer=True, maximum=MAX_NUM_EXAMPLES)
+    except (WireError, KeyError, TypeError, ValueError, OverflowError) as err:
         return {"status": "rejected", "error": str(err)[:500]}, None
-    return {"status": "ok", **{k: reply.meta[k] for k in REPORTED if k in reply.meta}}, (reply.tensors, n)
+    return {"status": "ok", "num_examples": n, **screen_metrics(reply.meta)}, (reply.tensors, float(n))

@@ -24,7 +24,8 @@ runtime's remote services (`fedtune.runtime.split_client.RemoteServices`): the p
 
 from __future__ import annotations
 
-import math
+import hmac
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 from .data.tasks import IGNORE
 from .split_model import Cut, MainServer
 from .train.local_steps import TrainSettings
-from .wire import Message, WireError, check, decode, encode, encoded_size
+from .wire import Message, WireError, check, decode, encode, encoded_size, meta_number
 
 
 @dataclass
@@ -43,16 +44,10 @@ class Activations:
     dtype: torch.dtype  # the wire dtype
     hidden_size: int
     vocab_size: int
-
-
-def meta_number(msg: Message, key: str, *, integer: bool = False) -> float:
-    """A finite number (positive integer when `integer`) from a received message's meta; WireError otherwise."""
-    value = msg.meta.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise WireError(f"{msg.kind} meta {key!r} must be a finite number, got {value!r}")
-    if integer and (int(value) != value or value < 1):
-        raise WireError(f"{msg.kind} meta {key!r} must be a positive integer, got {value!r}")
-    return value
+    max_batch: int | None = None
+    """Most sequences a step may carry (``train.batch_size``): the service's memory is bounded by its config."""
+    max_length: int | None = None
+    """Most tokens a sequence may have (``data.max_length``)."""
 
 
 def read_activations(msg: Message, step: int, want: Activations, *, with_labels: bool):
@@ -64,6 +59,9 @@ def read_activations(msg: Message, step: int, want: Activations, *, with_labels:
         shape = None if act is None else tuple(act.shape)
         raise WireError(f"activations must have shape (batch, seq, {want.hidden_size}), got {shape}")
     b, s = act.shape[:2]
+    if (want.max_batch is not None and b > want.max_batch) or (want.max_length is not None and s > want.max_length):
+        raise WireError(f"a step of {b} sequences x {s} tokens is over the main server's limit of "
+                        f"train.batch_size = {want.max_batch} x data.max_length = {want.max_length}")
     spec = {"activations": ((b, s, want.hidden_size), want.dtype), "attention_mask": ((b, s), torch.bool)}
     if with_labels:
         spec["labels"] = ((b, s), torch.int32)
@@ -92,7 +90,11 @@ class Session:
     want: Activations
     round: int
     node: int
-    started: bool = False  # a client's stream has attached to it (the gRPC service allows one)
+    key: str = ""
+    """The secret the fed server gave this session's client in its ``split_fit_ins`` (`admit`)."""
+    max_steps: int | None = None
+    """Most steps the client may announce: what the fed server's config gives a round."""
+    started: bool = False  # a client's stream has attached to it (one per session)
     status: str = "waiting"  # waiting | running | ok | rejected | incomplete
     error: str = ""
     steps: int = 0  # announced by the client on its first message
@@ -105,6 +107,19 @@ class Session:
     @property
     def finished(self) -> bool:
         return self.status == "ok"
+
+    def admit(self, node: int, key: str) -> None:
+        """Attach the stream of `node` presenting `key`; WireError unless it is this session's client, first.
+
+        The key binds a node's stream to the session the fed server opened for it: a node's bearer token
+        captured or replayed from another connection does not open a session without it, and one stream
+        per session means a replayed key finds the session taken.
+        """
+        if node != self.node or self.started or self.finished:
+            raise WireError(f"the fed server has not opened a session for node {node}")
+        if not hmac.compare_digest(str(key).encode(), self.key.encode()):
+            raise WireError(f"node {node} did not present the key of its session (the split_fit_ins' session_key)")
+        self.started = True
 
     def handle(self, msg: Message) -> Message:
         """One request: a ``split_act`` (U-shaped: or a ``split_top_grad``) in, its reply out."""
@@ -123,6 +138,9 @@ class Session:
                 loss = meta_number(msg, "loss")
             else:
                 steps = int(meta_number(msg, "steps", integer=True))
+                if self.max_steps is not None and steps > self.max_steps:
+                    raise WireError(f"the client announced {steps} steps, over the {self.max_steps} a round has "
+                                    "(train.local_steps / local_epochs of the fed server's config)")
                 if self.done and steps != self.steps:
                     raise WireError(f"the client announced {self.steps} steps, now {steps}")
                 self.steps = steps
@@ -211,9 +229,13 @@ class LocalMainServer:
         self.serialize = serialize
         self.session: Session | None = None
 
-    def begin(self, rnd: int, node: int) -> None:
-        """Open the session of (round, node); any other node's stream is refused until `finish`."""
-        self.session = Session(self.main, self.want, rnd, node)
+    def begin(self, rnd: int, node: int, max_steps: int | None = None) -> str:
+        """Open the session of (round, node); any other node's stream is refused until `finish`.
+
+        Returns the session's key, which only the client given it (in its ``split_fit_ins``) can present.
+        """
+        self.session = Session(self.main, self.want, rnd, node, key=secrets.token_hex(16), max_steps=max_steps)
+        return self.session.key
 
     def finish(self, rnd: int, node: int) -> dict[str, Any]:
         """Close the session; returns its report (status, steps, losses, stream bytes)."""
@@ -221,7 +243,10 @@ class LocalMainServer:
         assert session is not None and (session.round, session.node) == (rnd, node), "finish without begin"
         return session.close()
 
-    def dial(self, node: int) -> LocalStream:
+    def dial(self, node: int, key: str = "") -> LocalStream:
+        if self.session is None:
+            raise WireError(f"the fed server has not opened a session for node {node}")
+        self.session.admit(node, key)
         return LocalStream(self, node)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -249,7 +274,7 @@ class LocalServices:
         self._main = LocalMainServer(main, want, serialize=self.serialize)
         return self._main
 
-    def dial(self, node: int) -> LocalStream:
+    def dial(self, node: int, key: str = "") -> LocalStream:
         if self._main is None:
             raise WireError(f"node {node} dialled the main server before the fed server started it")
-        return self._main.dial(node)
+        return self._main.dial(node, key)

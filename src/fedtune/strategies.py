@@ -2,8 +2,9 @@
 
 A strategy is a small object with explicit state and one method,
 ``aggregate(global_state, updates) -> new_global_state``. Every strategy starts
-from the same example-weighted mean (`weighted_mean`); FedAvgM and FedAdam then
-treat ``global - mean`` as a pseudo-gradient for a server optimizer
+from the same average of the updates (`average`: the example-weighted mean `weighted_mean`, or a robust
+average, `fedtune.robust`); FedAvgM and FedAdam then treat ``global - mean`` as a pseudo-gradient for a
+server optimizer
 (Reddi et al., "Adaptive Federated Optimization", 2021).
 
 ``state_dict()`` / ``load_state_dict()`` give a strategy's buffers as named tensors, so a
@@ -15,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+
+from .robust import Aggregator, combine
 
 State = dict[str, torch.Tensor]
 
@@ -73,13 +76,24 @@ def packed(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 Update = tuple[Mapping[str, torch.Tensor], float]  # (client state, number of examples)
 
 
+def average(global_state: Mapping[str, torch.Tensor], updates: Sequence[Update], agg: Aggregator | None) -> State:
+    """The clients' average every strategy starts from: the weighted mean, or the robust average that
+    ``federation.aggregator`` names (`fedtune.robust`)."""
+    states, weights = [s for s, _ in updates], [n for _, n in updates]
+    if agg is None or agg.kind == "mean":
+        return weighted_mean(states, weights)
+    return combine(global_state, states, weights, agg)
+
+
 class FedAvg:
     """FedAvg (McMahan et al., 2017): the new global state is the example-weighted mean."""
 
     name = "fedavg"
+    aggregator: Aggregator | None = None
+    """The average of the updates (`average`); None: the weighted mean."""
 
     def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
-        mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
+        mean = average(global_state, updates, self.aggregator)
         return {k: v.to(global_state[k].device, global_state[k].dtype) for k, v in mean.items()}
 
     def state_dict(self) -> State:
@@ -100,9 +114,10 @@ class FedAvgM:
         self.server_lr = server_lr
         self.momentum = momentum
         self.velocity: State = {}
+        self.aggregator: Aggregator | None = None
 
     def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
-        mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
+        mean = average(global_state, updates, self.aggregator)
         new: State = {}
         for k, w in global_state.items():
             delta = w.float() - mean[k].to(w.device)
@@ -131,9 +146,10 @@ class FedAdam:
         self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
         self.m: State = {}
         self.v: State = {}
+        self.aggregator: Aggregator | None = None
 
     def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
-        mean = weighted_mean([s for s, _ in updates], [n for _, n in updates])
+        mean = average(global_state, updates, self.aggregator)
         new: State = {}
         for k, w in global_state.items():
             g = mean[k].to(w.device) - w.float()
@@ -168,12 +184,24 @@ def _load_buffers(strategy, state: Mapping[str, torch.Tensor], names: tuple[str,
         setattr(strategy, b, buf)
 
 
-def make_strategy(name: str, server_lr: float | None, momentum: float):
-    """Build a strategy from its config name (``federation.strategy``); ``server_lr=None`` picks its default."""
+def make_strategy(name: str, server_lr: float | None, momentum: float, aggregator: Aggregator | None = None):
+    """Build a strategy from its config name (``federation.strategy``); ``server_lr=None`` picks its default.
+
+    ``aggregator`` (``federation.aggregator`` and its parameters) is the average the strategy starts from.
+    """
     if name == "fedavg":
-        return FedAvg()
-    if name == "fedavgm":
-        return FedAvgM(server_lr=FedAvgM.DEFAULT_SERVER_LR if server_lr is None else server_lr, momentum=momentum)
-    if name == "fedadam":
-        return FedAdam(server_lr=FedAdam.DEFAULT_SERVER_LR if server_lr is None else server_lr, beta1=momentum)
-    raise ValueError(f"federation.strategy = {name!r} is not one of fedavg, fedavgm, fedadam")
+        strategy = FedAvg()
+    elif name == "fedavgm":
+        strategy = FedAvgM(server_lr=FedAvgM.DEFAULT_SERVER_LR if server_lr is None else server_lr, momentum=momentum)
+    elif name == "fedadam":
+        strategy = FedAdam(server_lr=FedAdam.DEFAULT_SERVER_LR if server_lr is None else server_lr, beta1=momentum)
+    else:
+        raise ValueError(f"federation.strategy = {name!r} is not one of fedavg, fedavgm, fedadam")
+    strategy.aggregator = aggregator
+    return strategy
+
+
+def aggregator_of(federation) -> Aggregator:
+    """The `Aggregator` a config's ``federation`` section describes."""
+    f = federation
+    return Aggregator(f.aggregator, f.norm_bound, f.trim_fraction, f.krum_f, f.krum_m, f.max_weight)

@@ -114,14 +114,20 @@ def _load_file(source: str, *, limit: int | None) -> list[dict]:
     if path.stat().st_size == 0:
         raise ValueError(f"data file {source!r} is empty; it must hold at least one record")
 
-    if extension in (".jsonl", ".jsonl.gz"):
-        rows = _read_jsonl(path, source, limit)
-    elif extension == ".json":
-        rows = _read_json(path, source)
-    elif extension in (".csv", ".tsv"):
-        rows = _read_delimited(path, source, "\t" if extension == ".tsv" else ",", limit)
-    else:
-        rows = _read_parquet(path, limit)
+    try:
+        if extension in (".jsonl", ".jsonl.gz"):
+            rows = _read_jsonl(path, source, limit)
+        elif extension == ".json":
+            rows = _read_json(path, source)
+        elif extension in (".csv", ".tsv"):
+            rows = _read_delimited(path, source, "\t" if extension == ".tsv" else ",", limit)
+        else:
+            rows = _read_parquet(path, limit)
+    except (UnicodeDecodeError, EOFError, OSError) as err:  # binary garbage, a truncated .gz, a non-gzip .gz
+        what = f"{err.reason} at byte {err.start}" if isinstance(err, UnicodeDecodeError) else str(err)
+        raise ValueError(f"data file {source!r} cannot be read as {extension} text ({what}); is it the right "
+                         f"file? {extension} files must be UTF-8 text"
+                         f"{' compressed with gzip' if extension.endswith('.gz') else ''}.") from None
     return rows[:limit] if limit is not None else rows
 
 

@@ -24,12 +24,12 @@ from ..data.tasks import Example
 from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
 from ..progress import Bars
-from ..rounds import RoundLoop, ServerHooks, screen_reply
-from ..strategies import make_strategy
+from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
+from ..strategies import aggregator_of, make_strategy
 from ..train.adapter import State, adapter_snapshot, adapter_state, load_adapter_state, pinned_copy
 from ..train.local_steps import TrainSettings, batches, round_rng, settings_from
 from ..train.step_runner import StepRunner, make_runner
-from ..wire import Message, check, encoded_size, spec_of
+from ..wire import Message, check, encoded_size, meta_number, spec_of
 from .fedpeft_batched import BatchedFedPeft
 from ..registry import Paradigm, register
 
@@ -84,7 +84,7 @@ class FedPeftClient(ClientApp):
         taking this one's reply (the local runtime's `LocalGrid`): the GPU never idles while the
         host screens replies or prepares batches. Elsewhere the work is done when this returns.
         """
-        rnd = int(msg.meta["round"])
+        rnd = int(meta_number(msg, "round", integer=True))
         load_adapter_state(self.model, msg.tensors)
         runner = self.runner
         runner.reset(keep_optimizer=self.persistent_optimizer and self._trained)
@@ -190,10 +190,8 @@ def serve(
                        "bytes_up": encoded_size(reply) if counts_bytes else 0, **fields})
             if update is not None:
                 updates.append(update)
-        aggregated = len(updates) >= min_replies
-        if aggregated:
-            global_state = strategy.aggregate(global_state, updates)
-        loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated,
+        global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies)
+        loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
                  checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
     return global_state, loop.evaluations
 
@@ -231,7 +229,7 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     f = ctx.config.federation
     centralized = f.paradigm == "centralized"
     final, evaluations = serve(
-        grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum),
+        grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
         eval_every=ctx.config.eval.every, hooks=ServerHooks.for_model(ctx), min_replies=1 if centralized else f.min_replies,
         counts_bytes=not centralized,

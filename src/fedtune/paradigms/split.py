@@ -54,10 +54,10 @@ from ..grid import ClientApp, Grid
 from ..flops import FlopCache
 from ..meter import ComputeMeter
 from ..models import DTYPES, backbone
-from ..rounds import RoundLoop, ServerHooks, screen_reply
+from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
 from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss
 from ..split_session import Activations, meta_number
-from ..strategies import make_strategy
+from ..strategies import aggregator_of, make_strategy
 from ..train.adapter import State, adapter_state, load_adapter_state
 from ..train.local_steps import TrainSettings, batches, clip_and_step, make_optimizer, round_rng, settings_from
 from ..wire import Message, WireError, check, encoded_size, spec_of
@@ -115,12 +115,12 @@ class SplitClient(ClientApp):
     In simulation every client and the main server share one `PeftModel`; the client owns the adapter
     of the embeddings and blocks [0, c) (U-shaped: also the norm and the head) and loads the global
     bottom state into it at the start of each round. Its compute is metered around its own work only.
-    ``dial(node)`` opens its stream to the main server (``ctx.services.dial``).
+    ``dial(node, session_key)`` opens its stream to the main server (``ctx.services.dial``).
     """
 
     def __init__(self, node_id: int, model, examples: list[Example], settings: TrainSettings, *, cut: Cut,
                  wire_dtype: torch.dtype, device: torch.device, pad_id: int, seed: int,
-                 dial: Callable[[int], Any]) -> None:
+                 dial: Callable[[int, str], Any]) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
         self.node_id = node_id
@@ -142,7 +142,7 @@ class SplitClient(ClientApp):
             raise ValueError(f"client {self.node_id} cannot handle a {msg.kind!r} message")
         self._start(msg)
         r = self._round
-        with self.dial(self.node_id) as stream:
+        with self.dial(self.node_id, str(msg.meta.get("session_key", ""))) as stream:
             while r.step < r.steps:
                 act = self._forward()
                 if self.cut.u_shaped:
@@ -158,7 +158,7 @@ class SplitClient(ClientApp):
 
     def _start(self, msg: Message) -> None:
         """Check the server's split settings, load the global bottom adapter, seed and set up the round."""
-        rnd = int(msg.meta["round"])
+        rnd = int(meta_number(msg, "round", integer=True))
         mine = {"cut_layer": self.cut.layer, "u_shaped": self.cut.u_shaped, "wire_dtype": DTYPE_NAMES[self.wire_dtype]}
         theirs = {k: msg.meta.get(k) for k in mine}
         if theirs != mine:
@@ -249,7 +249,7 @@ def _expect_step(msg: Message, kind: str, r: _Round) -> None:
 
 
 def train_client(grid: Grid, node: int, rnd: int, bottom: State, main, want: Activations,
-                 bars=None) -> tuple[dict[str, Any], tuple[State, float] | None]:
+                 bars=None, max_steps: int | None = None) -> tuple[dict[str, Any], tuple[State, float] | None]:
     """One client's round: open its session on the main server, send ``split_fit_ins``, close the session.
 
     Returns the client record for ``metrics.jsonl`` and the client's (bottom adapter, num_examples),
@@ -257,11 +257,12 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main, want: Act
     trusted over the client's: the update counts only when the main server saw every announced step.
     """
     record: dict[str, Any] = {"type": "client", "round": rnd, "client": node}
-    msg = Message(bottom, {"kind": "split_fit_ins", "round": rnd, "dst": node, "cut_layer": main.cut.layer,
-                           "u_shaped": main.cut.u_shaped, "wire_dtype": DTYPE_NAMES[want.dtype]})
     if bars is not None:
         bars.start("steps", 1, info=f"client {node}")
-    main.begin(rnd, node)
+    # The session's key travels to the client through the Grid (Flower's TLS), never to the service's port.
+    key = main.begin(rnd, node, max_steps=max_steps)
+    msg = Message(bottom, {"kind": "split_fit_ins", "round": rnd, "dst": node, "cut_layer": main.cut.layer,
+                           "u_shaped": main.cut.u_shaped, "wire_dtype": DTYPE_NAMES[want.dtype], "session_key": key})
     try:
         reply = grid.send_and_receive([msg])[0]
     finally:
@@ -292,7 +293,8 @@ def train_client(grid: Grid, node: int, rnd: int, bottom: State, main, want: Act
 
 
 def serve(grid: Grid, bottom: State, main, strategy, want: Activations, *, rounds: int, clients_per_round: int,
-          seed: int, eval_every: int, hooks: ServerHooks, min_replies: int = 1) -> tuple[State, list[dict[str, Any]]]:
+          seed: int, eval_every: int, hooks: ServerHooks, min_replies: int = 1,
+          max_steps: int | None = None) -> tuple[State, list[dict[str, Any]]]:
     """Run the Split-FedLLM round loop; return the final global bottom state and the evaluations.
 
     Args:
@@ -307,6 +309,7 @@ def serve(grid: Grid, bottom: State, main, strategy, want: Activations, *, round
         eval_every: Evaluate every N rounds, and after the last.
         hooks: Evaluation and checkpointing of a bottom state combined with the server's top, logging, progress.
         min_replies: Fewer valid client adapters than this keep the previous global bottom state.
+        max_steps: Most steps the main server lets a client take a round (`round_steps`); None: unbounded.
     """
     loop = RoundLoop(hooks, "Split-FedLLM", nodes=grid.node_ids(), rounds=rounds, clients_per_round=clients_per_round,
                      seed=seed, eval_every=eval_every)
@@ -325,17 +328,16 @@ def serve(grid: Grid, bottom: State, main, strategy, want: Activations, *, round
     for rnd, chosen in loop:
         updates = []
         for node in chosen:
-            record, update = train_client(grid, node, rnd, bottom, main, want, hooks.bars)
+            record, update = train_client(grid, node, rnd, bottom, main, want, hooks.bars, max_steps=max_steps)
             hooks.log(record)
             if update is not None:
                 updates.append(update)
             hooks.bars.advance("clients")
         flops, seconds = main.take_compute()
         hooks.log({"type": "server", "round": rnd, "flops": flops, "seconds": seconds})
-        aggregated = len(updates) >= min_replies
-        if aggregated:
-            bottom = strategy.aggregate(bottom, updates)
-        loop.end(rnd, bottom, replies=len(updates), sampled=len(chosen), aggregated=aggregated, checkpoint=checkpoint)
+        bottom, aggregated, note = aggregate(strategy, bottom, updates, min_replies=min_replies)
+        loop.end(rnd, bottom, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
+                 checkpoint=checkpoint)
     return bottom, loop.evaluations
 
 
@@ -348,8 +350,20 @@ def make_cut(ctx) -> Cut:
 
 
 def activations_of(ctx) -> Activations:
+    """What the main server accepts: the wire dtype, the model's sizes, and the config's batch and length bounds."""
     body = backbone(ctx.model).config
-    return Activations(DTYPES[ctx.config.split.wire_dtype], body.hidden_size, body.vocab_size)
+    c = ctx.config
+    return Activations(DTYPES[c.split.wire_dtype], body.hidden_size, body.vocab_size,
+                       max_batch=c.train.batch_size, max_length=c.data.max_length)
+
+
+def round_steps(config, parts: list[list[int]] | None) -> int | None:
+    """Most steps a client takes a round: ``train.local_steps``, or with ``local_epochs`` the steps of the
+    largest partition (None when the partitions are not known here)."""
+    s = settings_from(config)
+    if s.local_steps is not None:
+        return s.local_steps
+    return s.steps_for(max(map(len, parts))) if parts else None
 
 
 def make_clients(ctx) -> dict[int, SplitClient]:
@@ -376,9 +390,10 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     try:
         final, evaluations = serve(
             grid, cut.part(adapter_state(ctx.model), CLIENT), main,
-            make_strategy(f.strategy, f.server_lr, f.server_momentum), want, rounds=f.rounds,
+            make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)), want, rounds=f.rounds,
             clients_per_round=f.clients_per_round, seed=c.seed, eval_every=c.eval.every,
             hooks=ServerHooks.for_model(ctx, load=combine), min_replies=f.min_replies,
+            max_steps=round_steps(c, getattr(ctx.data, "parts", None)),
         )
         combine(final)
     finally:

@@ -67,6 +67,7 @@ STATE_KEY = "fedtune.client_state"
 """Key in Flower's per-node ``Context.state`` under which a stateful client app's state persists."""
 
 INFO = 20  # logging.INFO, for flwr's logger
+WARNING = 30  # logging.WARNING
 
 
 # --------------------------------------------------------------------------- packing
@@ -180,8 +181,10 @@ class FlowerGrid(SequentialStream):
                     flower_id, pid, self.num_clients - 1, self.num_clients)
                 continue
             if pid in mapping:
-                raise RuntimeError(f"two SuperNodes ({mapping[pid]} and {flower_id}) have partition-id={pid}: "
-                                   "give each node its own --node-config partition-id.")
+                # A misconfigured (or hostile) node must not stop the run: the node that answered first keeps it.
+                log(WARNING, "node %d claims partition-id=%d, which node %d already has: node %d is left out; give "
+                    "each node its own --node-config partition-id", flower_id, pid, mapping[pid], flower_id)
+                continue
             mapping[pid] = flower_id
         if len(mapping) < self.num_clients:
             log(INFO, "only %d of %d expected nodes identified themselves: %s", len(mapping), self.num_clients,

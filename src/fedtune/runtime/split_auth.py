@@ -8,7 +8,9 @@ its token file and TLS material from the command line (`ServerSecurity`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024**2
 SESSION_TIMEOUT_S = 3600.0
 """Default deadline of one client-round's stream (env ``FEDTUNE_SPLIT_TIMEOUT``)."""
 
+IDLE_TIMEOUT_S = 300.0
+"""Default seconds a client's stream may sit between two messages (``fedtune split-server --idle-timeout``)."""
+
 CALL_TIMEOUT_S = 60.0
 """Deadline of the fed server's unary calls."""
 
@@ -34,9 +39,27 @@ ENV = {
     "key": "FEDTUNE_SPLIT_KEY",
     "token_file": "FEDTUNE_SPLIT_TOKEN_FILE",
     "timeout": "FEDTUNE_SPLIT_TIMEOUT",
+    "insecure": "FEDTUNE_SPLIT_INSECURE",
 }
 """Environment variables a client (or the fed server) reads its settings from; file paths may contain
 ``{identity}``, replaced by ``node-<id>`` or ``fed-server``."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` (or a bare host) names this machine: localhost, 127.0.0.0/8 or ::1."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+CLEAR_TEXT = ("bearer tokens travel in clear text without TLS: anyone on the network path can read one and "
+              "replay it")
+"""What both sides say about token-only mode."""
 
 
 def node_identity(node: int) -> str:
@@ -99,6 +122,14 @@ class Credentials:
             if self.cert is not None:
                 raise ValueError(f"{self.identity}: a client certificate is set ({ENV['cert']}) but no CA to check the "
                                  f"service against: set {ENV['ca']} too (TLS needs it).")
+            if self.token:
+                insecure = env_flag(ENV["insecure"])
+                if not is_loopback(address) and not insecure:
+                    raise ValueError(f"{self.identity}: {ENV['ca']} is not set, so the split service at {address} would "
+                                     f"be dialled without TLS and {CLEAR_TEXT}. Set {ENV['ca']} to the CA of the "
+                                     f"service's certificate, or {ENV['insecure']}=1 on a network you trust.")
+                warnings.warn(f"{self.identity}: dialling the split service at {address} without TLS: {CLEAR_TEXT} "
+                              f"(set {ENV['ca']} to use TLS)", stacklevel=2)
             return grpc.insecure_channel(address, options=options)
         creds = grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
                                              certificate_chain=self.cert)
@@ -109,6 +140,10 @@ class Credentials:
         if self.token:
             md.append(("authorization", f"Bearer {self.token}"))
         return md
+
+
+def env_flag(name: str, env: Mapping[str, str] = os.environ) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def read_token_file(path: str | Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import secrets
 from typing import Any
 
 import grpc
@@ -38,14 +39,15 @@ class StepStream:
     _END = object()
 
     def __init__(self, address: str, credentials: Credentials, *, timeout: float = SESSION_TIMEOUT_S,
-                 max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, session_key: str = "") -> None:
         self.address = address
         self.max_bytes = max_bytes
         self.bytes_up = self.bytes_down = 0
         self._channel = credentials.channel(address, max_bytes)
         self._outbox: queue.Queue = queue.Queue()
         call = self._channel.stream_stream(f"/{SERVICE}/Step")
-        self._replies = call(iter(self._outbox.get, self._END), metadata=credentials.metadata(), timeout=timeout)
+        metadata = [*credentials.metadata(), ("fedtune-session", session_key)]
+        self._replies = call(iter(self._outbox.get, self._END), metadata=metadata, timeout=timeout)
 
     def exchange(self, msg: Message, expect=None) -> Message:
         """Send one message and return the reply, decoded within ``max_bytes`` as views of the payload
@@ -78,10 +80,11 @@ class StepStream:
         self.close()
 
 
-def dial(address: str, node: int) -> StepStream:
-    """A client node's stream to the service, with credentials and deadline from the environment (`ENV`)."""
+def dial(address: str, node: int, session_key: str = "") -> StepStream:
+    """A client node's stream to the service, with credentials and deadline from the environment (`ENV`) and
+    the key of its session (from its ``split_fit_ins``)."""
     timeout = float(os.environ.get(ENV["timeout"], SESSION_TIMEOUT_S))
-    return StepStream(address, Credentials.from_env(node_identity(node)), timeout=timeout)
+    return StepStream(address, Credentials.from_env(node_identity(node)), timeout=timeout, session_key=session_key)
 
 
 class RemoteMainServer:
@@ -118,10 +121,13 @@ class RemoteMainServer:
             raise _describe(self.address, err) from None
         return decode(raw, expect=expect, max_bytes=self.max_bytes)
 
-    def begin(self, rnd: int, node: int) -> None:
-        """Open the service's next session for (round, node)."""
+    def begin(self, rnd: int, node: int, max_steps: int | None = None) -> str:
+        """Open the service's next session for (round, node); returns the key its client must present."""
+        key = secrets.token_hex(16)
         self._call("Begin", {"round": rnd, "node": node, "cut_layer": self.cut.layer, "u_shaped": self.cut.u_shaped,
-                             "wire_dtype": str(self.wire_dtype).removeprefix("torch.")})
+                             "wire_dtype": str(self.wire_dtype).removeprefix("torch."), "session_key": key,
+                             "max_steps": max_steps})
+        return key
 
     def finish(self, rnd: int, node: int) -> dict[str, Any]:
         """Close the session; returns the service's report (status, steps, losses, stream bytes)."""
@@ -166,9 +172,12 @@ class RemoteServices:
             main.state()  # reachable, authenticated, and holding the top adapter this config describes
         except (SplitServiceError, WireError) as err:
             main.close()
-            raise ValueError(f"runtime.split_server = {self.address!r}: {err}. Start the service with "
+            tls = "" if os.environ.get(ENV["ca"]) else (
+                f" {ENV['ca']} is not set, so this process dialled without TLS: if the service runs with --tls-cert, "
+                f"set {ENV['ca']} to the CA that signed its certificate.")
+            raise ValueError(f"runtime.split_server = {self.address!r}: {err}.{tls} Start the service with "
                              "`fedtune split-server --config <this config> --port <port>` or fix the address.") from None
         return main
 
-    def dial(self, node: int) -> StepStream:
-        return dial(self.address, node)
+    def dial(self, node: int, session_key: str = "") -> StepStream:
+        return dial(self.address, node, session_key)

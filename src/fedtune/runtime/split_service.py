@@ -11,19 +11,24 @@ authentication (`split_auth`), bytes, locks and deadlines around it.
 The fed server drives the order with unary calls, so results are deterministic and equal the
 in-process runtime's:
 
-* ``Begin(round, node)``: the next session belongs to that node; any other node's stream is refused;
+* ``Begin(round, node, session_key, max_steps)``: the next session belongs to that node, whose stream must
+  present the session's key (sent to the client in its ``split_fit_ins``) and take at most max_steps steps;
+  any other stream is refused;
 * ``Finish(round, node)``: closes it and returns the session's report (status, steps, losses, exact
   stream bytes up and down as ``len`` of the payloads, the server's FLOPs and seconds);
 * ``State``: the top adapter state (to evaluate and save the combined adapter).
 
 Sessions run one at a time (a lock). Both sides bound message sizes (gRPC limits and ``wire.decode``'s
-``max_bytes``); client calls carry deadlines; keepalive pings detect dead peers.
+``max_bytes``); the session bounds a step's batch and length (the config's ``train.batch_size`` and
+``data.max_length``) and the steps of a round; a stream idle for ``idle_timeout`` seconds is cut off;
+client calls carry deadlines; keepalive pings detect dead peers.
 """
 
 from __future__ import annotations
 
 import hmac
 import threading
+import time
 from collections.abc import Mapping
 from concurrent import futures
 
@@ -34,8 +39,8 @@ from ..models import DTYPES, backbone
 from ..split_model import Cut, MainServer
 from ..split_session import Activations, Session
 from ..train.local_steps import settings_from
-from ..wire import Message, WireError, decode, encode
-from .split_auth import (CALL_TIMEOUT_S, DEFAULT_MAX_MESSAGE_BYTES, FED_SERVER, SERVICE, ServerSecurity,
+from ..wire import Message, WireError, decode, encode, meta_number
+from .split_auth import (CALL_TIMEOUT_S, DEFAULT_MAX_MESSAGE_BYTES, IDLE_TIMEOUT_S, FED_SERVER, SERVICE, ServerSecurity,
                          channel_options, node_identity, require_authentication)
 
 
@@ -48,11 +53,16 @@ class SplitService:
         tokens: Identity -> bearer token; None = no tokens (then mutual TLS must authenticate).
         mtls: Client certificates are required; their common name must equal the claimed identity.
         max_bytes: Largest message accepted or sent.
+        max_steps: Most steps a session may take, whatever the fed server asks (None: as the fed server says).
+        idle_timeout: Seconds a stream may wait between two messages before it is cut off.
     """
 
     def __init__(self, main, want, *, tokens: Mapping[str, str] | None, mtls: bool,
-                 max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_steps: int | None = None,
+                 idle_timeout: float = IDLE_TIMEOUT_S) -> None:
         require_authentication(tokens, mtls)
+        self.max_steps = max_steps  # the service's own bound on a round's steps (its config's train.local_steps)
+        self.idle_timeout = idle_timeout
         self.main = main
         self.want = want
         self.tokens = dict(tokens) if tokens is not None else None
@@ -121,9 +131,22 @@ class SplitService:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"the service runs split with {mine} but the fed server with {theirs}: start both from "
                           f"the same config")
+        try:
+            begin = Message({}, meta)
+            rnd = int(meta_number(begin, "round", integer=True))
+            node = meta.get("node")
+            if isinstance(node, bool) or not isinstance(node, int) or node < 0:
+                raise WireError(f"Begin's node must be an integer >= 0, got {node!r:.40}")
+            key = meta.get("session_key")
+            if not isinstance(key, str) or len(key) < 16:
+                raise WireError("Begin needs a session_key of at least 16 characters")
+            steps = [v for v in (meta.get("max_steps"), self.max_steps) if v is not None]
+            max_steps = int(min(meta_number(Message({}, {"s": v}), "s", integer=True) for v in steps)) if steps else None
+        except (WireError, TypeError, ValueError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid Begin request: {err}")
         with self._guard:
             self._cancel_active()
-            self._expected = Session(self.main, self.want, int(meta["round"]), int(meta["node"]))
+            self._expected = Session(self.main, self.want, rnd, node, key=key, max_steps=max_steps)
         return encode(Message({}, {"kind": "split_begin"}))
 
     def _finish(self, raw: bytes, context) -> bytes:
@@ -160,19 +183,24 @@ class SplitService:
 
     def _step(self, requests, context):
         identity = self._identity(context)
+        key = dict(context.invocation_metadata()).get("fedtune-session", "")
         with self._guard:
             session = self._expected
-            if session is None or node_identity(session.node) != identity or session.started:
+            if session is None or node_identity(session.node) != identity:
                 expected = "none" if session is None else node_identity(session.node)
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"the fed server has not opened a session for {identity} (open: {expected})")
-            session.started = True  # one stream per session
+            try:
+                session.admit(session.node, key)  # one stream per session, holding its key
+            except WireError as err:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
         if not self._one_session.acquire(timeout=CALL_TIMEOUT_S):
             context.abort(grpc.StatusCode.ABORTED, "another session is still running")
         try:
             with self._guard:
                 self._active = context
-            for raw in requests:
+            idle = _Watchdog(context, self.idle_timeout)
+            for raw in idle.watch(requests):
                 if self._expected is not session:
                     context.abort(grpc.StatusCode.CANCELLED, "the fed server closed this session")
                 session.bytes_up += len(raw)
@@ -189,10 +217,44 @@ class SplitService:
                 if finished:
                     return
         finally:
+            if "idle" in locals():
+                idle.stop()
+                if idle.fired:
+                    session.status = "rejected"
+                    session.error = f"the client sent nothing for {self.idle_timeout:g} s (the service's idle timeout)"
             self.main.abandon()  # a U-shaped forward left without its gradient takes no step
             with self._guard:
                 self._active = None
             self._one_session.release()
+
+
+class _Watchdog:
+    """Cancels a stream that sends nothing for `timeout` seconds (a client that announces many steps and
+    streams slowly would otherwise hold the one session open until its deadline)."""
+
+    def __init__(self, context, timeout: float) -> None:
+        self.context, self.timeout = context, timeout
+        self.last = time.monotonic()
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def watch(self, requests):
+        for raw in requests:
+            self.last = time.monotonic()
+            yield raw
+            self.last = time.monotonic()  # the service's own work on the step is not idle time
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            if time.monotonic() - self.last > self.timeout:
+                self.fired = True
+                self.context.cancel()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def start_server(service: SplitService, address: str, security: ServerSecurity) -> tuple[grpc.Server, int]:
@@ -219,7 +281,8 @@ def start_server(service: SplitService, address: str, security: ServerSecurity) 
     return server, port
 
 
-def build_service(config, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tokens=None, mtls: bool = False):
+def build_service(config, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tokens=None, mtls: bool = False,
+                  idle_timeout: float = IDLE_TIMEOUT_S):
     """The service for a run config, its model loaded exactly as `experiment.setup` loads it.
 
     Same seed, same base, same LoRA initialisation, so the top adapter starts equal to the one an in-process
@@ -235,5 +298,8 @@ def build_service(config, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tokens=
     settings = settings_from(c)
     main = MainServer(model, cut, settings, device=device, count_flops=settings.count_flops)
     body = backbone(model).config
-    want = Activations(DTYPES[c.split.wire_dtype], body.hidden_size, body.vocab_size)
-    return SplitService(main, want, tokens=tokens, mtls=mtls, max_bytes=max_bytes)
+    # The service's memory is bounded by its own config: the batch, the length, the steps of a round.
+    want = Activations(DTYPES[c.split.wire_dtype], body.hidden_size, body.vocab_size,
+                       max_batch=c.train.batch_size, max_length=c.data.max_length)
+    return SplitService(main, want, tokens=tokens, mtls=mtls, max_bytes=max_bytes, max_steps=settings.local_steps,
+                        idle_timeout=idle_timeout)
