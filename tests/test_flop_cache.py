@@ -97,3 +97,38 @@ def test_split_client_and_main_server_counts_equal_counting_every_step(setup, u_
         counts[every] = (record["flops"], main.take_compute()[0])
     cached, reference = counts[False], counts[True]
     assert cached == reference and cached[0] > 0 and cached[1] > 0  # client's and main server's FLOPs
+
+
+def test_kd_client_and_server_counts_equal_counting_every_step(tiny, tmp_path, monkeypatch):
+    """A whole KD run (clients distil, train, send logits; the server distils with keep-best): the FLOPs in its
+    metrics equal those of the same run with every block counted."""
+    import json
+
+    from fedtune import experiment
+    from fedtune.paradigms import kd_public
+
+    overrides = SMALL + ["federation.paradigm=kd", "federation.rounds=2", "train.local_steps=3", "train.batch_size=4",
+                         "kd.public_size=6", "kd.distill_steps=2", "kd.server_steps=3", "kd.val_size=6",
+                         "kd.val_every=1", "eval.max_examples=6"]
+
+    def flops_of(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["type"], r.get("flops")) for r in records if r["type"] in ("client", "server")]
+
+    cached = flops_of_run(cfg.load(None, overrides), tmp_path / "cached", flops_of)
+    real = kd_public.FlopCache
+
+    def every(enabled=True, *, every=False):
+        return real(enabled, every=True)
+
+    monkeypatch.setattr(kd_public, "FlopCache", every)
+    monkeypatch.setattr("fedtune.paradigms.kd.FlopCache", every)
+    reference = flops_of_run(cfg.load(None, overrides), tmp_path / "every", flops_of)
+    assert cached == reference and all(f > 0 for _, f in cached)
+
+
+def flops_of_run(c, out, read):
+    from fedtune import experiment
+
+    experiment.run(c, out, quiet=True)
+    return read(out)

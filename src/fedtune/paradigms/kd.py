@@ -69,7 +69,8 @@ import torch
 from .. import distill
 from ..checkpoint import ClientStore, load_optimizer_state, optimizer_state, resumes
 from ..checkpoint import enabled as checkpointing
-from ..data.tasks import Example, collate
+from ..data.tasks import IGNORE, Example, collate
+from ..flops import FlopCache
 from ..evaluate import evaluate
 from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
@@ -216,6 +217,7 @@ class KDClient(ClientApp):
         self.prior = distill.label_prior(self.counts) if public.vote_correction == "prior" else None
         self.hybrid = hybrid
         self.score = score
+        self.flops = FlopCache(settings.count_flops)
         self.node_id = node_id
         self.model = model
         self.examples = examples
@@ -252,24 +254,29 @@ class KDClient(ClientApp):
         steps = self.settings.steps_for(len(self.examples))
         info = f"client {self.node_id}"
         self.bars.start("steps", k_steps + steps, info=info)
-        meter = ComputeMeter(self.device, count_flops=self.settings.count_flops)
+        # FLOPs counted once per (kind of step, batch shape) and reused: counting every step would cost more
+        # than the step on a GPU. The meter times the round and takes its peak memory.
+        meter = ComputeMeter(self.device, count_flops=False)
+        flops = self.flops
+        flops.take()
         with meter:
             kd_losses: list[float] = []
             if labels is not None:
                 kd_losses = distil(self.model, opt, self.public, labels, k_steps, rng, device=self.device,
-                                   max_grad_norm=self.settings.max_grad_norm,
+                                   max_grad_norm=self.settings.max_grad_norm, flops=flops,
                                    on_step=lambda v: self.bars.advance("steps", info=f"{info} KL {v:.3f}"))
             losses: list[float] = []
             seen = 0
             self.model.train()
             for chunk in batches(self.examples, self.settings.batch_size, steps, rng):
                 batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
-                loss, _ = lm_loss(self.model, batch)
-                step(loss, params, opt, self.settings.max_grad_norm)
+                with flops.block(("train", *batch["input_ids"].shape, int((batch["labels"][:, 1:] != IGNORE).sum()))):
+                    loss, _ = lm_loss(self.model, batch)
+                    step(loss, params, opt, self.settings.max_grad_norm)
                 losses.append(float(loss.detach()))
                 seen += len(chunk)
                 self.bars.advance("steps", info=f"{info} loss {losses[-1]:.3f}")
-            tensors = self.public.reply_tensors(self.model, self.device, prior=self.prior)
+            tensors = self.public.reply_tensors(self.model, self.device, prior=self.prior, flops=flops)
         self.model.eval()
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state(self.model).items()}
         if self.store is not None:
@@ -289,7 +296,7 @@ class KDClient(ClientApp):
                 "train_loss": sum(losses) / len(losses),
                 "train_loss_first": losses[0],
                 "train_loss_last": losses[-1],
-                "flops": meter.flops,
+                "flops": flops.total,
                 "peak_memory_bytes": meter.peak_memory_bytes,
                 "seconds": meter.seconds,
             },
@@ -369,6 +376,13 @@ def serve(
         load_optimizer_state(opt, saved.tensors.get("optimizer", {}), saved.meta["optimizer"])
         labels = saved.tensors.get("labels")
 
+    # The server's FLOPs: each distillation batch shape counted once, and one pass over the validation split.
+    server_flops = FlopCache(settings.count_flops)
+
+    def counted_score() -> float:
+        with server_flops.block(("validation score",)):
+            return val_score()
+
     def checkpoint():
         opt_tensors, opt_meta = optimizer_state(opt)
         tensors = {"global": global_state, "optimizer": opt_tensors}
@@ -399,7 +413,7 @@ def serve(
         aggregated = len(updates) >= min_replies
         kd_losses: list[float] = []
         kept: dict[str, Any] = {}
-        meter = ComputeMeter(device, count_flops=settings.count_flops)
+        meter = ComputeMeter(device, count_flops=False)
         with meter:
             if aggregated:
                 logits = [({k: v for k, v in t.items() if not k.startswith(ADAPTER)}, n) for t, n in updates]
@@ -412,14 +426,14 @@ def serve(
                 torch.manual_seed(round_seed(seed, rnd, -1))
                 if val_score is None:
                     kd_losses = distil(model, opt, public, labels, server_steps, rng, device=device,
-                                       max_grad_norm=settings.max_grad_norm)
+                                       max_grad_norm=settings.max_grad_norm, flops=server_flops)
                 else:
                     kd_losses, kept = distil_keep_best(model, opt, public, labels, server_steps, rng, device=device,
-                                                       max_grad_norm=settings.max_grad_norm, score=val_score,
-                                                       every=val_every, patience=patience)
+                                                       max_grad_norm=settings.max_grad_norm, score=counted_score,
+                                                       every=val_every, patience=patience, flops=server_flops)
                 model.eval()
                 global_state = adapter_state(model)
-        hooks.log({"type": "server", "round": rnd, "flops": meter.flops, "seconds": meter.seconds,
+        hooks.log({"type": "server", "round": rnd, "flops": server_flops.take(), "seconds": meter.seconds,
                    "peak_memory_bytes": meter.peak_memory_bytes, "steps": len(kd_losses),
                    "distill_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None, **kept})
         loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated,

@@ -19,6 +19,7 @@ import torch
 from .. import distill
 from ..data.sources import load_records, require_fields
 from ..data.tasks import Example, collate
+from ..flops import FlopCache
 from ..strategies import weighted_mean
 from ..train.adapter import State, adapter_state, load_adapter_state
 from ..train.local_steps import TrainSettings, batches, clip_and_step, make_optimizer
@@ -110,17 +111,27 @@ class PublicSet:
         return model.get_output_embeddings()(h[b.to(device), t.to(device)]).float()[:, : self.vocab]
 
     @torch.no_grad()
-    def reply_tensors(self, model, device: torch.device, prior: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def shape_key(self, idx: list[int]) -> tuple[int, ...]:
+        """What fixes the shapes of a pass over prompts `idx`: their count, the padded width, the positions."""
+        width = max(len(self.examples[i].prompt_ids) for i in idx)
+        positions = len(idx) if self.mode == "labels" else sum(e - s for s, e in (self.spans[i] for i in idx))
+        return len(idx), width, positions
+
+    def reply_tensors(self, model, device: torch.device, prior: torch.Tensor | None = None,
+                      flops: FlopCache | None = None) -> dict[str, torch.Tensor]:
         """What a client sends up: its compressed logits on the whole public set.
 
         ``prior`` (``labels`` mode): the client's label prior; its logits are then prior-corrected before they travel.
+        ``flops``: counts each batch shape's forward once.
         """
+        flops = flops or FlopCache(enabled=False)
         was_training = model.training
         model.eval()
         parts: list[tuple[torch.Tensor, ...]] = []
         for start in range(0, len(self.examples), self.batch_size):
-            logits = self.student_logits(model, list(range(start, min(start + self.batch_size,
-                                                                       len(self.examples)))), device)
+            idx = list(range(start, min(start + self.batch_size, len(self.examples))))
+            with flops.block(("public logits", *self.shape_key(idx))):
+                logits = self.student_logits(model, idx, device)
             if prior is not None:
                 logits = distill.prior_correct_logits(logits, prior, self.temperature)
             parts.append(distill.topk_compress(logits, self.top_k) if self.mode == "topk" else (logits.half(),))
@@ -235,14 +246,20 @@ def step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimi
 
 
 def distil(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
-           device: torch.device, max_grad_norm, on_step: Callable[[float], None] | None = None) -> list[float]:
-    """`steps` optimizer steps of the distillation loss on batches of public prompts; returns the losses."""
+           device: torch.device, max_grad_norm, on_step: Callable[[float], None] | None = None,
+           flops: FlopCache | None = None) -> list[float]:
+    """`steps` optimizer steps of the distillation loss on batches of public prompts; returns the losses.
+
+    ``flops``: counts each batch shape's step once (`flops.FlopCache`).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    flops = flops or FlopCache(enabled=False)
     losses: list[float] = []
     model.train()
     for idx in batches(list(range(len(public.examples))), public.batch_size, steps, rng):
-        loss = public.loss(model, idx, labels, device)
-        step(loss, params, opt, max_grad_norm)
+        with flops.block(("distil", *public.shape_key(idx))):
+            loss = public.loss(model, idx, labels, device)
+            step(loss, params, opt, max_grad_norm)
         losses.append(float(loss.detach()))
         if on_step:
             on_step(losses[-1])
@@ -251,7 +268,7 @@ def distil(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: r
 
 def distil_keep_best(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
                      device: torch.device, max_grad_norm, score: Callable[[], float], every: int,
-                     patience: int | None = None) -> tuple[list[float], dict[str, Any]]:
+                     patience: int | None = None, flops: FlopCache | None = None) -> tuple[list[float], dict[str, Any]]:
     """`distil` with keep-best: score the model (on the server's validation split) before distilling and every
     `every` steps, and leave it at the best-scoring adapter seen, the starting one included.
 
@@ -265,7 +282,7 @@ def distil_keep_best(model, opt, public: PublicSet, labels: SoftLabels, steps: i
     best_state, best_step, scores, losses, stale = adapter_state(model), 0, [start], [], 0
     while len(losses) < steps and (patience is None or stale < patience):
         losses += distil(model, opt, public, labels, min(every, steps - len(losses)), rng, device=device,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, flops=flops)
         scores.append(score())
         if scores[-1] > best:
             best, best_state, best_step, stale = scores[-1], adapter_state(model), len(losses), 0
