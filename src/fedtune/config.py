@@ -7,7 +7,7 @@ the values that types alone cannot. Loading fails before any work is done, with
 a message that names the file and line, the field, the value, what is allowed,
 and a "did you mean" for typos.
 
-Why one module of ~500 lines: the schema (every core section's fields, with the docstrings that become
+Why one module of ~600 lines: the schema (every core section's fields, with the docstrings that become
 ``--help`` and the configuration reference) and the loader that checks a file against it are one job;
 paradigms keep their own sections in their own modules.
 """
