@@ -132,3 +132,16 @@ def flops_of_run(c, out, read):
 
     experiment.run(c, out, quiet=True)
     return read(out)
+
+
+def test_the_public_logits_a_kd_client_sends_are_computed_without_autograd(setup):
+    """reply_tensors is inference: nothing it returns (or counts) keeps an autograd graph alive."""
+    from fedtune.paradigms import kd
+
+    model, tok, data = setup
+    examples = [data.train[j] for j in range(6)]
+    public = kd.make_public_set([e for e in examples], data.task, vocab=len(tok), pad_id=tok.pad_token_id, top_k=4,
+                                full_logits=False, temperature=1.0, batch_size=4)
+    model.train()
+    out = public.reply_tensors(model, CPU, flops=FlopCache())
+    assert out and not any(t.requires_grad for t in out.values())

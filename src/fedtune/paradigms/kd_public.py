@@ -110,13 +110,13 @@ class PublicSet:
         # The LM head runs only on the positions that travel (as in losses.lm_loss_from_hidden).
         return model.get_output_embeddings()(h[b.to(device), t.to(device)]).float()[:, : self.vocab]
 
-    @torch.no_grad()
     def shape_key(self, idx: list[int]) -> tuple[int, ...]:
         """What fixes the shapes of a pass over prompts `idx`: their count, the padded width, the positions."""
         width = max(len(self.examples[i].prompt_ids) for i in idx)
         positions = len(idx) if self.mode == "labels" else sum(e - s for s, e in (self.spans[i] for i in idx))
         return len(idx), width, positions
 
+    @torch.no_grad()
     def reply_tensors(self, model, device: torch.device, prior: torch.Tensor | None = None,
                       flops: FlopCache | None = None) -> dict[str, torch.Tensor]:
         """What a client sends up: its compressed logits on the whole public set.
