@@ -92,7 +92,23 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
         "client_rounds": len(clients),
         "failed_client_rounds": len(clients) - len(ok),
         "wall_time_s": wall_time_s,
+        "paradigm_metrics": paradigm_metrics(records),
     }
+
+
+def paradigm_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a paradigm reports of its own (records of type ``paradigm``, e.g. offsite's emulator accuracy,
+    FedBPT's API bytes): the last value of each field, and ``*_total`` sums of numeric ``*_bytes`` fields."""
+    out: dict[str, Any] = {}
+    totals: dict[str, float] = {}
+    for r in (r for r in records if r.get("type") == "paradigm"):
+        for k, v in r.items():
+            if k in ("type", "round"):
+                continue
+            out[k] = v
+            if k.endswith("_bytes") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                totals[k + "_total"] = totals.get(k + "_total", 0) + v
+    return {**out, **totals}
 
 
 def plot(records: list[dict[str, Any]], out: Path) -> None:
