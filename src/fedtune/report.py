@@ -98,7 +98,8 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
 
 def paradigm_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
     """What a paradigm reports of its own (records of type ``paradigm``, e.g. offsite's emulator accuracy,
-    FedBPT's API bytes): the last value of each field, and ``*_total`` sums of numeric ``*_bytes`` fields."""
+    FedBPT's API traffic): the last value of each field, and ``<field>_total``, the sum over the run, of the
+    numeric ``api_*`` fields (per-round traffic and calls)."""
     out: dict[str, Any] = {}
     totals: dict[str, float] = {}
     for r in (r for r in records if r.get("type") == "paradigm"):
@@ -106,7 +107,7 @@ def paradigm_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
             if k in ("type", "round"):
                 continue
             out[k] = v
-            if k.endswith("_bytes") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k.startswith("api_") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 totals[k + "_total"] = totals.get(k + "_total", 0) + v
     return {**out, **totals}
 
