@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
     cp.add_argument("--paradigms", default="fedpeft,kd,split",
-                    help="comma-separated frameworks (default fedpeft,kd,split; also fedprox, centralized)")
+                    help="comma-separated frameworks (default fedpeft,kd,split; also fedprox, centralized, fedkseed, "
+                    "offsite, fedbpt)")
     cp.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                     help="sweep one config key over values (repeat for a second key), e.g. peft.r=4,8,16")
     cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -118,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--max-message-mb", type=float, default=256.0,
                     help="largest message accepted or sent, in MiB (default 256)")
     ss.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+    ms = sub.add_parser(
+        "model-server",
+        help="serve a base model as an inference-only service (losses and logits, never weights) over gRPC",
+        description="Load the base model of a config (model.*) and answer Info and Infer requests of black-box "
+        "clients (federation.paradigm fedbpt, runtime.model_server pointing here). Callers authenticate with a "
+        "bearer token (--token-file) and/or a client certificate signed by --tls-ca.",
+        epilog="Example: fedtune model-server --config fedbpt.yaml --port 50052 --tls-cert server.pem "
+        "--tls-key server.key --token-file tokens.txt",
+    )
+    for action in ss._actions:  # the same options as split-server
+        if action.dest != "help":
+            ms._add_action(action)
     return p
 
 
@@ -169,6 +183,45 @@ def _split_server(args) -> None:
         server.stop(grace=2).wait()
 
 
+def _model_server(args) -> None:
+    """The `model-server` verb: the inference-only model service, until interrupted."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    from .runtime.model_service import build_service, start_server
+    from .runtime.split_auth import ServerSecurity, read_token_file
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    if args.max_message_mb <= 0:
+        raise ValueError(f"--max-message-mb = {args.max_message_mb} must be positive.")
+    try:
+        security = ServerSecurity(read(args.tls_cert), read(args.tls_key), read(args.tls_ca),
+                                  read_token_file(args.token_file) if args.token_file else None)
+    except OSError as err:
+        raise ValueError(f"{err.filename}: {err.strerror}") from None
+    security.check()
+    config = cfg.load(args.config, args.overrides)
+    service = build_service(config, tokens=security.tokens, mtls=security.ca is not None,
+                            max_bytes=int(args.max_message_mb * 1024**2))
+    server, port = start_server(service, f"{args.host}:{args.port}", security)
+    if security.tokens and not security.cert:
+        print("fedtune model-server: warning: tokens travel in clear text without --tls-cert/--tls-key",
+              file=sys.stderr)
+    print(f"fedtune model-server: listening on {args.host}:{port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(grace=2).wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     # peft asks transformers a deprecated question on every save; the warning says nothing to our users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
@@ -191,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                     out=args.out, quiet=args.quiet)
         elif args.command == "split-server":
             _split_server(args)
+        elif args.command == "model-server":
+            _model_server(args)
         return 0
     except (ValueError, FileNotFoundError) as err:
         if getattr(args, "debug", False):

@@ -189,6 +189,8 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     return {
         "run": label,
         "paradigm": s["paradigm"],
+        "access": s.get("access"),
+        "backprop": s.get("backprop"),
         **{k: v for k, v in swept.items()},
         "base_accuracy": s["base_accuracy"],
         "accuracy": s["accuracy"],
@@ -203,6 +205,7 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "wall_time_s": s["wall_time_s"],
         "rounds": s["rounds"],
         "failed_client_rounds": s.get("failed_client_rounds", 0),
+        "paradigm_metrics": s.get("paradigm_metrics", {}),
     }
 
 
@@ -213,6 +216,8 @@ def _per_round_gflops(flops: int | None, rounds: int) -> float | None:
 
 COLUMNS = [
     ("run", "run", "{}"),
+    ("access", "access", "{}"),
+    ("backprop", "backprop", "yesno"),
     ("base acc", "base_accuracy", "{:.3f}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("client acc", "client_accuracy", "{:.3f}"),
@@ -235,6 +240,8 @@ def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
         return NOT_COUNTED if key.endswith("gflops_per_round") else "-"
     if fmt == "mb":
         return f"{v / MB:.2f}"
+    if fmt == "yesno":
+        return "yes" if v else "no"
     if fmt == "mib":
         return f"{v / 2**20:.0f}"
     return fmt.format(v)
@@ -304,12 +311,14 @@ def plots(out: Path, runs: list[tuple[str, Path]], rows: list[dict[str, Any]]) -
     out.mkdir(parents=True, exist_ok=True)
     fig1, ax1 = plt.subplots(figsize=(6, 4))
     fig2, ax2 = plt.subplots(figsize=(6, 4))
+    access = {r["run"]: r.get("access") for r in rows}
     for label, path in runs:
         rounds, acc, mb = curves(path)
+        seen = f"{label} ({access[label]}-box)" if access.get(label) else label
         ax1.plot(rounds, acc, marker="o", label=label)
         pts = [(m, a) for m, a in zip(mb, acc) if m > 0]
         if pts:
-            ax2.plot([m for m, _ in pts], [a for _, a in pts], marker="o", label=label)
+            ax2.plot([m for m, _ in pts], [a for _, a in pts], marker="o", label=seen)
     ax1.set(xlabel="round (0 = base model)", ylabel="accuracy", title="Accuracy per round")
     ax2.set(xlabel="cumulative MB up + down (log scale)", ylabel="accuracy", title="Accuracy vs communication")
     ax2.set_xscale("log")

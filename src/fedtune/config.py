@@ -174,6 +174,8 @@ class RuntimeConfig:
     """Save the server state (global adapter, strategy or server optimizer, sampler, evaluations) after every round, to resume a restarted server (fedpeft, fedprox, kd, and split with an in-process main server; see fedtune.checkpoint)."""
     split_server: str | None = None
     """Split learning over a network: host:port of the main-server gRPC service (`fedtune split-server`); null = in process."""
+    model_server: str | None = None
+    """Black-box clients (fedbpt): host:port of the inference-only model service (`fedtune model-server`); null = in process."""
 
 
 @dataclass

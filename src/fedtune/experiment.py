@@ -33,7 +33,9 @@ from .models import attach_lora, load_base, resolve_device
 from .progress import Bars
 from .report import write_outputs
 from .runtime.local import BatchedLocalGrid, LocalGrid
+from .runtime.model_client import RemoteModelService
 from .runtime.split_client import RemoteServices
+from .model_service import LocalModelService
 from .split_session import LocalServices
 
 
@@ -256,10 +258,15 @@ def local_grid(ctx: RunContext, paradigm: paradigms.Paradigm) -> Grid:
 
 def services_for(c: cfg.Config, model, device: torch.device):
     """What a paradigm gets besides its Grid: split learning's main server, in process or the service at
-    ``runtime.split_server`` (credentials from the environment, `fedtune.runtime.split_client`)."""
+    ``runtime.split_server`` (credentials from the environment, `fedtune.runtime.split_client`); and, as
+    ``model_service``, the inference-only model service, in process or at ``runtime.model_server``."""
     if c.runtime.split_server:
-        return RemoteServices(c.runtime.split_server, model)
-    return LocalServices(model, device, serialize=c.federation.serialize)
+        services = RemoteServices(c.runtime.split_server, model)
+    else:
+        services = LocalServices(model, device, serialize=c.federation.serialize)
+    services.model_service = (RemoteModelService(c.runtime.model_server) if c.runtime.model_server
+                              else LocalModelService(model, device, count_flops=c.train.count_flops))
+    return services
 
 
 def context(c: cfg.Config, model, tokenizer, data: Prepared, device: torch.device, bars: Bars, *,

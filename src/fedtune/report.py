@@ -93,6 +93,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
         "client_rounds": len(clients),
         "failed_client_rounds": len(clients) - len(ok),
         "wall_time_s": wall_time_s,
+        "paradigm_metrics": paradigm_metrics(records),
     }
 
 
@@ -101,6 +102,22 @@ def client_accuracy(ok_clients: list[dict[str, Any]]) -> float | None:
     (the last round's); None when none did."""
     scores = [r["client_accuracy"] for r in ok_clients if r.get("client_accuracy") is not None]
     return sum(scores) / len(scores) if scores else None
+
+
+def paradigm_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a paradigm reports of its own (records of type ``paradigm``, e.g. offsite's emulator accuracy,
+    FedBPT's API traffic): the last value of each field, and ``<field>_total``, the sum over the run, of the
+    numeric ``api_*`` fields (per-round traffic and calls)."""
+    out: dict[str, Any] = {}
+    totals: dict[str, float] = {}
+    for r in (r for r in records if r.get("type") == "paradigm"):
+        for k, v in r.items():
+            if k in ("type", "round"):
+                continue
+            out[k] = v
+            if k.startswith("api_") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                totals[k + "_total"] = totals.get(k + "_total", 0) + v
+    return {**out, **totals}
 
 
 def plot(records: list[dict[str, Any]], out: Path) -> None:
