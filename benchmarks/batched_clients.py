@@ -161,9 +161,9 @@ def bench(model, k: int, batch: int, args, device: torch.device) -> dict:
 
     result = {"model": args.model_name, "clients": k, "batch": batch, "seq": args.seq, "steps": args.steps}
     for label, fn in (("sequential", one_by_one), ("batched", together)):
-        fn(0)  # warm-up: allocator, kernels, autotuning, graph capture
+        fn(1)  # warm-up: allocator, kernels, autotuning, graph capture (rounds count from 1)
         with Timer(device) as t:
-            for rnd in range(1, args.rounds + 1):
+            for rnd in range(2, args.rounds + 2):
                 fn(rnd)
         result[f"{label}_steps_per_s"] = k * args.steps * args.rounds / t.seconds
         if device.type == "cuda":
