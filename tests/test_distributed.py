@@ -25,7 +25,21 @@ from fedtune.rounds import ServerHooks
 
 # One thread in this process, as each of the 2 worker processes gets (an equal share of 2 cores, or
 # OMP_NUM_THREADS=1): the same float reduction order, which the 1e-6 comparisons need.
-pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread", "fresh_bases")]
+
+
+@pytest.fixture()
+def fresh_bases():
+    """Each test's in-process run loads its base model afresh, as the spawned ranks do: a cached base that an
+    earlier test in this process used (and perhaps left changed in its last bits) must not enter a 1e-6
+    comparison with processes that loaded their own."""
+    from fedtune import models
+
+    saved = dict(models._CACHE)
+    models._CACHE.clear()
+    yield
+    models._CACHE.clear()
+    models._CACHE.update(saved)
 
 SMALL = ["model.name=tiny-llama", "model.device=cpu", "data.demo_train_size=60", "data.demo_test_size=12",
          "federation.num_clients=4", "federation.clients_per_round=3", "federation.rounds=2", "train.local_steps=2",

@@ -137,8 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _split_server(args) -> None:
     """The `split-server` verb: build the service from the config and serve until interrupted."""
-    import signal
-    import threading
     from pathlib import Path
 
     from .runtime.split_auth import CLEAR_TEXT, ServerSecurity, is_loopback, read_token_file
@@ -172,6 +170,14 @@ def _split_server(args) -> None:
     if security.tokens and not security.cert:
         print(f"fedtune split-server: warning: {CLEAR_TEXT} (give --tls-cert/--tls-key)", file=sys.stderr)
     print(f"fedtune split-server: listening on {args.host}:{port} ({', '.join(modes)})", flush=True)
+    serve_until_stopped(server)
+
+
+def serve_until_stopped(server) -> None:
+    """Keep a started gRPC server up until SIGTERM or Ctrl-C, then stop it (2 s grace for calls in flight)."""
+    import signal
+    import threading
+
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -185,8 +191,6 @@ def _split_server(args) -> None:
 
 def _model_server(args) -> None:
     """The `model-server` verb: the inference-only model service, until interrupted."""
-    import signal
-    import threading
     from pathlib import Path
 
     from .runtime.model_service import build_service, start_server
@@ -211,15 +215,7 @@ def _model_server(args) -> None:
         print("fedtune model-server: warning: tokens travel in clear text without --tls-cert/--tls-key",
               file=sys.stderr)
     print(f"fedtune model-server: listening on {args.host}:{port}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop(grace=2).wait()
+    serve_until_stopped(server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import grpc
 
 from ..model_service import ModelServer
 from ..wire import WireError, decode, encode
-from .split_auth import DEFAULT_MAX_MESSAGE_BYTES, ServerSecurity, channel_options
+from .split_auth import DEFAULT_MAX_MESSAGE_BYTES, ServerSecurity, channel_options, listen
 
 SERVICE = "fedtune.model.Inference"
 
@@ -94,16 +94,7 @@ def start_server(service: ModelService, address: str, security: ServerSecurity) 
         raise ValueError("the service's authentication (mtls, tokens) must match the server's security settings.")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[service.handler()],
                          options=channel_options(service.max_bytes))
-    if security.cert is not None:
-        creds = grpc.ssl_server_credentials([(security.key, security.cert)], root_certificates=security.ca,
-                                            require_client_auth=security.ca is not None)
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise ValueError(f"cannot listen on {address}: is the port in use?")
-    server.start()
-    return server, port
+    return server, listen(server, address, security)
 
 
 def build_service(config, *, tokens=None, mtls: bool = False, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES

@@ -200,3 +200,16 @@ class ServerSecurity:
             raise ValueError("--tls-ca needs --tls-cert and --tls-key: mutual TLS is TLS with client certificates.")
 
 
+def listen(server: grpc.Server, address: str, security: ServerSecurity) -> int:
+    """Bind `server` to ``address`` with TLS (client certificates when a CA is set) or in plain text, start it,
+    and return its port (``:0`` picks a free one); ValueError when the address cannot be bound."""
+    if security.cert is not None:
+        creds = grpc.ssl_server_credentials([(security.key, security.cert)], root_certificates=security.ca,
+                                            require_client_auth=security.ca is not None)
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise ValueError(f"cannot listen on {address}: is the port in use?")
+    server.start()
+    return port

@@ -41,7 +41,7 @@ from ..split_session import Activations, Session
 from ..train.local_steps import settings_from
 from ..wire import Message, WireError, decode, encode, meta_number
 from .split_auth import (CALL_TIMEOUT_S, DEFAULT_MAX_MESSAGE_BYTES, IDLE_TIMEOUT_S, FED_SERVER, SERVICE, ServerSecurity,
-                         channel_options, node_identity, require_authentication)
+                         channel_options, listen, node_identity, require_authentication)
 
 
 class SplitService:
@@ -269,16 +269,7 @@ def start_server(service: SplitService, address: str, security: ServerSecurity) 
                              ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
                              ("grpc.keepalive_permit_without_calls", 1),
                          ])
-    if security.cert is not None:
-        creds = grpc.ssl_server_credentials([(security.key, security.cert)], root_certificates=security.ca,
-                                            require_client_auth=security.ca is not None)
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise ValueError(f"cannot listen on {address}: is the port in use?")
-    server.start()
-    return server, port
+    return server, listen(server, address, security)
 
 
 def build_service(config, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tokens=None, mtls: bool = False,
