@@ -104,7 +104,6 @@ def test_kd_client_and_server_counts_equal_counting_every_step(tiny, tmp_path, m
     metrics equal those of the same run with every block counted."""
     import json
 
-    from fedtune import experiment
     from fedtune.paradigms import kd_public
 
     overrides = SMALL + ["federation.paradigm=kd", "federation.rounds=2", "train.local_steps=3", "train.batch_size=4",
