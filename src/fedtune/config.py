@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from . import paradigms  # registers every paradigm (and so their config sections)
+from . import features  # registers every feature's config section (privacy, attacks, ...)
 from . import registry
 
 
@@ -357,9 +358,11 @@ def validate(c: Config) -> None:
               f"{' or '.join(p for p in registry.names() if registry.get(p).batched is not None)} only, "
               f"not {f.paradigm!r}",
               "Set runtime.batch_clients=1.")
-    if spec.validate is not None:
+    for check in [spec.validate, *(o.validate for o in registry.options())]:
+        if check is None:
+            continue
         try:
-            spec.validate(c)
+            check(c)
         except ConfigError:
             raise
         except ValueError as err:

@@ -98,12 +98,47 @@ def get(name: str) -> Paradigm:
                          f"{', '.join(map(repr, _PARADIGMS))}.") from None
 
 
+@dataclass(frozen=True)
+class Option:
+    """A config section that is not a paradigm's: a feature several paradigms can use (privacy, attacks,
+    safety, compression, tracking, ...). Its module declares it with `register_option`, so that the config
+    schema, ``--help`` and the configuration reference pick it up without config.py knowing it.
+
+    Attributes:
+        name: The section's key in the config file (``privacy``, ``attack``, ...).
+        cls: The section's dataclass (field docstrings become ``--help``).
+        validate: ``(config) -> None``: checks across sections, raising `ValueError` that names the field.
+    """
+
+    name: str
+    cls: type
+    validate: Callable[[Any], None] | None = None
+
+
+_OPTIONS: dict[str, Option] = {}
+
+
+def register_option(option: Option) -> Option:
+    """Add a feature's config section (a module calls this once per section it owns)."""
+    assert option.name not in _OPTIONS, f"config section {option.name!r} is registered twice"
+    _OPTIONS[option.name] = option
+    return option
+
+
+def options() -> tuple[Option, ...]:
+    """Every registered feature section, in registration order."""
+    return tuple(_OPTIONS.values())
+
+
 def sections() -> dict[str, type]:
-    """Config section name -> its dataclass, over every registered paradigm (each section once)."""
+    """Config section name -> its dataclass, over every registered paradigm and feature (each section once)."""
     out: dict[str, type] = {}
     for p in _PARADIGMS.values():
         if p.section is not None:
             name, cls = p.section
             assert out.get(name, cls) is cls, f"config section {name!r} is declared with two classes"
             out[name] = cls
+    for o in _OPTIONS.values():
+        assert o.name not in out, f"config section {o.name!r} is declared by a paradigm and a feature"
+        out[o.name] = o.cls
     return out
