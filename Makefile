@@ -33,8 +33,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: env
 	$(VENV)/bin/fedtune compare examples/demo.yaml --out runs/demo
 
+# Two workers (CI has 2 cores); modules that start servers on fixed ports run on one worker (tests/conftest.py).
 test: env
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-slow: env
 	$(PY) -m pytest -q -m slow --durations=10

@@ -33,3 +33,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Modules whose tests start servers on fixed Flower ports (a SuperLink's other APIs keep their default ports) or
+# several processes of their own: under pytest-xdist they run one after another on one worker.
+SERIAL_MODULES = {"test_deploy_flower", "test_distributed", "test_flower_runtime", "test_hardening_flower"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SERIAL_MODULES:
+            item.add_marker(pytest.mark.xdist_group("serial"))
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker gets one intra-op thread: two workers on two cores, not four threads.
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)

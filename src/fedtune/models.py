@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
@@ -97,6 +98,15 @@ def smollm2_dir() -> Path:
     target = cache_root() / SMOLLM2
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (test workers, a Flower node per client) may ask at once: one converts, the others wait.
+    with FileLock(str(target.parent / f".{SMOLLM2}.lock")):
+        if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+            return target
+        return _convert_smollm2(target)
+
+
+def _convert_smollm2(target: Path) -> Path:
     gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
