@@ -141,9 +141,10 @@ def validate(c) -> None:
     if n > sampled:
         raise ValueError(f"secagg.num_shares = {s.num_shares!r} gives {n} shares for {sampled} clients a round: at most "
                          "federation.clients_per_round; lower it or use a fraction such as 1.0.")
-    if not thr < n and not (thr == n == sampled):
+    if thr > n or isinstance(s.num_shares, int) and isinstance(t, int) and thr >= n:
         raise ValueError(f"secagg.reconstruction_threshold = {t!r} gives {thr} of {n} shares: it must be below "
-                         "num_shares; lower it or use a fraction such as 0.6.")
+                         "num_shares (Flower's rule; equal to it only as a fraction, and then no client may drop); lower "
+                         "it or use a fraction such as 0.6.")
 
 
 register_option(Option("secagg", SecAggConfig, validate))
