@@ -50,7 +50,6 @@ from .. import config as cfg
 from .. import registry
 from ..grid import SequentialStream, error_reply, is_error
 from ..progress import Bars
-from ..secagg import KIND as SECAGG
 from ..wire import DEFAULT_MAX_BYTES, Message, WireError, decode, encode
 
 # With Flower's default isolation a fresh ClientApp process runs every message, so the model, data and
@@ -415,7 +414,7 @@ def handle(inbound: Message, config_yaml: str | None, context: Context) -> Messa
     if node_config.get("config"):
         agree(config_yaml, str(node_config["config"]))
     app = client_for(config_yaml, node_config, context.run_id)
-    if inbound.kind == SECAGG:  # SecAgg+'s keys and shares stay in Flower's node state between the four stages
+    if inbound.kind == "secagg":  # SecAgg+'s keys and shares live in Flower's node state between its stages
         app.context = context
     # A paradigm whose clients keep state between rounds (KD's private adapters) keeps it in `app.state`.
     paradigm = (yaml.safe_load(config_yaml).get("federation") or {}).get("paradigm", "fedpeft")
