@@ -160,6 +160,7 @@ def test_bytes_are_the_encoded_messages_and_a_masked_vector_is_int64():
     ("federation.aggregator=krum", "federation.aggregator"),
     ("federation.paradigm=kd", "secagg.enabled"),
     ("runtime.batch_clients=2", "runtime.batch_clients"),
+    ("runtime.world_size=2", "runtime.world_size"),
     ("secagg.num_shares=7", "secagg.num_shares"),
     ("secagg.reconstruction_threshold=6", "secagg.reconstruction_threshold"),
     ("secagg.reconstruction_threshold=1", "secagg.reconstruction_threshold"),

@@ -130,6 +130,10 @@ def validate(c) -> None:
     if c.runtime.batch_clients > 1:
         raise ValueError(f"runtime.batch_clients = {c.runtime.batch_clients} is not allowed with secagg.enabled: each "
                          "client masks its own update; set runtime.batch_clients=1.")
+    if c.runtime.world_size > 1:
+        raise ValueError(f"runtime.world_size = {c.runtime.world_size} is not allowed with secagg.enabled: a client's "
+                         "SecAgg+ keys and shares stay in the process that ran its first stage, and the ranks share "
+                         "clients out anew; set runtime.world_size=1 (or run over Flower).")
     sampled = f.clients_per_round
     if sampled < 2:
         raise ValueError(f"federation.clients_per_round = {sampled} is not allowed with secagg.enabled: the sum of one "
