@@ -244,6 +244,21 @@ def test_kd_over_flower_equals_the_local_runtime(fed, tiny, tmp_path):
     assert_same_adapter(run, tmp_path / "local")
 
 
+@pytest.mark.slow  # four Flower round trips a round (~1 min); before the test that kills node 1
+def test_secure_aggregation_over_flower_equals_the_local_runtime(fed, tiny, tmp_path):
+    """Flower's SecAgg+ stages as fedtune messages over the real SuperLink; each node keeps its keys and shares in
+    its Flower node state between stages. Masks cancel exactly and rounding is seeded: the adapter is the local one."""
+    c, path = write_config(tmp_path / "exp.yaml", ["name=flower-secagg", "federation.rounds=1", "secagg.enabled=true"])
+    experiment.run(c, tmp_path / "local", quiet=True)
+    run = tmp_path / "flower"
+    fed.submit({"config": str(path), "out": str(run), "connect-timeout": 60.0, "reply-timeout": 300.0})
+    fed.wait_for(lambda: (run / "summary.json").exists(), 400, "the secure run to finish", "superlink")
+    assert_same_adapter(run, tmp_path / "local")
+    assert sorted((r["client"], r["status"]) for r in records(run) if r["type"] == "client") == [(0, "ok"), (1, "ok")]
+    (sa,) = [r for r in records(run) if r["type"] == "secagg"]
+    assert sa["summed"] == 2 and set(sa["stages"]) == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+
+
 def test_supernode_killed_mid_round_drops_out_and_the_round_completes(fed, tiny, tmp_path):
     # 8 steps: node 1 is still building its client and training when it is killed (its worker is fast)
     c, path = write_config(tmp_path / "exp.yaml", ["name=flower-dropout", "federation.rounds=1",

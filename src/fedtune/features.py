@@ -7,3 +7,4 @@ names it.
 """
 
 from __future__ import annotations
+from . import secagg  # noqa: F401  (secagg.*: secure aggregation, Flower SecAgg+)

@@ -25,6 +25,7 @@ from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
 from ..progress import Bars
 from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
+from ..secagg import wrap_clients
 from ..strategies import aggregator_of, make_strategy
 from ..train.adapter import State, adapter_snapshot, adapter_state, load_adapter_state, pinned_copy
 from ..train.local_steps import TrainSettings, batches, round_rng, settings_from
@@ -156,6 +157,7 @@ def serve(
     hooks: ServerHooks,
     min_replies: int = 1,
     counts_bytes: bool = True,
+    secure=None,
 ) -> tuple[State, list[dict[str, Any]]]:
     """Run the FedLLM round loop and return the final global state and the evaluations.
 
@@ -170,6 +172,8 @@ def serve(
         hooks: Evaluation, logging, checkpointing and progress.
         min_replies: Fewer valid replies than this keep the previous global state.
         counts_bytes: False for the centralized baseline, where nothing travels.
+        secure: A `fedtune.secagg_server.SecAggServer`: each round's exchange and average run through secure
+            aggregation instead (the server sees only the masked sum of the updates).
     """
     expect = spec_of(global_state)
     loop = RoundLoop(hooks, "FedLLM", nodes=grid.node_ids(), rounds=rounds, clients_per_round=clients_per_round,
@@ -179,6 +183,13 @@ def serve(
         global_state = saved.tensors["global"]
         strategy.load_state_dict(saved.tensors.get("strategy", {}))
     for rnd, chosen in loop:
+        if secure is not None:  # secure aggregation: the round's exchange and average in one (fedtune.secagg)
+            global_state, ok, aggregated, note = secure.round(
+                grid, rnd, chosen, global_state, strategy, log=hooks.log, min_replies=min_replies,
+                advance=lambda n: hooks.bars.advance("clients", by=n))
+            loop.end(rnd, global_state, replies=ok, sampled=len(chosen), aggregated=aggregated, note=note,
+                     checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
+            continue
         messages = [Message(global_state, {"kind": "fit_ins", "round": rnd, "dst": n}) for n in chosen]
         down = [encoded_size(m) for m in messages]
         replies = exchange(grid, messages, lambda n: hooks.bars.advance("clients", by=n))
@@ -217,22 +228,26 @@ def make_clients(ctx) -> dict[int, FedPeftClient]:
     centralized = ctx.config.federation.paradigm == "centralized"
     # One runner for all: clients share the model, and so its optimizer buffers and CUDA graphs.
     runner = make_runner(ctx.model, settings, device=ctx.device, pad_id=ctx.pad_id)
-    return {
+    return wrap_clients(ctx.config, {
         i: FedPeftClient(i, ctx.model, ctx.client_examples(i), settings, device=ctx.device, pad_id=ctx.pad_id,
                          seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner)
         for i in range(len(ctx.data.parts))
-    }
+    })
 
 
 def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     """The server side of a whole run; leaves the final global adapter in ``ctx.model`` and on disk."""
     f = ctx.config.federation
+    secure = None
+    if ctx.config.secagg.enabled:
+        from ..secagg_server import server_for  # imports Flower: only for a run that asks for secure aggregation
+        secure = server_for(ctx)
     centralized = f.paradigm == "centralized"
     final, evaluations = serve(
         grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
         eval_every=ctx.config.eval.every, hooks=ServerHooks.for_model(ctx), min_replies=1 if centralized else f.min_replies,
-        counts_bytes=not centralized,
+        counts_bytes=not centralized, secure=secure,
     )
     load_adapter_state(ctx.model, final)
     return evaluations

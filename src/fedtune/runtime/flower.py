@@ -414,6 +414,8 @@ def handle(inbound: Message, config_yaml: str | None, context: Context) -> Messa
     if node_config.get("config"):
         agree(config_yaml, str(node_config["config"]))
     app = client_for(config_yaml, node_config, context.run_id)
+    if inbound.kind == "secagg":  # SecAgg+'s keys and shares live in Flower's node state between its stages
+        app.context = context
     # A paradigm whose clients keep state between rounds (KD's private adapters) keeps it in `app.state`.
     paradigm = (yaml.safe_load(config_yaml).get("federation") or {}).get("paradigm", "fedpeft")
     stateful = registry.get(paradigm).stateful_clients
