@@ -175,15 +175,22 @@ def test_distill_text_continues_the_public_prompt_prefix(tiny):
     assert torch.equal(ids, again)  # seeded
 
 
-def test_end_to_end_run_with_distillation_logs_its_cost(tmp_path, tiny):
+def test_end_to_end_run_with_distillation_logs_its_cost(tmp_path, monkeypatch):
+    from fedtune import models
+
+    assert off.middle_blocks([0, 1, 3, 5], 1, 1, 3) == [1, 2]
     with pytest.raises(ValueError, match="offsite.distill_steps = 3 needs middle blocks"):
-        experiment.run(cfg.load(None, SMALL + ["offsite.distill_steps=3"]), tmp_path / "none", quiet=True)
-    config = tiny_llama_config(len(tiny[1]))
-    config.num_hidden_layers = 4  # 1 + 2 middle + 1: the emulator keeps one middle block
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "four")
-    tiny[1].save_pretrained(tmp_path / "four")
-    four = [f"model.name={tmp_path / 'four'}", "offsite.distill_steps=3", "offsite.distill_samples=8"]
+        off.middle_blocks([0, 1], 1, 1, 3)  # the 2-block tiny Llama has no middle
+    two = models.tiny_llama_config
+
+    def four_blocks(vocab_size):  # 1 + 2 middle + 1: the emulator keeps one middle block
+        config = two(vocab_size)
+        config.num_hidden_layers = 4
+        return config
+
+    monkeypatch.setattr(models, "tiny_llama_config", four_blocks)
+    monkeypatch.setattr(models, "_CACHE", {})  # load_base keeps the 2-block model per process
+    four = ["offsite.distill_steps=3", "offsite.distill_samples=8"]
     four += ["offsite.distill_length=12", "federation.rounds=1"]
     experiment.run(cfg.load(None, SMALL + four), tmp_path, quiet=True)
     saved = json.loads((tmp_path / "summary.json").read_text())

@@ -357,6 +357,16 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     return evaluations
 
 
+def middle_blocks(plan: list[int], bottom: int, top: int, steps: int) -> list[int]:
+    """The emulator's middle block indices, which distillation trains; a clear error when there are none."""
+    middle = list(range(bottom, len(plan) - top))
+    if not middle:
+        raise ValueError(f"offsite.distill_steps = {steps} needs middle blocks to distil, and the emulator of this "
+                         f"{len(plan)}-block model with offsite.bottom = {bottom} and offsite.top = {top} has none: "
+                         "set offsite.distill_steps=0 or lower bottom/top.")
+    return middle
+
+
 def distil(ctx, config, weights: State, plan: list[int]) -> State:
     """The emulator's weights with its kept middle blocks distilled (`offsite_distill`); logs the cost."""
     from .offsite_distill import distil_middle, distill_text, prompt_prefix, weights_of
@@ -366,11 +376,7 @@ def distil(ctx, config, weights: State, plan: list[int]) -> State:
     ids = distill_text(ctx.model, ctx.tokenizer, prompt_prefix(c.data.prompt), o.distill_samples + held,
                        o.distill_length, c.seed + 3, ctx.device, batch_size=max(o.distill_batch_size, 16))
     student = plain_emulator(config.to_json_string(use_diff=False), weights, ctx.device)
-    middle = list(range(o.bottom, len(plan) - o.top))
-    if not middle:
-        raise ValueError(f"offsite.distill_steps = {o.distill_steps} needs middle blocks to distil, and the emulator "
-                         f"of this {len(plan)}-block model with offsite.bottom = {o.bottom} and offsite.top = {o.top} "
-                         "has none: set offsite.distill_steps=0 or lower bottom/top.")
+    middle = middle_blocks(plan, o.bottom, o.top, o.distill_steps)
     got = distil_middle(ctx.model, student, middle=middle, teacher_index=plan[-o.top], student_index=len(plan) - o.top,
                         train_ids=ids[:o.distill_samples], held_ids=ids[o.distill_samples:], steps=o.distill_steps,
                         lr=o.distill_lr, batch_size=o.distill_batch_size, seed=c.seed, device=ctx.device,
