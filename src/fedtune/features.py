@@ -7,3 +7,5 @@ names it.
 """
 
 from __future__ import annotations
+
+from . import tracking  # noqa: F401  (tracking.*: TensorBoard, MLflow, W&B)
