@@ -418,8 +418,21 @@ def compare(
         # Written after every run, so an interrupted comparison keeps what finished.
         (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     swept_names = [k for k, _ in sweep_keys]
+    write_comparison(out, rows, done, swept_names, f"fedtune compare: `{config_path or 'defaults'}`",
+                     tuning[0] if tuning else None)
+    if not quiet:
+        console.print(rich_table(rows, swept_names))
+        console.print(f"comparison written to {out}/comparison.md and comparison.html")
+    return rows
+
+
+def write_comparison(out: Path, rows: list[dict[str, Any]], done: list[tuple[str, Path]], swept_names: list[str],
+                     title: str, tuned_key: str | None = None) -> None:
+    """comparison.md, comparison.html and plots/ of a comparison's rows and run folders (`done`: label, path)."""
+    from .html_report import comparison_page
+
     plots(out / "plots", done, rows)
-    md = [f"# fedtune compare: `{config_path or 'defaults'}`", "", markdown(rows, swept_names), "",
+    md = [f"# {title}", "", markdown(rows, swept_names), "",
           "![accuracy per round](plots/accuracy_vs_round.png)",
           "![accuracy vs communication](plots/accuracy_vs_communication.png)",
           "![client compute vs accuracy](plots/compute_vs_accuracy.png)", "",
@@ -427,15 +440,15 @@ def compare(
           "(client: all sampled clients of a round together; \"not counted\" with train.count_flops: false). "
           "Client peak MiB is the largest of the rounds after the first; the first round's includes one-time "
           "warm-up.", ""]
-    if tuning:
+    if tuned_key:
         budgets = sorted({r["tuning_rounds"] for r in rows})
-        md += [tuning_markdown(rows, tuning[0], f"{'/'.join(map(str, budgets))} round(s) each, "
+        md += [tuning_markdown(rows, tuned_key, f"{'/'.join(map(str, budgets))} round(s) each, "
                                "only the last one scored"), ""]
+    md += ["Interactive plots, the frameworks side by side and per-client label histograms: `comparison.html`.", ""]
     (out / "comparison.md").write_text("\n".join(md))
-    if not quiet:
-        console.print(rich_table(rows, swept_names))
-        console.print(f"comparison written to {out}/comparison.md")
-    return rows
+    cols = _columns(rows, swept_names)
+    comparison_page(out, rows, done, ([c[0] for c in cols], [[_cell(r, k, f) for _, k, f in cols] for r in rows]),
+                    title.replace("`", ""))
 
 
 def _score(a: float | None) -> str:

@@ -33,6 +33,7 @@ from .grid import Grid
 from .models import attach_lora, load_base, resolve_device
 from .progress import Bars
 from .report import write_outputs
+from .html_report import write_partition
 from .runtime.local import BatchedLocalGrid, LocalGrid
 from .runtime.model_client import RemoteModelService
 from .runtime.split_client import RemoteServices
@@ -349,6 +350,7 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
     folder = RunFolder(path, resume=resume)
     resolved = cfg.to_yaml(c) + f"# fedtune {__version__}, git commit {git_commit()}\n"
     (path / "config.resolved.yaml").write_text(resolved)
+    write_partition(path, data.parts, data.keys)  # report.html's per-client label histograms
 
     def score() -> float:
         return evaluate(model, data.task, data.test[: c.eval.max_examples], batch_size=c.eval.batch_size,

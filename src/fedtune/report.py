@@ -202,15 +202,19 @@ def table(s: dict[str, Any]) -> Table:
 
 
 def write_summary(path: Path, s: dict[str, Any]) -> None:
-    """Write a run's summary.json and report.md from its summary (again, when a comparison amends it)."""
+    """Write a run's summary.json, report.md and report.html from its summary (again, when a comparison amends it)."""
     (path / "summary.json").write_text(json.dumps(s, indent=2))
     lines = [f"# fedtune run `{s['name']}`", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(s)]
     lines += ["", WARM_UP_NOTE, "",
               "![accuracy](plots/accuracy.png) ![communication](plots/communication.png)", "",
+              "Interactive plots, per-client rounds and label histograms: `report.html`.", "",
               "Files: `config.resolved.yaml`, `metrics.jsonl` (one line per client-round and evaluation), "
               "`summary.json`, `adapter/` (PEFT format).", ""]
     (path / "report.md").write_text("\n".join(lines))
+    from .html_report import run_page  # here: html_report builds on this module
+
+    run_page(path)
 
 
 def write_outputs(path: Path, config, base_accuracy, evaluations, wall_time_s: float, bars) -> dict[str, Any]:
