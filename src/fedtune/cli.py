@@ -17,19 +17,23 @@ def _describe_config() -> str:
     import ast
     import inspect
 
+    def field_docs(body: list) -> dict[str, str]:
+        # Field docstrings (a string literal right after the field) are the documentation.
+        return {a.target.id: " ".join(str(b.value.value).split()) for a, b in zip(body, body[1:])
+                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+    # The root Config as written in config.py (the class in use is rebuilt with the registered sections).
+    root = next(n for n in ast.parse(inspect.getsource(cfg)).body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    top_docs = field_docs(root.body)
     lines = ["config keys (YAML sections, or --set section.key=value):"]
     for top in dataclasses.fields(cfg.Config):
         tp = typing.get_type_hints(cfg.Config)[top.name]
         if not dataclasses.is_dataclass(tp):
-            lines.append(f"  {top.name} = {top.default!r}")
+            doc = f"  {top_docs[top.name]}" if top.name in top_docs else ""
+            lines.append(f"  {top.name} = {top.default!r}{doc}")
             continue
         lines.append(f"  {top.name}:")
-        docs: dict[str, str] = {}
-        # Field docstrings (a string literal right after the field) are the documentation.
-        body = ast.parse(inspect.getsource(tp)).body[0].body
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = " ".join(str(b.value.value).split())
+        docs = field_docs(ast.parse(inspect.getsource(tp)).body[0].body)
         inst = tp()
         for f in dataclasses.fields(tp):
             default = getattr(inst, f.name)
