@@ -163,10 +163,18 @@ def judge(row: dict[str, Any], c: Constraints) -> Verdict:
     return Verdict(row, not fails, why, fails)
 
 
+def _reference(paradigm: str | None) -> bool:
+    """The centralized baseline (one client holds all the data): what the others are measured against."""
+    from . import config  # noqa: F401  (registers the paradigms)
+    from . import registry
+
+    return paradigm in registry.names() and registry.get(paradigm).single_client
+
+
 def rank(rows: list[dict[str, Any]], c: Constraints) -> tuple[list[Verdict], list[Verdict]]:
     """``(fitting rows best first, rows that do not fit)``: best = largest accuracy gain over the base, then
     highest accuracy, then fewest bytes up. The centralized baseline is a reference, never a candidate."""
-    verdicts = [judge(r, c) for r in rows if r.get("paradigm") != "centralized"]
+    verdicts = [judge(r, c) for r in rows if not _reference(r.get("paradigm"))]
     fit = [v for v in verdicts if v.fits]
     fit.sort(key=lambda v: (-(v.gain if v.gain is not None else -1e9), -(v.row.get("accuracy") or 0.0),
                             v.row.get("up_bytes_per_client_round") or 0.0))

@@ -33,7 +33,7 @@ from .grid import Grid
 from .models import attach_lora, load_base, resolve_device
 from .progress import Bars
 from .report import write_outputs
-from .html_report import write_partition
+from .html_report import run_page, write_partition
 from .runtime.local import BatchedLocalGrid, LocalGrid
 from .runtime.model_client import RemoteModelService
 from .runtime.split_client import RemoteServices
@@ -382,5 +382,6 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         ctx.close()
         folder.close()
     summary = write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
+    run_page(path)  # report.html beside report.md
     tracker.finish(summary)
     return summary

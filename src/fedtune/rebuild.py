@@ -17,6 +17,7 @@ import yaml
 
 from . import config as _config  # noqa: F401  (registers the paradigms summarize looks up)
 from .compare import row, write_comparison
+from .html_report import run_page
 from .report import plot, read_metrics, summarize, write_summary
 
 
@@ -46,6 +47,7 @@ def rebuild_run(path: Path) -> dict[str, Any]:
     s = {**old, **summarize(records, config, base, wall)}  # keeps what others added (base_accuracy_from, ...)
     plot(records, path / "plots")
     write_summary(path, s)
+    run_page(path)
     return s
 
 

@@ -202,7 +202,7 @@ def table(s: dict[str, Any]) -> Table:
 
 
 def write_summary(path: Path, s: dict[str, Any]) -> None:
-    """Write a run's summary.json, report.md and report.html from its summary (again, when a comparison amends it)."""
+    """Write a run's summary.json and report.md from its summary (again, when a comparison amends it)."""
     (path / "summary.json").write_text(json.dumps(s, indent=2))
     lines = [f"# fedtune run `{s['name']}`", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(s)]
@@ -212,9 +212,6 @@ def write_summary(path: Path, s: dict[str, Any]) -> None:
               "Files: `config.resolved.yaml`, `metrics.jsonl` (one line per client-round and evaluation), "
               "`summary.json`, `adapter/` (PEFT format).", ""]
     (path / "report.md").write_text("\n".join(lines))
-    from .html_report import run_page  # here: html_report builds on this module
-
-    run_page(path)
 
 
 def write_outputs(path: Path, config, base_accuracy, evaluations, wall_time_s: float, bars) -> dict[str, Any]:
