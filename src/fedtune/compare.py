@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from . import config as cfg  # noqa: E402
 from . import registry  # noqa: E402
 from .progress import console  # noqa: E402
-from .report import MB, NOT_COUNTED, read_metrics, write_summary  # noqa: E402
+from .report import MB, NOT_COUNTED, write_summary  # noqa: E402
+from .html_report import comparison_page, run_page  # noqa: E402
+from .comparison_plots import curves, plots  # noqa: E402,F401  (curves: one run's accuracy/MB per round)
 
 DEFAULT_PARADIGMS = ("fedpeft", "kd", "split")
 
@@ -292,57 +290,6 @@ def rich_table(rows: list[dict[str, Any]], swept: list[str]) -> Table:
     return t
 
 
-def curves(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
-    """(rounds, accuracy, cumulative MB up+down) of one run, round 0 being the base model."""
-    records = read_metrics(run_dir)
-    evals = {r["round"]: r["accuracy"] for r in records if r.get("type") == "eval"}
-    traffic: dict[int, float] = {0: 0.0}
-    total = 0.0
-    for rnd in sorted({r["round"] for r in records if r.get("type") == "client"}):
-        total += sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records
-                     if r.get("type") == "client" and r["round"] == rnd) / MB
-        traffic[rnd] = total
-    rounds = sorted(evals)
-    return rounds, [evals[r] for r in rounds], [traffic.get(r, total) for r in rounds]
-
-
-def plots(out: Path, runs: list[tuple[str, Path]], rows: list[dict[str, Any]]) -> None:
-    """accuracy_vs_round.png, accuracy_vs_communication.png (log MB), compute_vs_accuracy.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    fig1, ax1 = plt.subplots(figsize=(6, 4))
-    fig2, ax2 = plt.subplots(figsize=(6, 4))
-    access = {r["run"]: r.get("access") for r in rows}
-    for label, path in runs:
-        rounds, acc, mb = curves(path)
-        seen = f"{label} ({access[label]}-box)" if access.get(label) else label
-        ax1.plot(rounds, acc, marker="o", label=label)
-        pts = [(m, a) for m, a in zip(mb, acc) if m > 0]
-        if pts:
-            ax2.plot([m for m, _ in pts], [a for _, a in pts], marker="o", label=seen)
-    ax1.set(xlabel="round (0 = base model)", ylabel="accuracy", title="Accuracy per round")
-    ax2.set(xlabel="cumulative MB up + down (log scale)", ylabel="accuracy", title="Accuracy vs communication")
-    ax2.set_xscale("log")
-    for fig, ax, name in ((fig1, ax1, "accuracy_vs_round.png"), (fig2, ax2, "accuracy_vs_communication.png")):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if all(r["client_gflops_per_round"] is None for r in rows):
-        ax.text(0.5, 0.5, "FLOPs not counted (train.count_flops: false)", ha="center", transform=ax.transAxes)
-    for r in (r for r in rows if r["client_gflops_per_round"] is not None):
-        ax.scatter(r["client_gflops_per_round"], r["accuracy"] or 0.0, s=40)
-        ax.annotate(r["run"], (r["client_gflops_per_round"], r["accuracy"] or 0.0), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel="client GFLOPs per round (all sampled clients)", ylabel="final accuracy",
-           title="Client compute vs accuracy")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "compute_vs_accuracy.png", dpi=120)
-    plt.close(fig)
-
-
 def compare(
     config_path: str | None,
     *,
@@ -404,6 +351,7 @@ def compare(
             # comparison's number, so the run's own report agrees with the comparison table.
             summary["base_accuracy"], summary["base_accuracy_from"] = known
             write_summary(out / label, summary)
+            run_page(out / label)
         elif summary["base_accuracy"] is not None:
             base_cache[key] = (summary["base_accuracy"], label)
         r = row(label, planned.swept, summary)
@@ -418,8 +366,19 @@ def compare(
         # Written after every run, so an interrupted comparison keeps what finished.
         (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     swept_names = [k for k, _ in sweep_keys]
+    write_comparison(out, rows, done, swept_names, f"fedtune compare: `{config_path or 'defaults'}`",
+                     tuning[0] if tuning else None)
+    if not quiet:
+        console.print(rich_table(rows, swept_names))
+        console.print(f"comparison written to {out}/comparison.md and comparison.html")
+    return rows
+
+
+def write_comparison(out: Path, rows: list[dict[str, Any]], done: list[tuple[str, Path]], swept_names: list[str],
+                     title: str, tuned_key: str | None = None) -> None:
+    """comparison.md, comparison.html and plots/ of a comparison's rows and run folders (`done`: label, path)."""
     plots(out / "plots", done, rows)
-    md = [f"# fedtune compare: `{config_path or 'defaults'}`", "", markdown(rows, swept_names), "",
+    md = [f"# {title}", "", markdown(rows, swept_names), "",
           "![accuracy per round](plots/accuracy_vs_round.png)",
           "![accuracy vs communication](plots/accuracy_vs_communication.png)",
           "![client compute vs accuracy](plots/compute_vs_accuracy.png)", "",
@@ -427,15 +386,15 @@ def compare(
           "(client: all sampled clients of a round together; \"not counted\" with train.count_flops: false). "
           "Client peak MiB is the largest of the rounds after the first; the first round's includes one-time "
           "warm-up.", ""]
-    if tuning:
+    if tuned_key:
         budgets = sorted({r["tuning_rounds"] for r in rows})
-        md += [tuning_markdown(rows, tuning[0], f"{'/'.join(map(str, budgets))} round(s) each, "
+        md += [tuning_markdown(rows, tuned_key, f"{'/'.join(map(str, budgets))} round(s) each, "
                                "only the last one scored"), ""]
+    md += ["Interactive plots, the frameworks side by side and per-client label histograms: `comparison.html`.", ""]
     (out / "comparison.md").write_text("\n".join(md))
-    if not quiet:
-        console.print(rich_table(rows, swept_names))
-        console.print(f"comparison written to {out}/comparison.md")
-    return rows
+    cols = _columns(rows, swept_names)
+    comparison_page(out, rows, done, ([c[0] for c in cols], [[_cell(r, k, f) for _, k, f in cols] for r in rows]),
+                    title.replace("`", ""))
 
 
 def _score(a: float | None) -> str:

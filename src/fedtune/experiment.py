@@ -22,6 +22,7 @@ from .version import __version__
 from . import checkpoint
 from . import config as cfg
 from . import paradigms
+from . import tracking
 from .data.demo import DEMO_LABELS, DEMO_PROMPT, make_demo_task
 from .data.partition import label_histogram, partition_indices, skew
 from .data.sources import load_records, require_fields
@@ -32,6 +33,7 @@ from .grid import Grid
 from .models import attach_lora, load_base, resolve_device
 from .progress import Bars
 from .report import write_outputs
+from .html_report import run_page, write_partition
 from .runtime.local import BatchedLocalGrid, LocalGrid
 from .runtime.model_client import RemoteModelService
 from .runtime.split_client import RemoteServices
@@ -348,19 +350,22 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
     folder = RunFolder(path, resume=resume)
     resolved = cfg.to_yaml(c) + f"# fedtune {__version__}, git commit {git_commit()}\n"
     (path / "config.resolved.yaml").write_text(resolved)
+    write_partition(path, data.parts, data.keys)  # report.html's per-client label histograms
 
     def score() -> float:
         return evaluate(model, data.task, data.test[: c.eval.max_examples], batch_size=c.eval.batch_size,
                         device=device, pad_id=tokenizer.pad_token_id)
 
-    ctx = context(c, model, tokenizer, data, device, bars, log=folder.log, score=score, path=path)
+    tracker = tracking.start(c, path)  # tracking.backend: the records go to TensorBoard/MLflow/W&B too
+    log = tracker.wrap(folder.log)
+    ctx = context(c, model, tokenizer, data, device, bars, log=log, score=score, path=path)
     # A resumed run keeps the base evaluation it logged before round 1: a resume that then fails (an unreadable
     # checkpoint) must not leave another round-0 record each time it is tried.
     base_accuracy = folder.base_accuracy() if resume and c.eval.base else None
     if c.eval.base and base_accuracy is None:
         with model.disable_adapter():
             base_accuracy = score()
-        folder.log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
+        log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
         bars.print(f"base model: accuracy {base_accuracy:.4f}")
 
     paradigm = paradigms.get(c.federation.paradigm)
@@ -370,7 +375,13 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         grid = grid_factory(ctx, paradigm)
         with bars.live():
             evaluations = paradigm.run_server(ctx, grid)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
     finally:
         ctx.close()
         folder.close()
-    return write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
+    summary = write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
+    run_page(path)  # report.html beside report.md
+    tracker.finish(summary)
+    return summary

@@ -7,4 +7,6 @@ names it.
 """
 
 from __future__ import annotations
+
 from . import secagg  # noqa: F401  (secagg.*: secure aggregation, Flower SecAgg+)
+from . import tracking  # noqa: F401  (tracking.*: TensorBoard, MLflow, W&B)

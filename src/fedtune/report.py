@@ -208,6 +208,7 @@ def write_summary(path: Path, s: dict[str, Any]) -> None:
     lines += [f"| {k} | {v} |" for k, v in summary_rows(s)]
     lines += ["", WARM_UP_NOTE, "",
               "![accuracy](plots/accuracy.png) ![communication](plots/communication.png)", "",
+              "Interactive plots, per-client rounds and label histograms: `report.html`.", "",
               "Files: `config.resolved.yaml`, `metrics.jsonl` (one line per client-round and evaluation), "
               "`summary.json`, `adapter/` (PEFT format).", ""]
     (path / "report.md").write_text("\n".join(lines))

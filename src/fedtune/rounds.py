@@ -242,6 +242,16 @@ def screen_metrics(meta: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def update_norm(update: tuple | None, reference: State) -> dict[str, float]:
+    """``{"update_norm": ||update - reference||_2}`` over the reference's tensors (a client's change to the global
+    state, the figure DP clipping and norm bounding act on; trackers histogram it), or ``{}`` without an update."""
+    if update is None:
+        return {}
+    tensors = update[0]
+    total = sum(float((tensors[k].double() - v.double()).pow(2).sum()) for k, v in reference.items() if k in tensors)
+    return {"update_norm": math.sqrt(total)}
+
+
 def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[dict[str, Any], tuple | None]:
     """Sort a client's reply into ok / rejected / failed.
 

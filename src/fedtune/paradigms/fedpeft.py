@@ -24,7 +24,7 @@ from ..data.tasks import Example
 from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
 from ..progress import Bars
-from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
+from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply, update_norm
 from ..secagg import wrap_clients
 from ..strategies import aggregator_of, make_strategy
 from ..train.adapter import State, adapter_snapshot, adapter_state, load_adapter_state, pinned_copy
@@ -198,7 +198,8 @@ def serve(
             fields, update = screen_reply(reply, lambda r: check(r, expect))
             hooks.log({"type": "client", "round": rnd, "client": node,
                        "bytes_down": msg_bytes if counts_bytes else 0,
-                       "bytes_up": encoded_size(reply) if counts_bytes else 0, **fields})
+                       "bytes_up": encoded_size(reply) if counts_bytes else 0, **fields,
+                       **update_norm(update, global_state)})
             if update is not None:
                 updates.append(update)
         global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies)

@@ -54,7 +54,7 @@ from ..grid import ClientApp, Grid
 from ..flops import FlopCache
 from ..meter import ComputeMeter
 from ..models import DTYPES, backbone
-from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
+from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply, update_norm
 from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss
 from ..split_session import Activations, meta_number
 from ..strategies import aggregator_of, make_strategy
@@ -329,7 +329,7 @@ def serve(grid: Grid, bottom: State, main, strategy, want: Activations, *, round
         updates = []
         for node in chosen:
             record, update = train_client(grid, node, rnd, bottom, main, want, hooks.bars, max_steps=max_steps)
-            hooks.log(record)
+            hooks.log({**record, **update_norm(update, bottom)})
             if update is not None:
                 updates.append(update)
             hooks.bars.advance("clients")
