@@ -7,3 +7,6 @@ names it.
 """
 
 from __future__ import annotations
+
+from . import privacy  # noqa: F401  (privacy: client-level DP)
+from . import attacks  # noqa: F401  (attack: simulated malicious clients; registered after privacy, so it wraps outermost)
