@@ -206,7 +206,7 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "rounds": s["rounds"],
         "failed_client_rounds": s.get("failed_client_rounds", 0),
         "paradigm_metrics": s.get("paradigm_metrics", {}),
-        **{k: s[k] for k in ("epsilon", "delta", "backdoor_asr") if k in s},
+        **{k: s[k] for k in ("epsilon", "delta", "noise_multiplier", "backdoor_asr") if k in s},
         **({"attack": s["attack"]["kind"], "malicious": s["attack"]["malicious"]} if "attack" in s else {}),
     }
 
@@ -260,6 +260,7 @@ def _columns(rows: list[dict[str, Any]], swept: list[str]) -> list[tuple[str, st
 FEATURE_COLUMNS = [
     ("attack (simulated)", "attack", "{}"),
     ("epsilon", "epsilon", "{:.3g}"),
+    ("noise mult.", "noise_multiplier", "{:.3g}"),
     ("backdoor ASR", "backdoor_asr", "{:.3f}"),
 ]
 """Columns shown only when some run has them (`fedtune.attacks`, `fedtune.privacy`)."""

@@ -222,9 +222,9 @@ class ClientDP:
         return info
 
     def spent(self) -> dict[str, float]:
-        """``{"epsilon": ..., "delta": ...}`` after the rounds run so far."""
+        """``{"epsilon", "delta", "noise_multiplier"}`` after the rounds run so far."""
         return {"epsilon": epsilon(self.noise_multiplier, self.sampling_rate, self.rounds, self.delta),
-                "delta": self.delta}
+                "delta": self.delta, "noise_multiplier": self.noise_multiplier}
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (JSON): the current C and the rounds charged."""

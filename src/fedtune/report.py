@@ -98,7 +98,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
     }
 
 
-EVAL_FIELDS = ("epsilon", "delta", "backdoor_asr")
+EVAL_FIELDS = ("epsilon", "delta", "noise_multiplier", "backdoor_asr")
 """What features add to evaluation records (`fedtune.privacy`, `fedtune.attacks`); the summary keeps the last."""
 
 
