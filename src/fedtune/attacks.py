@@ -275,21 +275,23 @@ def plot(rows: list[dict[str, Any]], swept: list[str], path) -> bool:
         return ", ".join(f"{k.split('.')[-1]}={r.get(k)}" for k in others) or r["paradigm"]
 
     names = list(dict.fromkeys(series(r) for r in rows))
-    panels = [("accuracy", "accuracy")] + ([("backdoor_asr", "backdoor attack success rate")]
+    panels = [("accuracy", "accuracy")] + ([("backdoor_asr", "backdoor ASR")]
                                            if any("backdoor_asr" in r for r in rows) else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 + 3 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 + 3 * len(panels), 4), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1][:len(panels)]})
     width = 0.8 / max(1, len(names))
     for ax, (key, label) in zip(axes[0], panels):
+        shown = [k for k in kinds if any((r.get("attack") or "none") == k and r.get(key) is not None for r in rows)]
         for j, name in enumerate(names):
             xs, ys = [], []
-            for i, kind in enumerate(kinds):
+            for i, kind in enumerate(shown):
                 hit = [r for r in rows if (r.get("attack") or "none") == kind and series(r) == name and r.get(key) is not None]
                 if hit:
                     xs.append(i + (j - (len(names) - 1) / 2) * width)
                     ys.append(hit[0][key])
             ax.bar(xs, ys, width, label=name)
-        ax.set_xticks(range(len(kinds)), kinds, rotation=20)
-        ax.set(ylabel=label, ylim=(0, 1), title=f"{label} under simulated attacks")
+        ax.set_xticks(range(len(shown)), shown, rotation=20)
+        ax.set(ylabel=label, ylim=(0, 1), title=f"{label} (simulated attacks)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.mkdir(parents=True, exist_ok=True)

@@ -232,6 +232,8 @@ COLUMNS = [
     ("wall s", "wall_time_s", "{:.0f}"),
     ("failed", "failed_client_rounds", "{}"),
 ]
+FEATURE_COLUMNS = [("attack (simulated)", "attack", "{}"), ("epsilon", "epsilon", "{:.3g}"),  # only when a run has them
+                   ("noise mult.", "noise_multiplier", "{:.3g}"), ("backdoor ASR", "backdoor_asr", "{:.3f}")]
 
 
 def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
@@ -255,15 +257,6 @@ def _columns(rows: list[dict[str, Any]], swept: list[str]) -> list[tuple[str, st
            if any(r.get(key) for r in rows)]
     features = [c for c in FEATURE_COLUMNS if any(c[1] in r for r in rows)]
     return COLUMNS[:1] + [(k, k, "{}") for k in swept] + own + COLUMNS[1:6] + features + COLUMNS[6:]
-
-
-FEATURE_COLUMNS = [
-    ("attack (simulated)", "attack", "{}"),
-    ("epsilon", "epsilon", "{:.3g}"),
-    ("noise mult.", "noise_multiplier", "{:.3g}"),
-    ("backdoor ASR", "backdoor_asr", "{:.3f}"),
-]
-"""Columns shown only when some run has them (`fedtune.attacks`, `fedtune.privacy`)."""
 
 
 def tuning_markdown(rows: list[dict[str, Any]], key: str, rounds: str) -> str:
@@ -431,9 +424,8 @@ def compare(
         (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     swept_names = [k for k, _ in sweep_keys]
     plots(out / "plots", done, rows)
-    extra_plots = [f"![{name}](plots/{name}.png)" for name, drawn in (
-        ("accuracy_by_attack", attacks.plot(rows, [k for k, _ in sweep_keys], out / "plots")),
-        ("accuracy_vs_epsilon", privacy.plot(rows, out / "plots"))) if drawn]
+    extra_plots = [f"![{name}](plots/{name}.png)" for name, drawn in (("accuracy_by_attack", attacks.plot(
+        rows, swept_names, out / "plots")), ("accuracy_vs_epsilon", privacy.plot(rows, out / "plots"))) if drawn]
     md = [f"# fedtune compare: `{config_path or 'defaults'}`", "", markdown(rows, swept_names), "",
           "![accuracy per round](plots/accuracy_vs_round.png)",
           "![accuracy vs communication](plots/accuracy_vs_communication.png)",
