@@ -74,6 +74,24 @@ def test_local_shares_add_up_to_the_central_std():
     assert float(sum(shares).std()) == pytest.approx(z * c, rel=0.01)
 
 
+def test_local_dp_clients_clip_their_own_update_and_add_their_share():
+    from fedtune import registry
+    from fedtune.grid import FunctionApp
+    from fedtune.wire import Message
+
+    def train(msg):
+        return Message({"a": msg.tensors["a"] + 3.0}, {"kind": "fit_res", "num_examples": 1})
+
+    sets = ["privacy.dp=local", "privacy.clip=0.5", "federation.num_clients=3", "federation.clients_per_round=3"]
+    quiet = registry.wrap_clients(cfg.load(None, [*sets, "privacy.noise_multiplier=0"]), {n: FunctionApp(train) for n in range(3)})
+    reply = quiet[1](Message({"a": torch.zeros(4)}, {"kind": "fit_ins", "round": 1, "dst": 1}))
+    torch.testing.assert_close(reply.tensors["a"], torch.full((4,), 0.25))  # (3, 3, 3, 3) clipped to norm 0.5
+    noisy = registry.wrap_clients(cfg.load(None, [*sets, "privacy.noise_multiplier=2"]), {0: FunctionApp(train)})
+    out = noisy[0](Message({"a": torch.zeros(100_000)}, {"kind": "fit_ins", "round": 1, "dst": 0})).tensors["a"]
+    clipped = 0.5 / math.sqrt(100_000)
+    assert float((out - clipped).std()) == pytest.approx(2 * 0.5 / math.sqrt(3), rel=0.02)
+
+
 def independent_epsilon(z, q, rounds, delta):
     accountant = RdpAccountant()
     accountant.compose(dp_accounting.SelfComposedDpEvent(

@@ -25,6 +25,7 @@ record and ``summary.json`` carry ``epsilon`` and ``delta`` (`ClientDP.spent`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -106,8 +107,10 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
         return float(accountant.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=64)
 def calibrate(target_epsilon: float, sampling_rate: float, rounds: int, delta: float) -> float:
-    """The smallest noise multiplier whose `rounds` rounds spend at most `target_epsilon` at `delta`."""
+    """The smallest noise multiplier whose `rounds` rounds spend at most `target_epsilon` at `delta` (cached:
+    the server and every local-DP client of a run ask for the same one)."""
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
