@@ -20,7 +20,7 @@ from typing import Any
 from rich.table import Table  # noqa: E402
 
 from . import config as cfg  # noqa: E402
-from . import registry  # noqa: E402
+from . import attacks, privacy, registry  # noqa: E402
 from .progress import console  # noqa: E402
 from .report import MB, NOT_COUNTED, write_summary  # noqa: E402
 from .html_report import comparison_page, run_page  # noqa: E402
@@ -204,6 +204,8 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "rounds": s["rounds"],
         "failed_client_rounds": s.get("failed_client_rounds", 0),
         "paradigm_metrics": s.get("paradigm_metrics", {}),
+        **{k: s[k] for k in ("epsilon", "delta", "noise_multiplier", "backdoor_asr") if k in s},
+        **({"attack": s["attack"]["kind"], "malicious": s["attack"]["malicious"]} if "attack" in s else {}),
     }
 
 
@@ -228,6 +230,8 @@ COLUMNS = [
     ("wall s", "wall_time_s", "{:.0f}"),
     ("failed", "failed_client_rounds", "{}"),
 ]
+FEATURE_COLUMNS = [("attack (simulated)", "attack", "{}"), ("epsilon", "epsilon", "{:.3g}"),  # only when a run has them
+                   ("noise mult.", "noise_multiplier", "{:.3g}"), ("backdoor ASR", "backdoor_asr", "{:.3f}")]
 
 
 def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
@@ -249,7 +253,8 @@ def _columns(rows: list[dict[str, Any]], swept: list[str]) -> list[tuple[str, st
     """The table's columns: the run, the swept keys, per-framework and tuned settings (when any), the numbers."""
     own = [(name, key, "kv") for name, key in (("settings", "settings"), ("tuned", "tuned"))
            if any(r.get(key) for r in rows)]
-    return COLUMNS[:1] + [(k, k, "{}") for k in swept] + own + COLUMNS[1:]
+    features = [c for c in FEATURE_COLUMNS if any(c[1] in r for r in rows)]
+    return COLUMNS[:1] + [(k, k, "{}") for k in swept] + own + COLUMNS[1:6] + features + COLUMNS[6:]
 
 
 def tuning_markdown(rows: list[dict[str, Any]], key: str, rounds: str) -> str:
@@ -378,10 +383,12 @@ def write_comparison(out: Path, rows: list[dict[str, Any]], done: list[tuple[str
                      title: str, tuned_key: str | None = None) -> None:
     """comparison.md, comparison.html and plots/ of a comparison's rows and run folders (`done`: label, path)."""
     plots(out / "plots", done, rows)
+    extra_plots = [f"![{name}](plots/{name}.png)" for name, drawn in (("accuracy_by_attack", attacks.plot(
+        rows, swept_names, out / "plots")), ("accuracy_vs_epsilon", privacy.plot(rows, out / "plots"))) if drawn]
     md = [f"# {title}", "", markdown(rows, swept_names), "",
           "![accuracy per round](plots/accuracy_vs_round.png)",
           "![accuracy vs communication](plots/accuracy_vs_communication.png)",
-          "![client compute vs accuracy](plots/compute_vs_accuracy.png)", "",
+          "![client compute vs accuracy](plots/compute_vs_accuracy.png)", *extra_plots, "",
           "MB are exact encoded bytes over the whole run; GFLOPs are counted on the real steps "
           "(client: all sampled clients of a round together; \"not counted\" with train.count_flops: false). "
           "Client peak MiB is the largest of the rounds after the first; the first round's includes one-time "

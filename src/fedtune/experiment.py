@@ -21,7 +21,7 @@ import torch
 from .version import __version__
 from . import checkpoint
 from . import config as cfg
-from . import paradigms
+from . import attacks, paradigms, registry
 from . import tracking
 from .data.demo import DEMO_LABELS, DEMO_PROMPT, make_demo_task
 from .data.partition import label_histogram, partition_indices, skew
@@ -157,6 +157,8 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
         held, extras = spec.held_data(c, task, train_rows, train)
         # Held back after partitioning, so these clients keep the partition the other frameworks get.
         parts = [[i for i in part if i not in held] for part in parts]
+    train, poisoned = attacks.poison(c, task, train_rows, train, parts, test_rows, target_field)  # simulated attacks only
+    extras.update(poisoned)
     if num_clients > 1:
         bars.print(label_histogram(parts, keys))
         bars.print(f"partition {d.partition}: {sum(map(len, parts))} train examples over {num_clients} clients, "
@@ -251,7 +253,7 @@ def local_grid(ctx: RunContext, paradigm: paradigms.Paradigm) -> Grid:
 
     With ``runtime.batch_clients`` K > 1, clients train K at a time in one pass (the paradigm's ``batched``).
     """
-    apps = paradigm.make_clients(ctx)
+    apps = registry.wrap_clients(ctx.config, paradigm.make_clients(ctx))
     k = ctx.config.runtime.batch_clients
     if k > 1:
         return BatchedLocalGrid(apps, paradigm.batched(apps), k, serialize=ctx.config.federation.serialize)
@@ -368,6 +370,7 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
         bars.print(f"base model: accuracy {base_accuracy:.4f}")
 
+    attacks.announce(ctx)
     paradigm = paradigms.get(c.federation.paradigm)
     # The only place a runtime meets a paradigm: the paradigm makes client apps and a server loop,
     # the runtime carries the messages between them.

@@ -202,7 +202,8 @@ def serve(
                        **update_norm(update, global_state)})
             if update is not None:
                 updates.append(update)
-        global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies)
+        global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies,
+                                                   privacy=hooks.privacy)
         loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
                  checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
     return global_state, loop.evaluations
@@ -270,9 +271,9 @@ def _centralized_needs(config, runtime: str) -> str | None:
 
 
 register(Paradigm("fedpeft", "FedLLM", "LoRA adapters trained on clients and averaged by the server (FedAvg, "
-                  "FedAvgM, FedAdam)", make_clients, run_server, batched=_batched))
+                  "FedAvgM, FedAdam)", make_clients, run_server, batched=_batched, averages_updates=True))
 register(Paradigm("fedprox", "FedLLM (FedProx)", "FedLLM whose clients add the proximal term federation.prox_mu",
-                  make_clients, run_server, batched=_batched))
+                  make_clients, run_server, batched=_batched, averages_updates=True))
 register(Paradigm("centralized", "centralized", "all training data on one client, the same step budget: the "
                   "reference point", make_clients, run_server, single_client=True, stateful_clients=True,
                   checkpoints=lambda config: False, needs=_centralized_needs))

@@ -335,7 +335,7 @@ def serve(grid: Grid, bottom: State, main, strategy, want: Activations, *, round
             hooks.bars.advance("clients")
         flops, seconds = main.take_compute()
         hooks.log({"type": "server", "round": rnd, "flops": flops, "seconds": seconds})
-        bottom, aggregated, note = aggregate(strategy, bottom, updates, min_replies=min_replies)
+        bottom, aggregated, note = aggregate(strategy, bottom, updates, min_replies=min_replies, privacy=hooks.privacy)
         loop.end(rnd, bottom, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
                  checkpoint=checkpoint)
     return bottom, loop.evaluations
@@ -418,6 +418,6 @@ register(Paradigm(
     "split", "Split-FedLLM", "the model cut at split.cut_layer: clients train the bottom, the main server the top, "
     "activations and gradients every step", make_clients, run_server, section=("split", SplitConfig),
     # The top adapter and its optimizer live in the service's process when the main server is networked.
-    checkpoints=lambda config: config.runtime.checkpoint and not config.runtime.split_server,
+    checkpoints=lambda config: config.runtime.checkpoint and not config.runtime.split_server, averages_updates=True,
     strategy_label="fedavg (client part)", long_exchanges=True, needs=_needs,
 ))
