@@ -56,13 +56,14 @@ TINY_COMPARE = [
     "--set", "federation.num_clients=2", "--set", "federation.clients_per_round=2", "--set", "federation.rounds=2",
     "--set", "data.demo_train_size=80", "--set", "data.demo_test_size=20", "--set", "eval.max_examples=20",
     "--set", "train.local_steps=2", "--set", "train.batch_size=4", "--set", "peft.r=4",
+    "--set", "tracking.backend=tensorboard",
 ]
 
 
 @pytest.fixture(scope="session")
 def tiny_comparison(tmp_path_factory) -> Path:
-    """`fedtune compare` of fedpeft and split on tiny-llama (2 clients, 2 rounds): a comparison folder that
-    tests read (copy it before changing it)."""
+    """`fedtune compare` of fedpeft and split on tiny-llama (2 clients, 2 rounds, tracked in TensorBoard): a
+    comparison folder that tests read (copy it before changing it)."""
     import shlex
 
     from fedtune.cli import main

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,24 +14,20 @@ from fedtune import config as cfg
 from fedtune import tracking
 from fedtune.report import read_metrics
 
-TINY = {
-    "name": "track", "seed": 0, "model": {"name": "tiny-llama"},
-    "data": {"source": "demo", "demo_train_size": 80, "demo_test_size": 20, "partition": "iid"},
-    "federation": {"paradigm": "fedpeft", "num_clients": 2, "clients_per_round": 2, "rounds": 2},
-    "train": {"local_steps": 2, "batch_size": 4, "lr": 0.003},
-    "peft": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-    "eval": {"every": 1, "max_examples": 20},
-}
-
-
-def _run(tmp_path_factory, backend: str, **extra) -> Path:
-    from fedtune.experiment import run
-
-    if tracking.PACKAGES.get(backend) and importlib.util.find_spec(tracking.PACKAGES[backend]) is None:
+def _replay(run: Path, out: Path, backend: str, **extra) -> Path:
+    """Feed a finished run's records to a fresh tracker, as the run fed them while it ran (the live path is
+    tested with TensorBoard on the shared comparison), and finish it with the run's summary."""
+    if importlib.util.find_spec(tracking.PACKAGES[backend]) is None:
         pytest.skip(f"{backend} is not installed (pip install 'fedtune[tracking]')")
-    out = tmp_path_factory.mktemp(backend) / "run"
-    c = cfg.from_dict({**TINY, "tracking": {"backend": backend, **extra}})
-    run(c, out=out, quiet=True)
+    out.mkdir(parents=True)
+    for name in ("metrics.jsonl", "summary.json", "config.resolved.yaml"):
+        shutil.copy(run / name, out / name)
+    c = cfg.load(out / "config.resolved.yaml", [f"tracking.backend={backend}",
+                                                *(f"tracking.{k}={v}" for k, v in extra.items())])
+    tracker = tracking.start(c, out)
+    for record in read_metrics(out):
+        tracker.log(record)
+    tracker.finish(json.loads((out / "summary.json").read_text()))
     return out
 
 
@@ -119,10 +116,12 @@ def test_bad_tracking_settings_are_refused():
         cfg.from_dict({"tracking": {"backend": "tensorboard", "uri": "sqlite:///x.db"}})
 
 
-def test_tensorboard_holds_the_metrics(tmp_path_factory):
+@pytest.mark.parametrize("run", ["fedpeft", "split"])
+def test_tensorboard_holds_the_metrics(tiny_comparison, run):
+    """The shared comparison ran with tracking.backend=tensorboard: what each run logged live."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = _run(tmp_path_factory, "tensorboard")
+    out = tiny_comparison / run
     records = read_metrics(out)
     ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     ea.Reload()
@@ -140,8 +139,8 @@ def test_tensorboard_holds_the_metrics(tmp_path_factory):
     assert hparams and any(b"federation.rounds" in v for v in hparams.values())
 
 
-def test_mlflow_holds_the_metrics(tmp_path_factory):
-    out = _run(tmp_path_factory, "mlflow", project="fedtune-test")
+def test_mlflow_holds_the_metrics(tiny_comparison, tmp_path):
+    out = _replay(tiny_comparison / "fedpeft", tmp_path / "run", "mlflow", project="fedtune-test")
     from mlflow.tracking import MlflowClient
 
     records = read_metrics(out)
@@ -160,13 +159,14 @@ def test_mlflow_holds_the_metrics(tmp_path_factory):
     assert run.data.metrics["final.accuracy"] == pytest.approx(summary["accuracy"])
 
 
-def test_wandb_writes_an_offline_run(tmp_path_factory):
+def test_wandb_writes_an_offline_run(tiny_comparison, tmp_path):
     """W&B 0.31 has no reader for offline runs, so the run's record file is read as bytes: each accuracy and the
     update-norm histogram are in it, as W&B's JSON values, and nothing went over a network (mode offline)."""
-    out = _run(tmp_path_factory, "wandb")
+    out = _replay(tiny_comparison / "fedpeft", tmp_path / "run", "wandb")
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     (data,) = run_dir.glob("*.wandb")
     raw = data.read_bytes()
+    assert len(raw) > 1000, f"{data} holds {len(raw)} bytes: the run's records were not written"
     for r in read_metrics(out):
         if r["type"] == "eval":
             assert json.dumps(r["accuracy"]).encode() in raw

@@ -310,6 +310,9 @@ class WandB(Backend):
 
     def close(self, failed):
         self.run.finish(exit_code=1 if failed else 0)
+        # Wait for W&B's service process to write everything: on a busy machine the offline run's file was
+        # seen holding only its header right after finish().
+        self.wandb.teardown()
 
 
 def start(config, path: Path) -> Tracker:
