@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from peft import get_peft_model_state_dict
 
 from ..checkpoint import load_optimizer_state, optimizer_state
 from ..data.tasks import IGNORE, Example, collate
@@ -58,7 +57,7 @@ from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
 from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss
 from ..split_session import Activations, meta_number
 from ..strategies import aggregator_of, make_strategy
-from ..train.adapter import State, adapter_state, load_adapter_state
+from ..train.adapter import State, adapter_params, adapter_state, load_adapter_state
 from ..train.local_steps import TrainSettings, batches, clip_and_step, make_optimizer, round_rng, settings_from
 from ..wire import Message, WireError, check, encoded_size, spec_of
 from ..registry import Paradigm, register
@@ -83,7 +82,7 @@ class SplitConfig:
 
 def load_part(model, cut: Cut, side: str, state: State) -> None:
     """Copy one side's adapter state into the model; its key set must be exactly that side's keys."""
-    load_adapter_state(model, state, expected=set(cut.part(get_peft_model_state_dict(model), side)),
+    load_adapter_state(model, state, expected=set(cut.part(adapter_params(model), side)),
                        what=f"{side} adapter")
 
 
