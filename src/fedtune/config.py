@@ -172,8 +172,8 @@ class PeftConfig:
     """P-tuning: hidden size of the prompt encoder (an MLP)."""
     client_ranks: list[int] | None = None
     """LoRA ranks of the clients, each at most `r`, cycled over the clients (e.g. [4, 8] gives clients 0, 2, ... rank 4, clients 1, 3, ... rank 8); null: every client trains rank `r`."""
-    aggregation: Literal["separate", "zero_pad", "flexlora", "flora"] = "separate"
-    """How LoRA adapters are averaged: `separate` (A and B each averaged, the default), `zero_pad` (HetLoRA: every adapter zero-padded to rank r, then averaged), `flexlora` (the exact mean of the products B·A, redistributed to each client's rank by truncated SVD) or `flora` (the adapters stacked: the exact mean of the products, merged into the base every round; clients restart from a fresh adapter)."""
+    aggregation: Literal["separate", "zero_pad", "flexlora"] = "separate"
+    """How LoRA adapters are averaged: `separate` (A and B each averaged, the default), `zero_pad` (HetLoRA: every adapter zero-padded to rank r, then averaged; any strategy) or `flexlora` (the exact mean of the products B·A, given to each client at its rank by truncated SVD; FedAvg)."""
 
 
 @dataclass

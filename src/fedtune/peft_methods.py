@@ -153,8 +153,8 @@ def validate(c) -> None:
                              f"between 1 and peft.r ({p.r}). Raise peft.r to the largest client rank.")
         if p.aggregation == "separate" and len(set(p.client_ranks)) > 1:
             raise ValueError(f"peft.aggregation = 'separate' cannot average adapters of different ranks "
-                             f"(peft.client_ranks = {p.client_ranks}): choose zero_pad, flexlora or flora.")
-    if p.aggregation in ("flexlora", "flora") and f.strategy != "fedavg":
+                             f"(peft.client_ranks = {p.client_ranks}): choose zero_pad or flexlora.")
+    if p.aggregation == "flexlora" and f.strategy != "fedavg":
         raise ValueError(f"peft.aggregation = {p.aggregation!r} averages the products B·A with FedAvg's weights; "
                          f"federation.strategy = {f.strategy!r} is not supported with it: set "
                          "federation.strategy=fedavg, or peft.aggregation=zero_pad (any strategy).")
