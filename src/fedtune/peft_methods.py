@@ -166,3 +166,18 @@ def validate(c) -> None:
 def client_rank(p, node: int) -> int:
     """The LoRA rank client `node` trains (``peft.client_ranks`` cycled over the clients, else ``peft.r``)."""
     return p.client_ranks[node % len(p.client_ranks)] if p.client_ranks else p.r
+
+
+def ranks_apply(c) -> bool:
+    """Whether a run's clients train LoRA ranks of their own or the server aggregates rank-aware
+    (``peft.client_ranks`` or ``peft.aggregation`` other than ``separate``: `fedtune.paradigms.fedpeft_ranks`)."""
+    return c.peft.client_ranks is not None or c.peft.aggregation != "separate"
+
+
+def ranked_in(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A client's rank-r_k LoRA state zero-padded to the shared model's rank (the padding stays zero in training:
+    its gradients are zero, as A's padded rows meet B's zero columns)."""
+    from .lora_aggregation import rank_of, zero_pad
+    from .train.adapter import adapter_params
+
+    return zero_pad(state, rank_of(dict(adapter_params(model))))

@@ -30,7 +30,10 @@ from ..train.adapter import State, adapter_snapshot, adapter_state, load_adapter
 from ..train.local_steps import TrainSettings, batches, round_rng, settings_from
 from ..train.step_runner import StepRunner, make_runner
 from ..wire import Message, check, encoded_size, meta_number, spec_of
+from .. import lora_aggregation as la
+from ..peft_methods import client_rank, ranked_in, ranks_apply
 from .fedpeft_batched import BatchedFedPeft
+from .fedpeft_ranks import run_ranked
 from ..registry import Paradigm, register
 
 
@@ -58,6 +61,7 @@ class FedPeftClient(ClientApp):
         bars: Bars | None = None,
         persistent_optimizer: bool = False,
         runner: StepRunner | None = None,
+        rank: int | None = None,
     ) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
@@ -71,6 +75,7 @@ class FedPeftClient(ClientApp):
         self.bars = bars or Bars(quiet=True)
         self.persistent_optimizer = persistent_optimizer
         self.runner = runner or make_runner(model, settings, device=device, pad_id=pad_id)
+        self.rank = rank  # a LoRA rank of its own (peft.client_ranks): zero-padded in, truncated out
         self._trained = False
 
     def __call__(self, msg: Message) -> Message:
@@ -85,7 +90,7 @@ class FedPeftClient(ClientApp):
         host screens replies or prepares batches. Elsewhere the work is done when this returns.
         """
         rnd = int(meta_number(msg, "round", integer=True))
-        load_adapter_state(self.model, msg.tensors)
+        load_adapter_state(self.model, msg.tensors if self.rank is None else ranked_in(self.model, msg.tensors))
         runner = self.runner
         runner.reset(keep_optimizer=self.persistent_optimizer and self._trained)
         self._trained = True
@@ -118,7 +123,7 @@ class FedPeftClient(ClientApp):
         def reply() -> Message:
             wait()
             values = losses.tolist()
-            return Message(state, {
+            return Message(state if self.rank is None else la.truncate(state, self.rank), {
                 "kind": "fit_res",
                 "round": rnd,
                 "src": self.node_id,
@@ -217,9 +222,11 @@ def make_clients(ctx) -> dict[int, FedPeftClient]:
     centralized = ctx.config.federation.paradigm == "centralized"
     # One runner for all: clients share the model, and so its optimizer buffers and CUDA graphs.
     runner = make_runner(ctx.model, settings, device=ctx.device, pad_id=ctx.pad_id)
+    ranked = ranks_apply(ctx.config) and not centralized
     return {
         i: FedPeftClient(i, ctx.model, ctx.client_examples(i), settings, device=ctx.device, pad_id=ctx.pad_id,
-                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner)
+                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner,
+                         rank=client_rank(ctx.config.peft, i) if ranked else None)
         for i in range(len(ctx.data.parts))
     }
 
@@ -228,6 +235,10 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     """The server side of a whole run; leaves the final global adapter in ``ctx.model`` and on disk."""
     f = ctx.config.federation
     centralized = f.paradigm == "centralized"
+    if ranks_apply(ctx.config) and not centralized:  # peft.client_ranks / peft.aggregation: fedpeft_ranks
+        final, evaluations = run_ranked(ctx, grid)
+        load_adapter_state(ctx.model, final)
+        return evaluations
     final, evaluations = serve(
         grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
