@@ -113,6 +113,8 @@ def label_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], token_i
     last = h[torch.arange(h.shape[0], device=h.device), batch["last"]]
     head = model.get_output_embeddings()
     ids = torch.tensor(token_ids, device=h.device)
+    if not head.weight.is_floating_point():  # a quantized head (QLoRA): its rows are packed, so run it whole
+        return head(last)[:, ids].float()
     logits = last @ head.weight[ids].T
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias[ids]
