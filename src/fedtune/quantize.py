@@ -80,7 +80,7 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
     tied = getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for name, linear in targets:
-        weight = linear.weight.data.to("cpu", torch.float16 if kind == "int8" else compute_dtype)
+        weight = linear.weight.data.to(torch.float16 if kind == "int8" else compute_dtype)
         bias = linear.bias is not None
         if kind == "nf4":
             # Plain (not double-quantized) block scales: the tied embedding gathers them by row.
