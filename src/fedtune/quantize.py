@@ -53,8 +53,10 @@ class TiedQuantizedEmbedding(torch.nn.Module):
 
         w = self._head.weight
         state = getattr(w, "quant_state", None)
-        if state is None:  # LLM.int8(): int8 rows times their absmax / 127
-            return (F.embedding(ids, w.data) * (F.embedding(ids, w.SCB.view(-1, 1)) / 127.0)).to(self.dtype)
+        if state is None:  # LLM.int8(): int8 rows times their absmax / 127 (the layer keeps them after a forward)
+            scb = w.SCB if w.SCB is not None else self._head.state.SCB
+            return (F.embedding(ids, w.data).to(self.dtype) * (F.embedding(ids, scb.view(-1, 1)) / 127.0)
+                    ).to(self.dtype)
         if self.embedding_dim % state.blocksize:
             return F.embedding(ids, bnb.functional.dequantize_4bit(w.data, state)).to(self.dtype)
         # NF4: gather the packed rows and their blocks' absmax, dequantize those rows only.
@@ -80,7 +82,9 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
     tied = getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for name, linear in targets:
-        weight = linear.weight.data.to(torch.float16 if kind == "int8" else compute_dtype)
+        # Int8Params quantizes only on a move from the host; Params4bit on any move.
+        weight = (linear.weight.data.to("cpu", torch.float16) if kind == "int8"
+                  else linear.weight.data.to(compute_dtype))
         bias = linear.bias is not None
         if kind == "nf4":
             # Plain (not double-quantized) block scales: the tied embedding gathers them by row.
@@ -121,6 +125,8 @@ def base_bytes(model: torch.nn.Module) -> int:
                 if torch.is_tensor(v):
                     total += v.numel() * v.element_size()
         scb = getattr(getattr(module, "weight", None), "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(module, "state", None), "SCB", None)
         if torch.is_tensor(scb):  # LLM.int8()'s per-row scales
             total += scb.numel() * scb.element_size()
     return total
