@@ -102,7 +102,7 @@ def test_flexlora_with_rank_one_clients_holds_the_exact_mean_product(setup):
     (["peft.client_ranks=[2,4]"], "cannot average adapters of different ranks"),
     (["peft.client_ranks=[2,4]", "peft.aggregation=flexlora", "federation.strategy=fedadam"], "not supported"),
     (["peft.aggregation=zero_pad", "peft.method=dora"], "plain LoRA"),
-    (["peft.aggregation=zero_pad", "federation.paradigm=kd"], "fedpeft or fedprox"),
+    (["peft.aggregation=zero_pad", "federation.paradigm=kd"], "fedpeft or fedprox, not .kd."),
 ])
 def test_rank_configurations_that_cannot_run_are_refused(overrides, match):
     with pytest.raises(cfg.ConfigError, match=match):

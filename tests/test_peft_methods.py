@@ -110,7 +110,7 @@ def test_prompt_learning_hidden_states_match_peft_forward(method, tiny):
 
 @pytest.mark.parametrize("overrides, match", [
     (["peft.method=prefix", "federation.paradigm=split"], "virtual tokens"),
-    (["peft.method=prompt", "federation.paradigm=offsite"], "virtual tokens"),
+    (["peft.method=prompt", "federation.paradigm=offsite"], "plain LoRA"),
     (["peft.method=ia3", "federation.paradigm=offsite"], "plain LoRA"),
     (["peft.method=dora", "runtime.batch_clients=2"], "plain LoRA only"),
     (["peft.method=prefix", "peft.num_virtual_tokens=0"], "num_virtual_tokens"),

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
+from . import registry
+
 INJECTED = ("lora", "dora", "rslora", "ffa_lora", "ia3")
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
 METHODS = INJECTED + PROMPT_LEARNING
@@ -123,14 +125,6 @@ def validate(c) -> None:
     if c.runtime.batch_clients > 1 and p.method not in PLAIN_LORA:
         raise ValueError(f"runtime.batch_clients = {c.runtime.batch_clients} trains plain LoRA only (peft.method "
                          f"lora or rslora), not peft.method = {p.method!r}: set runtime.batch_clients=1.")
-    if p.method in PROMPT_LEARNING and f.paradigm in ("split", "offsite"):
-        raise ValueError(
-            f"peft.method = {p.method!r} does not run under federation.paradigm = {f.paradigm!r}: virtual tokens "
-            "act in the whole model's forward (prefix tuning in every layer on both sides of a cut), which "
-            f"{f.paradigm} splits. Use an injected method ({', '.join(INJECTED)}) or another paradigm.")
-    if f.paradigm == "offsite" and p.method != "lora":
-        raise ValueError(f"peft.method = {p.method!r} does not run under federation.paradigm = 'offsite': its "
-                         "emulator carries plain LoRA. Use peft.method=lora.")
     q = c.model.quantization
     if q != "none" and c.model.device == "cpu":
         raise ValueError(f"model.quantization = {q!r} needs a CUDA GPU (bitsandbytes' 4- and 8-bit kernels), but "
@@ -141,9 +135,10 @@ def validate(c) -> None:
     if p.method not in PLAIN_LORA:
         raise ValueError(f"peft.client_ranks / peft.aggregation = {p.aggregation!r} need plain LoRA (peft.method "
                          f"lora or rslora), not {p.method!r}: set peft.method=lora or peft.aggregation=separate.")
-    if f.paradigm not in ("fedpeft", "fedprox"):
+    if not registry.get(f.paradigm).lora_ranks:
+        allowed = [n for n in registry.names() if registry.get(n).lora_ranks]
         raise ValueError(f"peft.client_ranks / peft.aggregation = {p.aggregation!r} apply to federation.paradigm "
-                         f"fedpeft or fedprox, not {f.paradigm!r}.")
+                         f"{' or '.join(allowed)}, not {f.paradigm!r}.")
     if c.runtime.batch_clients > 1:
         raise ValueError(f"runtime.batch_clients = {c.runtime.batch_clients} stacks clients of one rank: with "
                          "peft.client_ranks or a rank-aware peft.aggregation set runtime.batch_clients=1.")

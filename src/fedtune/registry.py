@@ -46,6 +46,8 @@ class Paradigm:
         batched: ``(clients) -> run_batch`` for ``runtime.batch_clients > 1`` (several clients in one pass), or None.
         needs: Why a runtime cannot run this config, or None: ``(config, runtime) -> str | None`` with
             runtime ``local``, ``flower`` or ``distributed``.
+        lora_ranks: Clients may train LoRA ranks of their own, aggregated rank-aware (``peft.client_ranks``,
+            ``peft.aggregation``; `fedtune.paradigms.fedpeft_ranks`).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Paradigm:
     long_exchanges: bool = False
     batched: Callable[[dict[int, Any]], Callable] | None = None
     needs: Callable[[Any, str], str | None] | None = None
+    lora_ranks: bool = False
 
     def __post_init__(self) -> None:
         assert self.access in ACCESS, f"paradigm {self.name}: access {self.access!r} is not one of {ACCESS}"
