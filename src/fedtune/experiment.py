@@ -295,7 +295,7 @@ def load_model(c: cfg.Config) -> tuple[Any, Any, torch.device]:
     random.seed(c.seed)
     torch.manual_seed(c.seed)
     base, tokenizer = load_base(c.model.name, dtype=c.model.dtype, device=device,
-                                attn_implementation=c.model.attn_implementation)
+                                attn_implementation=c.model.attn_implementation, quantization=c.model.quantization)
     return attach_lora(base, c.peft, c.seed), tokenizer, device
 
 

@@ -48,6 +48,8 @@ class Paradigm:
             runtime ``local``, ``flower`` or ``distributed``.
         averages_updates: The server averages the clients' adapter updates through `rounds.aggregate` (what
             client-level DP and the update attacks act on).
+        lora_ranks: Clients may train LoRA ranks of their own, aggregated rank-aware (``peft.client_ranks``,
+            ``peft.aggregation``; `fedtune.paradigms.fedpeft_ranks`).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Paradigm:
     batched: Callable[[dict[int, Any]], Callable] | None = None
     needs: Callable[[Any, str], str | None] | None = None
     averages_updates: bool = False
+    lora_ranks: bool = False
 
     def __post_init__(self) -> None:
         assert self.access in ACCESS, f"paradigm {self.name}: access {self.access!r} is not one of {ACCESS}"

@@ -31,7 +31,10 @@ from ..train.adapter import State, adapter_snapshot, adapter_state, load_adapter
 from ..train.local_steps import TrainSettings, batches, round_rng, settings_from
 from ..train.step_runner import StepRunner, make_runner
 from ..wire import Message, check, encoded_size, meta_number, spec_of
+from .. import lora_aggregation as la
+from ..peft_methods import client_rank, ranked_in, ranks_apply
 from .fedpeft_batched import BatchedFedPeft
+from .fedpeft_ranks import run_ranked
 from ..registry import Paradigm, register
 
 
@@ -59,6 +62,7 @@ class FedPeftClient(ClientApp):
         bars: Bars | None = None,
         persistent_optimizer: bool = False,
         runner: StepRunner | None = None,
+        rank: int | None = None,
     ) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
@@ -72,6 +76,7 @@ class FedPeftClient(ClientApp):
         self.bars = bars or Bars(quiet=True)
         self.persistent_optimizer = persistent_optimizer
         self.runner = runner or make_runner(model, settings, device=device, pad_id=pad_id)
+        self.rank = rank  # a LoRA rank of its own (peft.client_ranks): zero-padded in, truncated out
         self._trained = False
 
     def __call__(self, msg: Message) -> Message:
@@ -86,7 +91,7 @@ class FedPeftClient(ClientApp):
         host screens replies or prepares batches. Elsewhere the work is done when this returns.
         """
         rnd = int(meta_number(msg, "round", integer=True))
-        load_adapter_state(self.model, msg.tensors)
+        load_adapter_state(self.model, msg.tensors if self.rank is None else ranked_in(self.model, msg.tensors))
         runner = self.runner
         runner.reset(keep_optimizer=self.persistent_optimizer and self._trained)
         self._trained = True
@@ -119,7 +124,7 @@ class FedPeftClient(ClientApp):
         def reply() -> Message:
             wait()
             values = losses.tolist()
-            return Message(state, {
+            return Message(state if self.rank is None else la.truncate(state, self.rank), {
                 "kind": "fit_res",
                 "round": rnd,
                 "src": self.node_id,
@@ -230,9 +235,11 @@ def make_clients(ctx) -> dict[int, FedPeftClient]:
     centralized = ctx.config.federation.paradigm == "centralized"
     # One runner for all: clients share the model, and so its optimizer buffers and CUDA graphs.
     runner = make_runner(ctx.model, settings, device=ctx.device, pad_id=ctx.pad_id)
+    ranked = ranks_apply(ctx.config) and not centralized
     return wrap_clients(ctx.config, {
         i: FedPeftClient(i, ctx.model, ctx.client_examples(i), settings, device=ctx.device, pad_id=ctx.pad_id,
-                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner)
+                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner,
+                         rank=client_rank(ctx.config.peft, i) if ranked else None)
         for i in range(len(ctx.data.parts))
     })
 
@@ -245,6 +252,10 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
         from ..secagg_server import server_for  # imports Flower: only for a run that asks for secure aggregation
         secure = server_for(ctx)
     centralized = f.paradigm == "centralized"
+    if ranks_apply(ctx.config) and not centralized:  # peft.client_ranks / peft.aggregation: fedpeft_ranks
+        final, evaluations = run_ranked(ctx, grid)
+        load_adapter_state(ctx.model, final)
+        return evaluations
     final, evaluations = serve(
         grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
@@ -271,9 +282,10 @@ def _centralized_needs(config, runtime: str) -> str | None:
 
 
 register(Paradigm("fedpeft", "FedLLM", "LoRA adapters trained on clients and averaged by the server (FedAvg, "
-                  "FedAvgM, FedAdam)", make_clients, run_server, batched=_batched, averages_updates=True))
+                  "FedAvgM, FedAdam)", make_clients, run_server, batched=_batched, averages_updates=True,
+                  lora_ranks=True))
 register(Paradigm("fedprox", "FedLLM (FedProx)", "FedLLM whose clients add the proximal term federation.prox_mu",
-                  make_clients, run_server, batched=_batched, averages_updates=True))
+                  make_clients, run_server, batched=_batched, averages_updates=True, lora_ranks=True))
 register(Paradigm("centralized", "centralized", "all training data on one client, the same step budget: the "
                   "reference point", make_clients, run_server, single_client=True, stateful_clients=True,
                   checkpoints=lambda config: False, needs=_centralized_needs))

@@ -333,6 +333,10 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
 def _validate(config) -> None:
     if config.runtime.batch_clients > 1:
         raise ValueError("federation.paradigm = 'offsite' trains clients one after another: set runtime.batch_clients=1.")
+    if config.peft.method != "lora" or config.model.quantization != "none":
+        raise ValueError(f"federation.paradigm = 'offsite' builds its emulator from float weights with plain LoRA: "
+                         f"peft.method = {config.peft.method!r}, model.quantization = {config.model.quantization!r} "
+                         "are not supported; set peft.method=lora and model.quantization=none.")
 
 
 register(Paradigm(

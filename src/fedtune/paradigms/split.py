@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from peft import get_peft_model_state_dict
 
 from ..checkpoint import load_optimizer_state, optimizer_state
 from ..data.tasks import IGNORE, Example, collate
@@ -58,9 +57,10 @@ from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply, update_nor
 from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss
 from ..split_session import Activations, meta_number
 from ..strategies import aggregator_of, make_strategy
-from ..train.adapter import State, adapter_state, load_adapter_state
+from ..train.adapter import State, adapter_params, adapter_state, load_adapter_state
 from ..train.local_steps import TrainSettings, batches, clip_and_step, make_optimizer, round_rng, settings_from
 from ..wire import Message, WireError, check, encoded_size, spec_of
+from ..peft_methods import INJECTED, PROMPT_LEARNING
 from ..registry import Paradigm, register
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -83,7 +83,7 @@ class SplitConfig:
 
 def load_part(model, cut: Cut, side: str, state: State) -> None:
     """Copy one side's adapter state into the model; its key set must be exactly that side's keys."""
-    load_adapter_state(model, state, expected=set(cut.part(get_peft_model_state_dict(model), side)),
+    load_adapter_state(model, state, expected=set(cut.part(adapter_params(model), side)),
                        what=f"{side} adapter")
 
 
@@ -414,10 +414,17 @@ def _needs(config, runtime: str) -> str | None:
     return None
 
 
+def _validate(config) -> None:
+    if config.peft.method in PROMPT_LEARNING:
+        raise ValueError(f"peft.method = {config.peft.method!r} does not run under federation.paradigm = 'split': "
+                         "virtual tokens act in the whole model's forward (prefix tuning in every layer, on both sides "
+                         f"of the cut). Use an injected method ({', '.join(INJECTED)}).")
+
+
 register(Paradigm(
     "split", "Split-FedLLM", "the model cut at split.cut_layer: clients train the bottom, the main server the top, "
     "activations and gradients every step", make_clients, run_server, section=("split", SplitConfig),
     # The top adapter and its optimizer live in the service's process when the main server is networked.
     checkpoints=lambda config: config.runtime.checkpoint and not config.runtime.split_server, averages_updates=True,
-    strategy_label="fedavg (client part)", long_exchanges=True, needs=_needs,
+    strategy_label="fedavg (client part)", long_exchanges=True, needs=_needs, validate=_validate,
 ))
