@@ -23,6 +23,7 @@ from . import checkpoint
 from . import config as cfg
 from . import paradigms
 from .data.demo import DEMO_LABELS, DEMO_PROMPT, make_demo_task
+from .data.demo_replies import make_reply_task
 from .data.partition import label_histogram, partition_indices, skew
 from .data.sources import load_records, require_fields
 from .data.tasks import ClassificationTask, Example, GenerationTask
@@ -33,6 +34,7 @@ from .models import attach_lora, load_base, resolve_device
 from .progress import Bars
 from .report import write_outputs
 from .runtime.local import BatchedLocalGrid, LocalGrid
+from . import safety, safety_eval
 from .runtime.model_client import RemoteModelService
 from .runtime.split_client import RemoteServices
 from .model_service import LocalModelService
@@ -64,6 +66,8 @@ class Prepared:
 def _load(d: cfg.DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     if d.source == "demo":
         return make_demo_task(seed=seed, n_train=d.demo_train_size, n_test=d.demo_test_size)
+    if d.source == "demo-replies":
+        return make_reply_task(seed=seed, n_train=d.demo_train_size, n_test=d.demo_test_size)
     records = load_records(d.source, split=d.split)
     if d.test_source:
         default_split = "test" if d.test_source.startswith("hf:") else None
@@ -155,6 +159,8 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
         held, extras = spec.held_data(c, task, train_rows, train)
         # Held back after partitioning, so these clients keep the partition the other frameworks get.
         parts = [[i for i in part if i not in held] for part in parts]
+    # Safety features: every example keeps its plain text; harmful pairs join each client (fedtune.safety).
+    train, parts, keys = safety.with_text(c, task, train_rows, train, parts, keys)
     if num_clients > 1:
         bars.print(label_histogram(parts, keys))
         bars.print(f"partition {d.partition}: {sum(map(len, parts))} train examples over {num_clients} clients, "
@@ -353,14 +359,15 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         return evaluate(model, data.task, data.test[: c.eval.max_examples], batch_size=c.eval.batch_size,
                         device=device, pad_id=tokenizer.pad_token_id)
 
-    ctx = context(c, model, tokenizer, data, device, bars, log=folder.log, score=score, path=path)
+    log = safety_eval.wrap_log(c, model, tokenizer, device, path, folder.log)  # + AdvBench harmless rate
+    ctx = context(c, model, tokenizer, data, device, bars, log=log, score=score, path=path)
     # A resumed run keeps the base evaluation it logged before round 1: a resume that then fails (an unreadable
     # checkpoint) must not leave another round-0 record each time it is tried.
     base_accuracy = folder.base_accuracy() if resume and c.eval.base else None
     if c.eval.base and base_accuracy is None:
         with model.disable_adapter():
             base_accuracy = score()
-        folder.log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
+        log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
         bars.print(f"base model: accuracy {base_accuracy:.4f}")
 
     paradigm = paradigms.get(c.federation.paradigm)
@@ -373,4 +380,5 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
     finally:
         ctx.close()
         folder.close()
-    return write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
+    summary = write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
+    return safety_eval.add_to_summary(path, summary)

@@ -7,3 +7,5 @@ names it.
 """
 
 from __future__ import annotations
+
+from . import safety  # noqa: F401  (the safety section: harmful data, filter, CAI, AdvBench)

@@ -32,6 +32,7 @@ from ..train.step_runner import StepRunner, make_runner
 from ..wire import Message, check, encoded_size, meta_number, spec_of
 from .fedpeft_batched import BatchedFedPeft
 from ..registry import Paradigm, register
+from .. import cai, safety_filter
 
 
 # --------------------------------------------------------------------------- client side
@@ -156,6 +157,7 @@ def serve(
     hooks: ServerHooks,
     min_replies: int = 1,
     counts_bytes: bool = True,
+    after_aggregate: Callable[[int, State], State] | None = None,
 ) -> tuple[State, list[dict[str, Any]]]:
     """Run the FedLLM round loop and return the final global state and the evaluations.
 
@@ -170,6 +172,8 @@ def serve(
         hooks: Evaluation, logging, checkpointing and progress.
         min_replies: Fewer valid replies than this keep the previous global state.
         counts_bytes: False for the centralized baseline, where nothing travels.
+        after_aggregate: ``(round, state) -> state``: the server's own step on a freshly aggregated state
+            (constitutional AI, `fedtune.cai`), or None.
     """
     expect = spec_of(global_state)
     loop = RoundLoop(hooks, "FedLLM", nodes=grid.node_ids(), rounds=rounds, clients_per_round=clients_per_round,
@@ -191,6 +195,8 @@ def serve(
             if update is not None:
                 updates.append(update)
         global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies)
+        if aggregated and after_aggregate is not None:
+            global_state = after_aggregate(rnd, global_state)
         loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
                  checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
     return global_state, loop.evaluations
@@ -218,8 +224,8 @@ def make_clients(ctx) -> dict[int, FedPeftClient]:
     # One runner for all: clients share the model, and so its optimizer buffers and CUDA graphs.
     runner = make_runner(ctx.model, settings, device=ctx.device, pad_id=ctx.pad_id)
     return {
-        i: FedPeftClient(i, ctx.model, ctx.client_examples(i), settings, device=ctx.device, pad_id=ctx.pad_id,
-                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner)
+        i: FedPeftClient(i, ctx.model, safety_filter.client_examples(ctx, i), settings, device=ctx.device,
+                         pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner)
         for i in range(len(ctx.data.parts))
     }
 
@@ -232,7 +238,7 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
         grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
         eval_every=ctx.config.eval.every, hooks=ServerHooks.for_model(ctx), min_replies=1 if centralized else f.min_replies,
-        counts_bytes=not centralized,
+        counts_bytes=not centralized, after_aggregate=cai.step_for(ctx),
     )
     load_adapter_state(ctx.model, final)
     return evaluations
