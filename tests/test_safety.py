@@ -306,6 +306,10 @@ def test_a_responsible_run_reports_harmless_rates_filter_and_cai(tmp_path, one_t
     assert (tmp_path / "run" / "safety_filter" / "adapter_config.json").is_file()
     assert s["cai_reviser"] == "templates" and s["cai_seconds"] > 0
     assert len(list((tmp_path / "run" / "safety").glob("advbench-*.jsonl"))) == 2
+    from fedtune.safety_eval_cli import evaluate_target
+
+    again = evaluate_target(str(tmp_path / "run"), advbench=str(ADVBENCH), examples=3, max_new_tokens=3, device="cpu")
+    assert again["harmless_rate"] == s["harmless_rate"] and again["base_harmless_rate"] == s["base_harmless_rate"]
 
 
 @needs_data
@@ -321,3 +325,13 @@ def test_feddpo_runs_and_averages(tmp_path, one_thread):
     # A first DPO step starts at the reference (B = 0: the adapter is the base), where the loss is log 2.
     assert all(r["train_loss_first"] == pytest.approx(math.log(2), abs=1e-4) for r in clients)
     assert s["paradigm"] == "feddpo"
+
+
+@needs_data
+def test_safety_eval_verb_scores_a_model(capsys, one_thread):
+    from fedtune.cli import main
+
+    assert main(["safety-eval", "tiny-llama", "--advbench", str(ADVBENCH), "--examples", "2",
+                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["advbench_examples"] == 2 and out["harmless_rate"] == out["base_harmless_rate"]

@@ -27,6 +27,7 @@ from . import config as cfg  # noqa: E402
 from . import registry  # noqa: E402
 from .progress import console  # noqa: E402
 from .report import MB, NOT_COUNTED, read_metrics, write_summary  # noqa: E402
+from .safety_eval import COLUMNS as SAFETY_COLUMNS, ROW_KEYS, base_key  # noqa: E402
 
 DEFAULT_PARADIGMS = ("fedpeft", "kd", "split")
 
@@ -206,6 +207,7 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "rounds": s["rounds"],
         "failed_client_rounds": s.get("failed_client_rounds", 0),
         "paradigm_metrics": s.get("paradigm_metrics", {}),
+        **{k: s[k] for k in ROW_KEYS if k in s},  # safety.eval, safety.filter, safety.cai (fedtune.safety_eval)
     }
 
 
@@ -251,7 +253,8 @@ def _columns(rows: list[dict[str, Any]], swept: list[str]) -> list[tuple[str, st
     """The table's columns: the run, the swept keys, per-framework and tuned settings (when any), the numbers."""
     own = [(name, key, "kv") for name, key in (("settings", "settings"), ("tuned", "tuned"))
            if any(r.get(key) for r in rows)]
-    return COLUMNS[:1] + [(k, k, "{}") for k in swept] + own + COLUMNS[1:]
+    safety = [c for c in SAFETY_COLUMNS if any(r.get(c[1]) is not None for r in rows)]
+    return COLUMNS[:1] + [(k, k, "{}") for k in swept] + own + COLUMNS[1:5] + safety + COLUMNS[5:]
 
 
 def tuning_markdown(rows: list[dict[str, Any]], key: str, rounds: str) -> str:
@@ -374,7 +377,7 @@ def compare(
     out = check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, done = [], []
-    base_cache: dict[str, tuple[float, str]] = {}  # -> (base accuracy, the run that scored it)
+    base_cache: dict[str, tuple[float, str, dict]] = {}  # -> (base accuracy, the run that scored it, base safety)
     for i, planned in enumerate(runs, 1):
         label, c = planned.label, planned.config
         scores: dict[str, float | None] = {}
@@ -393,8 +396,8 @@ def compare(
         if not quiet:
             console.rule(f"[bold]{i}/{len(runs)}: {label}")
         # The base model's score depends only on the model and the data: measure it once per pair.
-        key = json.dumps([c.to_dict()["model"], c.to_dict()["data"], c.seed, c.eval.max_examples, c.eval.split],
-                         sort_keys=True)
+        key = json.dumps([c.to_dict()["model"], c.to_dict()["data"], c.seed, c.eval.max_examples, c.eval.split,
+                          *base_key(c)], sort_keys=True)
         known = base_cache.get(key)
         if known is not None:
             c.eval.base = False
@@ -402,10 +405,12 @@ def compare(
         if known is not None:
             # The run did not score the base (eval.base was off): its summary.json and report.md get the
             # comparison's number, so the run's own report agrees with the comparison table.
-            summary["base_accuracy"], summary["base_accuracy_from"] = known
+            summary["base_accuracy"], summary["base_accuracy_from"] = known[:2]
+            summary.update(known[2])
             write_summary(out / label, summary)
         elif summary["base_accuracy"] is not None:
-            base_cache[key] = (summary["base_accuracy"], label)
+            base_cache[key] = (summary["base_accuracy"], label,
+                               {k: summary[k] for k in ("base_harmless_rate",) if summary.get(k) is not None})
         r = row(label, planned.swept, summary)
         if planned.settings:
             r["settings"] = planned.settings

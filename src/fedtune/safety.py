@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .data.tasks import Example
+from . import registry
 from .registry import Option, register_option
 
 
@@ -101,16 +102,32 @@ def validate(c) -> None:
     if needs_hh and not s.harmful_source:
         raise ValueError(f"safety.{needs_hh[0].split(':')[0]} = {needs_hh[0].split(': ')[1]} needs "
                          "safety.harmful_source (its filter / red-team split).")
-    screening = ("fedpeft", "fedprox", "centralized")
-    if s.filter != "none" and c.federation.paradigm not in screening:
-        raise ValueError(f"safety.filter = {s.filter!r}: clients screen their data in federation.paradigm "
-                         f"{', '.join(screening)}, not {c.federation.paradigm!r}; set safety.filter: none.")
-    if s.cai and c.federation.paradigm not in ("fedpeft", "fedprox", "feddpo"):
+    paradigm = c.federation.paradigm
+    spec = registry.get(paradigm)
+    # A paradigm says what it supports by marking its functions (`SCREENS_PAIRS`, `RUNS_CAI`), so nothing here
+    # names one.
+    screening = getattr(spec.make_clients, SCREENS_PAIRS, False)
+    if s.filter != "none" and not screening:
+        raise ValueError(f"safety.filter = {s.filter!r}: federation.paradigm {paradigm!r} has no client screening "
+                         f"(paradigms that screen: {', '.join(_marked('make_clients', SCREENS_PAIRS))}); set "
+                         "safety.filter: none.")
+    if s.harmful_fraction > 0 and not screening:
+        raise ValueError(f"safety.harmful_fraction = {s.harmful_fraction}: harmful pairs are mixed into the data of "
+                         f"federation.paradigm {', '.join(_marked('make_clients', SCREENS_PAIRS))}, not {paradigm!r}.")
+    if s.cai and not getattr(spec.run_server, RUNS_CAI, False):
         raise ValueError(f"safety.cai = true: the server's CAI step trains the global LoRA of federation.paradigm "
-                         f"fedpeft, fedprox or feddpo, not {c.federation.paradigm!r}; set safety.cai: false.")
-    if s.harmful_fraction > 0 and c.federation.paradigm not in screening:
-        raise ValueError(f"safety.harmful_fraction = {s.harmful_fraction}: harmful client data is mixed for "
-                         f"federation.paradigm {', '.join(screening)}, not {c.federation.paradigm!r}.")
+                         f"{', '.join(_marked('run_server', RUNS_CAI))}, not {paradigm!r}; set safety.cai: false.")
+
+
+SCREENS_PAIRS = "screens_pairs"
+"""The attribute a paradigm sets on its ``make_clients`` when its clients train on `Pair` examples
+(``safety.filter`` and ``safety.harmful_fraction`` apply)."""
+RUNS_CAI = "runs_cai"
+"""The attribute a paradigm sets on its ``run_server`` when its round loop runs the CAI step (`fedtune.cai`)."""
+
+
+def _marked(fn: str, attr: str) -> list[str]:
+    return [n for n in registry.names() if getattr(getattr(registry.get(n), fn), attr, False)]
 
 
 register_option(Option("safety", SafetyConfig, validate))

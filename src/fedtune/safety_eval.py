@@ -194,3 +194,17 @@ def add_to_summary(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
     summary = {**summary, **extra}
     (path / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+ROW_KEYS = ("base_harmless_rate", "harmless_rate", "filter_dropped", "filter_flagged_harmful",
+            "filter_flagged_benign", "filter_harmful_seen", "cai_seconds", "cai_flops", "cai_reviser", "cai_mode")
+"""The safety fields of summary.json that a `fedtune compare` row carries."""
+COLUMNS = [("base harmless", "base_harmless_rate", "{:.3f}"), ("harmless", "harmless_rate", "{:.3f}"),
+           ("filter dropped", "filter_dropped", "{}"), ("CAI s", "cai_seconds", "{:.0f}")]
+"""The comparison table's safety columns (shown when some row has them)."""
+
+
+def base_key(c) -> list[Any]:
+    """What the base model's harmless rate depends on besides the model and the data (compare's base cache)."""
+    s = c.safety
+    return [s.eval, s.advbench, s.eval_examples, s.eval_max_new_tokens] if s.eval else []

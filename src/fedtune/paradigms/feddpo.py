@@ -140,6 +140,9 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     return evaluations
 
 
+run_server.runs_cai = True  # safety.cai (fedtune.cai)
+
+
 def _validate(c) -> None:
     if c.dpo.pairs_per_client < 1:
         raise ValueError(f"dpo.pairs_per_client = {c.dpo.pairs_per_client!r} is not allowed: a positive integer.")

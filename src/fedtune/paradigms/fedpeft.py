@@ -244,6 +244,10 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     return evaluations
 
 
+make_clients.screens_pairs = True  # clients screen their pairs (safety.filter: fedtune.safety)
+run_server.runs_cai = True  # the server's constitutional-AI step after aggregating (safety.cai: fedtune.cai)
+
+
 def _batched(clients: dict[int, Any]) -> BatchedFedPeft:
     for app in clients.values():
         if not isinstance(app, FedPeftClient):
