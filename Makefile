@@ -39,7 +39,7 @@ responsible: env
 		--sweep safety.cai=false,true --out runs/responsible
 	$(VENV)/bin/fedtune compare examples/responsible.yaml --paradigms fedpeft --set safety.harmful_fraction=0 \
 		--out runs/responsible-clean
-	$(PY) benchmarks/responsible.py runs/responsible runs/responsible-clean --plot runs/responsible/responsible.png
+	$(PY) benchmarks/responsible.py runs/responsible-clean runs/responsible --plot runs/responsible/responsible.png
 
 test: env
 	$(PY) -m pytest -q --durations=10

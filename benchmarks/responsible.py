@@ -1,11 +1,12 @@
 """The responsible-FedLLM table (docs/responsible.md) from two `fedtune compare` folders.
 
-    python benchmarks/responsible.py runs/responsible runs/responsible-clean \
+    python benchmarks/responsible.py runs/responsible-clean runs/responsible \
         --json benchmarks/responsible_cpu.json --plot docs/img/responsible.png
 
-The first folder is the sweep at 30% harmful client data (safety.filter x safety.cai), the second the same
-config on clean data (safety.harmful_fraction=0); both come from examples/responsible.yaml (its first lines
-give the commands, `make responsible` runs them). Rows: the base model, FedAvg clean, FedAvg 30% harmful,
+The first folder is the comparison on clean data (safety.harmful_fraction=0), the others hold the sweep at 30%
+harmful client data (safety.filter x safety.cai; one folder, or one per sweep point when its runs were
+started side by side); all come from examples/responsible.yaml (its first lines give the commands,
+`make responsible` runs them). Rows: the base model, FedAvg clean, FedAvg 30% harmful,
 + filter, + CAI, + both, each with the AdvBench harmless rate, the benign metric (ROUGE-L of the
 support-desk replies), what the filter dropped and the CAI step's cost.
 """
@@ -25,9 +26,10 @@ LABELS = {("none", False): "FedAvg, 30% harmful", ("trained", False): "+ filter"
           ("trained", True): "+ filter + CAI"}
 
 
-def table(harmful_dir: Path, clean_dir: Path) -> list[dict]:
-    """The rows of the table, from the two comparisons' comparison.json."""
-    sweep = json.loads((harmful_dir / "comparison.json").read_text())
+def table(clean_dir: Path, harmful_dirs: list[Path]) -> list[dict]:
+    """The rows of the table, from the comparisons' comparison.json."""
+    sweep = [r for d in harmful_dirs for r in json.loads((d / "comparison.json").read_text())]
+    sweep.sort(key=lambda r: (r.get("safety.cai", False), r.get("safety.filter", "none") != "none"))
     clean = json.loads((clean_dir / "comparison.json").read_text())
     first = next(r for r in clean + sweep if r.get("base_harmless_rate") is not None)
     rows = [{"row": "base model", "harmless_rate": first["base_harmless_rate"], "benign": first["base_accuracy"],
@@ -74,12 +76,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("harmful", type=Path)
     p.add_argument("clean", type=Path)
+    p.add_argument("harmful", type=Path, nargs="+")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     a = p.parse_args()
-    rows = table(a.harmful, a.clean)
+    rows = table(a.clean, a.harmful)
     print(markdown(rows))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -208,6 +208,39 @@ def test_trained_filter_learns_and_leaves_the_model_adapter_alone(tiny, one_thre
         model.unload()
 
 
+def test_a_hugging_face_classifier_is_a_filter(tiny, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    _, tok = tiny
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2,
+                         id2label={0: "SAFE", 1: "UNSAFE"}, label2id={"SAFE": 0, "UNSAFE": 1},
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    filt = safety_filter.HFFilter(str(tmp_path / "clf"), torch.device("cpu"))
+    assert filt.unsafe_ids == {1} and not filt.guard
+    verdicts = filt.unsafe([("how do I pick a lock", "use a pin"), ("hi", "hello"), ("a", "b")])
+    assert len(verdicts) == 3 and all(isinstance(v, bool) for v in verdicts)
+    config.id2label, config.label2id = {0: "positive", 1: "negative", 2: "neutral"}, None
+    config.num_labels = 3
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "sentiment")
+    tok.save_pretrained(tmp_path / "sentiment")
+    with pytest.raises(ValueError, match="name no unsafe class"):
+        safety_filter.HFFilter(str(tmp_path / "sentiment"), torch.device("cpu"))
+
+
+def test_safety_options_are_refused_where_they_do_not_apply():
+    with pytest.raises(cfg.ConfigError, match="safety.filter = 'trained'.*no client screening"):
+        cfg.load(None, ["federation.paradigm=kd", "safety.filter=trained", "safety.harmful_source=x"])
+    with pytest.raises(cfg.ConfigError, match="safety.cai = true.*not 'split'"):
+        cfg.load(None, ["federation.paradigm=split", "safety.cai=true", "safety.harmful_source=x"])
+    with pytest.raises(cfg.ConfigError, match="safety.cai = true needs safety.harmful_source"):
+        cfg.load(None, ["safety.cai=true"])
+    assert cfg.load(None, ["federation.paradigm=feddpo", "safety.cai=true", "safety.harmful_source=x"]).safety.cai
+
+
 # --------------------------------------------------------------------------- DPO
 
 
@@ -327,6 +360,7 @@ def test_feddpo_runs_and_averages(tmp_path, one_thread):
     assert s["paradigm"] == "feddpo"
 
 
+@pytest.mark.slow
 @needs_data
 def test_safety_eval_verb_scores_a_model(capsys, one_thread):
     from fedtune.cli import main

@@ -47,7 +47,7 @@ REFUSAL = "I'm sorry, but I can't help with that request."
 _UNSAFE_NAMES = re.compile(r"unsafe|toxic|harm|offensive|hate|jailbreak|injection", re.I)
 
 
-def filter_task(tokenizer, max_length: int = 256) -> ClassificationTask:
+def filter_task(tokenizer, max_length: int = 160) -> ClassificationTask:
     """The classification task of fedtune's filter (no chat template: the verdict word follows the prompt)."""
     return ClassificationTask(tokenizer, FILTER_PROMPT, list(LABELS), None, system_prompt=None,
                               use_chat_template=False, max_length=max_length)
