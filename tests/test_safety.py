@@ -241,6 +241,31 @@ def test_safety_options_are_refused_where_they_do_not_apply():
     assert cfg.load(None, ["federation.paradigm=feddpo", "safety.cai=true", "safety.harmful_source=x"]).safety.cai
 
 
+@needs_data
+def test_a_trained_filter_is_cached_and_reused(tiny, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    base, tok = tiny
+    c = cfg.load(None, ["model.name=tiny-llama", f"safety.harmful_source={HH}", "safety.filter=trained",
+                        "safety.filter_steps=2"])
+    model = attach_lora(base, c.peft, 0)
+    try:
+        logged = []
+        ctx = SimpleNamespace(config=c, model=model, tokenizer=tok, device=torch.device("cpu"), path=tmp_path / "a",
+                              log=logged.append, bars=Bars(quiet=True))
+        first = safety_filter.build(ctx)
+        assert "cached_from" not in logged[-1] and logged[-1]["validation"]["examples"] > 200
+        ctx.path = tmp_path / "b"
+        second = safety_filter.build(ctx)
+        assert logged[-1]["cached_from"].startswith(str(tmp_path / "cache"))
+        assert logged[-1]["validation"] == logged[0]["validation"]
+        assert all(torch.equal(first.state[k], second.state[k]) for k in first.state)
+        assert (tmp_path / "b" / "safety_filter" / "adapter_model.safetensors").is_file()
+        c.safety.filter_steps = 3  # another setting, another filter
+        assert safety_filter.cache_dir(c) != Path(logged[-1]["cached_from"])
+    finally:
+        model.unload()
+
+
 # --------------------------------------------------------------------------- DPO
 
 
@@ -326,6 +351,7 @@ def test_a_responsible_run_reports_harmless_rates_filter_and_cai(tmp_path, one_t
                  "train.batch_size=2", "eval.max_examples=4", "safety.eval=true", f"safety.advbench={ADVBENCH}",
                  "safety.eval_examples=3", "safety.eval_max_new_tokens=3", f"safety.harmful_source={HH}",
                  "safety.harmful_fraction=0.3", "safety.filter=trained", "safety.filter_steps=2",
+                 "safety.filter_cache=false",
                  "safety.cai=true", "safety.cai_prompts=2", "safety.cai_steps=1", "safety.cai_max_new_tokens=3"]
     s = run(cfg.load(None, overrides), out=tmp_path / "run", quiet=True)
     assert 0 <= s["base_harmless_rate"] <= 1 and 0 <= s["harmless_rate"] <= 1 and s["accuracy"] is not None

@@ -51,6 +51,8 @@ class SafetyConfig:
     """What a client does with a pair judged unsafe: `drop` it, or `refuse` (keep the prompt, train on a refusal instead: FedDetox)."""
     filter_adapter: str | None = None
     """A fedtune filter adapter saved by an earlier run (<run>/safety_filter) to ship instead of training a new one (`filter: trained`)."""
+    filter_cache: bool = True
+    """Keep a trained filter under the model cache ($FEDTUNE_CACHE/safety-filter/<key>) and reuse it in later runs with the same model, LoRA shape, filter data and settings (its validation figures come with it)."""
     filter_steps: int = 60
     """Optimizer steps of fedtune's own filter classifier."""
     filter_lr: float = 1e-3

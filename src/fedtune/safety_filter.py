@@ -22,6 +22,8 @@ Filters:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -210,6 +212,28 @@ def build(ctx):
         return HFFilter(s.filter, ctx.device)
     if s.filter_adapter:
         return AdapterFilter(ctx.model, ctx.tokenizer, load_filter_adapter(ctx.model, s.filter_adapter), ctx.device)
+    cached = cache_dir(ctx.config)
+    if s.filter_cache and (cached / "adapter_model.safetensors").is_file():
+        state = load_filter_adapter(ctx.model, cached)
+        record = json.loads((cached / "fedtune_filter.json").read_text())["record"]
+        record["cached_from"] = str(cached)
+        ctx.log(record)
+        save_filter_adapter(ctx.model, state, ctx.path / "safety_filter", record)
+        filt = AdapterFilter(ctx.model, ctx.tokenizer, state, ctx.device)
+    else:
+        filt, record = _train_and_validate(ctx)
+        save_filter_adapter(ctx.model, filt.state, ctx.path / "safety_filter", record)
+        if s.filter_cache:
+            save_filter_adapter(ctx.model, filt.state, cached, record)
+    v = record["validation"]
+    ctx.bars.print(f"safety filter: precision {v['precision']:.3f}, recall {v['recall']:.3f} on {v['examples']} "
+                   f"held-out pairs; saved to {ctx.path / 'safety_filter'}")
+    return filt
+
+
+def _train_and_validate(ctx) -> tuple[AdapterFilter, dict[str, Any]]:
+    """Train fedtune's filter on the filter split, score it on the held-out part; the filter and its record."""
+    s = ctx.config.safety
     splits = hh_splits(s.harmful_source, s.split_seed)
     benign = benign_filter_pairs(ctx.config, 96)
     train_rows = pair_rows(splits["filter_train"], benign[:64])
@@ -230,14 +254,25 @@ def build(ctx):
               "validation_benign_flagged": sum(predicted[hh:]), "validation_benign": len(val_rows) - hh,
               "validation_seconds": time.perf_counter() - started}
     ctx.log(record)
-    save_filter_adapter(ctx.model, state, ctx.path / "safety_filter")
-    v = record["validation"]
-    ctx.bars.print(f"safety filter: precision {v['precision']:.3f}, recall {v['recall']:.3f} on {v['examples']} "
-                   f"held-out pairs; saved to {ctx.path / 'safety_filter'}")
-    return filt
+    return filt, record
 
 
-def save_filter_adapter(model, state: dict[str, torch.Tensor], path: Path) -> None:
+def cache_dir(c) -> Path:
+    """Where fedtune keeps a trained filter for reuse: under the model cache, keyed by everything it depends on
+    (model, LoRA shape, filter data and split, training settings, seed, prompt)."""
+    from .models import cache_root
+
+    s = c.safety
+    source = Path(s.harmful_source)
+    key = json.dumps({"model": c.model.name, "dtype": c.model.dtype, "peft": dataclasses.asdict(c.peft),
+                      "source": [str(source.resolve()), source.stat().st_size if source.is_file() else None],
+                      "split_seed": s.split_seed, "steps": s.filter_steps, "lr": s.filter_lr,
+                      "batch_size": s.filter_batch_size, "seed": c.seed, "benign": benign_filter_pairs(c, 96),
+                      "prompt": FILTER_PROMPT, "labels": LABELS}, sort_keys=True)
+    return cache_root() / "safety-filter" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def save_filter_adapter(model, state: dict[str, torch.Tensor], path: Path, record: dict | None = None) -> None:
     """The filter's adapter in PEFT format (adapter_config.json + adapter_model.safetensors) at `path`."""
     saved = adapter_state(model)
     load_adapter_state(model, state)
@@ -245,7 +280,8 @@ def save_filter_adapter(model, state: dict[str, torch.Tensor], path: Path) -> No
         model.save_pretrained(path)
     finally:
         load_adapter_state(model, saved)
-    (path / "fedtune_filter.json").write_text(json.dumps({"prompt": FILTER_PROMPT, "labels": list(LABELS)}))
+    (path / "fedtune_filter.json").write_text(json.dumps({"prompt": FILTER_PROMPT, "labels": list(LABELS),
+                                                          "record": record}))
 
 
 def load_filter_adapter(model, path: str | Path) -> dict[str, torch.Tensor]:
