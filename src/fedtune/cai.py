@@ -188,7 +188,6 @@ class CaiStep:
         self.ctx, self.s = ctx, s
         self.prompts = [d.prompt for d in hh_splits(s.harmful_source, s.split_seed)["redteam"]]
         self.reviser = None  # loaded at the first round (a reviser model is not needed before)
-        self.next = 0
 
     def _ids(self, prompt: str) -> list[int]:
         d = self.ctx.config.data
@@ -205,8 +204,8 @@ class CaiStep:
         ctx, s = self.ctx, self.s
         model, device, pad_id = ctx.model, ctx.device, ctx.pad_id
         load_adapter_state(model, state)
-        prompts = [self.prompts[(self.next + k) % len(self.prompts)] for k in range(s.cai_prompts)]
-        self.next += s.cai_prompts
+        # In turn over the split, by round number: a resumed run continues where it stopped.
+        prompts = [self.prompts[((rnd - 1) * s.cai_prompts + k) % len(self.prompts)] for k in range(s.cai_prompts)]
         meter = ComputeMeter(device, count_flops=ctx.config.train.count_flops)
         with meter:
             if self.reviser is None:
