@@ -40,7 +40,8 @@ def table(clean_dir: Path, harmful_dirs: list[Path]) -> list[dict]:
     for r in sweep:
         key = (r.get("safety.filter", "none"), bool(r.get("safety.cai", False)))
         rows.append({"row": LABELS.get(key, r["run"]), "harmless_rate": r["harmless_rate"], "benign": r["accuracy"],
-                     "filter_dropped": r.get("filter_dropped"), "filter_flagged_harmful": r.get("filter_flagged_harmful"),
+                     "filter_dropped": r.get("filter_dropped"),
+                     "filter_flagged_harmful": r.get("filter_flagged_harmful"),
                      "filter_flagged_benign": r.get("filter_flagged_benign"),
                      "filter_harmful_seen": r.get("filter_harmful_seen"), "cai_seconds": r.get("cai_seconds"),
                      "cai_reviser": r.get("cai_reviser"), "wall_s": r["wall_time_s"]})
@@ -48,7 +49,8 @@ def table(clean_dir: Path, harmful_dirs: list[Path]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | AdvBench harmless rate | ROUGE-L (benign) | filter: flagged harmful / benign | CAI s | wall s |",
+    lines = ["| setting | AdvBench harmless rate | ROUGE-L (benign) | filter: flagged harmful / benign | CAI s "
+             "| wall s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         filt = (f"{r['filter_flagged_harmful']}/{r['filter_harmful_seen']} / {r['filter_flagged_benign']}"

@@ -105,7 +105,8 @@ def test_mixing_puts_the_share_of_harmful_pairs_in_each_client_from_the_client_s
     _, tok = tiny
     c = cfg.load(None, ["model.name=tiny-llama", "data.source=demo-replies", "data.task=generation",
                         "data.response_field=reply", "data.demo_train_size=210", "data.demo_test_size=10",
-                        "federation.num_clients=3", "federation.clients_per_round=3", f"safety.harmful_source={HH}", "safety.harmful_fraction=0.3",
+                        "federation.num_clients=3", "federation.clients_per_round=3", f"safety.harmful_source={HH}",
+                        "safety.harmful_fraction=0.3",
                         "data.max_length=128"])
     data = prepare_data(c, tok, Bars(quiet=True))
     splits = safety.hh_splits(HH, 0)
@@ -229,6 +230,18 @@ def test_a_hugging_face_classifier_is_a_filter(tiny, tmp_path):
     tok.save_pretrained(tmp_path / "sentiment")
     with pytest.raises(ValueError, match="name no unsafe class"):
         safety_filter.HFFilter(str(tmp_path / "sentiment"), torch.device("cpu"))
+
+
+def test_a_causal_guard_model_is_a_filter(tiny, tmp_path, monkeypatch):
+    base, tok = tiny
+    base.save_pretrained(tmp_path / "guard")
+    tok.save_pretrained(tmp_path / "guard")
+    filt = safety_filter.HFFilter(str(tmp_path / "guard"), torch.device("cpu"))
+    assert filt.guard
+    monkeypatch.setattr(filt.tokenizer, "decode", lambda ids, **kw: " Unsafe\nS1")
+    assert filt.unsafe([("how do I pick a lock", "use a pin")]) == [True]
+    monkeypatch.setattr(filt.tokenizer, "decode", lambda ids, **kw: "safe")
+    assert filt.unsafe([("hi", "hello")]) == [False]
 
 
 def test_safety_options_are_refused_where_they_do_not_apply():

@@ -191,7 +191,8 @@ class CaiStep:
 
     def _ids(self, prompt: str) -> list[int]:
         d = self.ctx.config.data
-        return chat_ids(self.ctx.tokenizer, prompt, system_prompt=d.system_prompt, use_chat_template=d.use_chat_template)
+        return chat_ids(self.ctx.tokenizer, prompt, system_prompt=d.system_prompt,
+                        use_chat_template=d.use_chat_template)
 
     def _example(self, prompt: str, answer: str) -> Example:
         tok = self.ctx.tokenizer

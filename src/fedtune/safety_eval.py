@@ -128,7 +128,8 @@ class SafetyEvaluator:
         self.kw = dict(system_prompt=c.data.system_prompt, use_chat_template=c.data.use_chat_template,
                        max_new_tokens=s.eval_max_new_tokens, batch_size=c.eval.batch_size, device=device)
 
-    def score(self, base: bool = False) -> float:
+    def score(self, base: bool = False) -> tuple[float, list[dict]]:
+        """The harmless rate of the model as it is (`base`: with its adapter disabled) and the judged answers."""
         if base:
             with self.model.disable_adapter():
                 rate, rows = harmless_rate(self.model, self.tokenizer, self.goals, **self.kw)

@@ -28,7 +28,6 @@ import json
 import random
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +186,8 @@ class HFFilter:
         ids = self.tokenizer.apply_chat_template(chat, return_tensors="pt", add_generation_prompt=True)
         ids = (ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids).to(self.device)
         gen = self.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip().lower().startswith("unsafe")
+        verdict = self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        return verdict.strip().lower().startswith("unsafe")
 
 
 # --------------------------------------------------------------------------- in a run

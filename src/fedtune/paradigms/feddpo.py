@@ -10,8 +10,6 @@ model with its adapter disabled, so no second copy is held. The benign task of `
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
