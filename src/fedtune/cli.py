@@ -137,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest != "help":
             ms._add_action(action)
     _add_ecosystem_verbs(sub)
+
+    se = sub.add_parser(
+        "safety-eval",
+        help="AdvBench harmless rate of a run's adapter (and its base model) or of any model",
+        description="Answer AdvBench's harmful behaviours greedily and judge each answer by refusal phrases "
+        "(harmless if any occurs; fedtune.safety_eval.REFUSAL_PHRASES). RUN_OR_MODEL is a run folder (its adapter and "
+        "its base are scored with the run's prompt settings) or a model name, Hugging Face id or local path.",
+        epilog="Example: fedtune safety-eval runs/responsible/fedavg-harmful --examples 520",
+    )
+    se.add_argument("target", metavar="RUN_OR_MODEL", help="a run folder, or a model name / HF id / local path")
+    se.add_argument("--advbench", help="harmful_behaviors.csv (default: the run's safety.advbench)")
+    se.add_argument("--examples", type=int, help="behaviours answered, evenly spaced over the 520 (default 100)")
+    se.add_argument("--max-new-tokens", type=int, help="answer length judged (default 32)")
+    se.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default 32)")
+    se.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    se.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
 
 
@@ -345,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
             _advise(args)
         elif args.command == "examples":
             _examples(args)
+        elif args.command == "safety-eval":
+            import json
+
+            from .safety_eval_cli import evaluate_target
+
+            print(json.dumps(evaluate_target(args.target, advbench=args.advbench, examples=args.examples,
+                                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                             device=args.device), indent=2))
         return 0
     except (ValueError, FileNotFoundError) as err:
         if getattr(args, "debug", False):

@@ -22,7 +22,8 @@ from rich.table import Table  # noqa: E402
 from . import config as cfg  # noqa: E402
 from . import attacks, privacy, registry  # noqa: E402
 from .progress import console  # noqa: E402
-from .report import MB, NOT_COUNTED, write_summary  # noqa: E402
+from .report import MB, NOT_COUNTED, read_metrics, write_summary  # noqa: E402
+from .safety_eval import COLUMNS as SAFETY_COLUMNS, ROW_KEYS, base_key  # noqa: E402
 from .html_report import comparison_page, run_page  # noqa: E402
 from .comparison_plots import curves, plots  # noqa: E402,F401  (curves: one run's accuracy/MB per round)
 
@@ -206,6 +207,7 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "paradigm_metrics": s.get("paradigm_metrics", {}),
         **{k: s[k] for k in ("epsilon", "delta", "noise_multiplier", "backdoor_asr") if k in s},
         **({"attack": s["attack"]["kind"], "malicious": s["attack"]["malicious"]} if "attack" in s else {}),
+        **{k: s[k] for k in ROW_KEYS if k in s},  # safety.eval, safety.filter, safety.cai (fedtune.safety_eval)
     }
 
 
@@ -254,7 +256,9 @@ def _columns(rows: list[dict[str, Any]], swept: list[str]) -> list[tuple[str, st
     own = [(name, key, "kv") for name, key in (("settings", "settings"), ("tuned", "tuned"))
            if any(r.get(key) for r in rows)]
     features = [c for c in FEATURE_COLUMNS if any(c[1] in r for r in rows)]
-    return COLUMNS[:1] + [(k, k, "{}") for k in swept] + own + COLUMNS[1:6] + features + COLUMNS[6:]
+    safety = [c for c in SAFETY_COLUMNS if any(r.get(c[1]) is not None for r in rows)]
+    return (COLUMNS[:1] + [(k, k, "{}") for k in swept] + own + COLUMNS[1:5] + safety + COLUMNS[5:6] + features
+            + COLUMNS[6:])
 
 
 def tuning_markdown(rows: list[dict[str, Any]], key: str, rounds: str) -> str:
@@ -326,7 +330,7 @@ def compare(
     out = check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, done = [], []
-    base_cache: dict[str, tuple[float, str]] = {}  # -> (base accuracy, the run that scored it)
+    base_cache: dict[str, tuple[float, str, dict]] = {}  # -> (base accuracy, the run that scored it, base safety)
     for i, planned in enumerate(runs, 1):
         label, c = planned.label, planned.config
         scores: dict[str, float | None] = {}
@@ -345,8 +349,8 @@ def compare(
         if not quiet:
             console.rule(f"[bold]{i}/{len(runs)}: {label}")
         # The base model's score depends only on the model and the data: measure it once per pair.
-        key = json.dumps([c.to_dict()["model"], c.to_dict()["data"], c.seed, c.eval.max_examples, c.eval.split],
-                         sort_keys=True)
+        key = json.dumps([c.to_dict()["model"], c.to_dict()["data"], c.seed, c.eval.max_examples, c.eval.split,
+                          *base_key(c)], sort_keys=True)
         known = base_cache.get(key)
         if known is not None:
             c.eval.base = False
@@ -354,11 +358,13 @@ def compare(
         if known is not None:
             # The run did not score the base (eval.base was off): its summary.json and report.md get the
             # comparison's number, so the run's own report agrees with the comparison table.
-            summary["base_accuracy"], summary["base_accuracy_from"] = known
+            summary["base_accuracy"], summary["base_accuracy_from"] = known[:2]
+            summary.update(known[2])
             write_summary(out / label, summary)
             run_page(out / label)
         elif summary["base_accuracy"] is not None:
-            base_cache[key] = (summary["base_accuracy"], label)
+            base_cache[key] = (summary["base_accuracy"], label,
+                               {k: summary[k] for k in ("base_harmless_rate",) if summary.get(k) is not None})
         r = row(label, planned.swept, summary)
         if planned.settings:
             r["settings"] = planned.settings

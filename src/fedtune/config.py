@@ -64,7 +64,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "demo"
-    """`demo` (built-in support-ticket task), a .jsonl/.json/.csv/.tsv/.parquet file, or `hf:<dataset id>[:<config>]`."""
+    """`demo` (built-in support-ticket task), `demo-replies` (the same tickets with a support-desk reply to generate, field `reply`), a .jsonl/.json/.csv/.tsv/.parquet file, or `hf:<dataset id>[:<config>]`."""
     test_source: str | None = None
     """Held-out data; when unset, `test_fraction` of `source` is held out."""
     split: str | None = None

@@ -24,6 +24,7 @@ from . import config as cfg
 from . import attacks, paradigms, registry
 from . import tracking
 from .data.demo import DEMO_LABELS, DEMO_PROMPT, make_demo_task
+from .data.demo_replies import make_reply_task
 from .data.partition import label_histogram, partition_indices, skew
 from .data.sources import load_records, require_fields
 from .data.tasks import ClassificationTask, Example, GenerationTask
@@ -35,6 +36,7 @@ from .progress import Bars
 from .report import write_outputs
 from .html_report import run_page, write_partition
 from .runtime.local import BatchedLocalGrid, LocalGrid
+from . import safety, safety_eval
 from .runtime.model_client import RemoteModelService
 from .runtime.split_client import RemoteServices
 from .model_service import LocalModelService
@@ -66,6 +68,8 @@ class Prepared:
 def _load(d: cfg.DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     if d.source == "demo":
         return make_demo_task(seed=seed, n_train=d.demo_train_size, n_test=d.demo_test_size)
+    if d.source == "demo-replies":
+        return make_reply_task(seed=seed, n_train=d.demo_train_size, n_test=d.demo_test_size)
     records = load_records(d.source, split=d.split)
     if d.test_source:
         default_split = "test" if d.test_source.startswith("hf:") else None
@@ -157,6 +161,8 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
         held, extras = spec.held_data(c, task, train_rows, train)
         # Held back after partitioning, so these clients keep the partition the other frameworks get.
         parts = [[i for i in part if i not in held] for part in parts]
+    # Safety features: every example keeps its plain text; harmful pairs join each client (fedtune.safety).
+    train, parts, keys = safety.with_text(c, task, train_rows, train, parts, keys)
     train, poisoned = attacks.poison(c, task, train_rows, train, parts, test_rows, target_field)  # simulated attacks only
     extras.update(poisoned)
     if num_clients > 1:
@@ -359,7 +365,7 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
                         device=device, pad_id=tokenizer.pad_token_id)
 
     tracker = tracking.start(c, path)  # tracking.backend: the records go to TensorBoard/MLflow/W&B too
-    log = tracker.wrap(folder.log)
+    log = tracker.wrap(safety_eval.wrap_log(c, model, tokenizer, device, path, folder.log))  # + AdvBench harmless rate
     ctx = context(c, model, tokenizer, data, device, bars, log=log, score=score, path=path)
     # A resumed run keeps the base evaluation it logged before round 1: a resume that then fails (an unreadable
     # checkpoint) must not leave another round-0 record each time it is tried.
@@ -385,6 +391,7 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         ctx.close()
         folder.close()
     summary = write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
+    summary = safety_eval.add_to_summary(path, summary)
     run_page(path)  # report.html beside report.md
     tracker.finish(summary)
     return summary

@@ -36,6 +36,7 @@ from ..peft_methods import client_rank, ranked_in, ranks_apply
 from .fedpeft_batched import BatchedFedPeft
 from .fedpeft_ranks import run_ranked
 from ..registry import Paradigm, register
+from .. import cai, safety_filter
 
 
 # --------------------------------------------------------------------------- client side
@@ -163,6 +164,7 @@ def serve(
     min_replies: int = 1,
     counts_bytes: bool = True,
     secure=None,
+    after_aggregate: Callable[[int, State], State] | None = None,
 ) -> tuple[State, list[dict[str, Any]]]:
     """Run the FedLLM round loop and return the final global state and the evaluations.
 
@@ -179,6 +181,8 @@ def serve(
         counts_bytes: False for the centralized baseline, where nothing travels.
         secure: A `fedtune.secagg_server.SecAggServer`: each round's exchange and average run through secure
             aggregation instead (the server sees only the masked sum of the updates).
+        after_aggregate: ``(round, state) -> state``: the server's own step on a freshly aggregated state
+            (constitutional AI, `fedtune.cai`), or None.
     """
     expect = spec_of(global_state)
     loop = RoundLoop(hooks, "FedLLM", nodes=grid.node_ids(), rounds=rounds, clients_per_round=clients_per_round,
@@ -192,6 +196,8 @@ def serve(
             global_state, ok, aggregated, note = secure.round(
                 grid, rnd, chosen, global_state, strategy, log=hooks.log, min_replies=min_replies,
                 advance=lambda n: hooks.bars.advance("clients", by=n))
+            if aggregated and after_aggregate is not None:
+                global_state = after_aggregate(rnd, global_state)
             loop.end(rnd, global_state, replies=ok, sampled=len(chosen), aggregated=aggregated, note=note,
                      checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
             continue
@@ -209,6 +215,8 @@ def serve(
                 updates.append(update)
         global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies,
                                                    privacy=hooks.privacy)
+        if aggregated and after_aggregate is not None:
+            global_state = after_aggregate(rnd, global_state)
         loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
                  checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
     return global_state, loop.evaluations
@@ -237,9 +245,9 @@ def make_clients(ctx) -> dict[int, FedPeftClient]:
     runner = make_runner(ctx.model, settings, device=ctx.device, pad_id=ctx.pad_id)
     ranked = ranks_apply(ctx.config) and not centralized
     return wrap_clients(ctx.config, {
-        i: FedPeftClient(i, ctx.model, ctx.client_examples(i), settings, device=ctx.device, pad_id=ctx.pad_id,
-                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner,
-                         rank=client_rank(ctx.config.peft, i) if ranked else None)
+        i: FedPeftClient(i, ctx.model, safety_filter.client_examples(ctx, i), settings, device=ctx.device,
+                         pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized,
+                         runner=runner, rank=client_rank(ctx.config.peft, i) if ranked else None)
         for i in range(len(ctx.data.parts))
     })
 
@@ -260,10 +268,14 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
         grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
         eval_every=ctx.config.eval.every, hooks=ServerHooks.for_model(ctx), min_replies=1 if centralized else f.min_replies,
-        counts_bytes=not centralized, secure=secure,
+        counts_bytes=not centralized, secure=secure, after_aggregate=cai.step_for(ctx),
     )
     load_adapter_state(ctx.model, final)
     return evaluations
+
+
+make_clients.screens_pairs = True  # clients screen their pairs (safety.filter: fedtune.safety)
+run_server.runs_cai = True  # the server's constitutional-AI step after aggregating (safety.cai: fedtune.cai)
 
 
 def _batched(clients: dict[int, Any]) -> BatchedFedPeft:
