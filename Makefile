@@ -16,7 +16,7 @@ TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
 TORCH_ARGS := --extra-index-url $(TORCH_CPU_INDEX)
 endif
 
-.PHONY: env demo test test-slow bench docs clean
+.PHONY: env demo test test-slow bench docs clean responsible
 
 env: $(VENV)/.installed
 
@@ -32,6 +32,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: env
 	$(VENV)/bin/fedtune compare examples/demo.yaml --out runs/demo
+
+# Responsible FedLLM (docs/responsible.md): the sweep at 30% harmful client data, the clean run, the table and plot.
+responsible: env
+	$(VENV)/bin/fedtune compare examples/responsible.yaml --paradigms fedpeft --sweep safety.filter=none,trained \
+		--sweep safety.cai=false,true --out runs/responsible
+	$(VENV)/bin/fedtune compare examples/responsible.yaml --paradigms fedpeft --set safety.harmful_fraction=0 \
+		--out runs/responsible-clean
+	$(PY) benchmarks/responsible.py runs/responsible-clean runs/responsible --plot runs/responsible/responsible.png
 
 # Two workers (CI has 2 cores); modules that start servers on fixed ports run on one worker (tests/conftest.py).
 test: env

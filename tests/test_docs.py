@@ -262,3 +262,43 @@ def test_the_site_builds_strictly(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "WARNING" not in output, output[-4000:]
     assert (tmp_path / "site" / "configuration-reference" / "index.html").is_file()
+
+
+def _help_keys() -> dict[str, str]:
+    """``fedtune run --help``'s config keys: dotted key -> its description."""
+    import contextlib
+    import io
+
+    from fedtune.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = buf.getvalue().split("config keys (YAML sections, or --set section.key=value):\n", 1)[1]
+    out, section = {}, ""
+    for line in text.splitlines():
+        if re.match(r"^  \S.*:$", line):
+            section = line.strip()[:-1] + "."
+        elif m := re.match(r"^ {2,4}(\w+) = (.*)$", line):
+            key = (section if line.startswith("    ") else "") + m.group(1)
+            default_and_doc = m.group(2)
+            # `default  doc`: the doc follows two spaces after the default's repr (none when undocumented)
+            out[key] = default_and_doc.split("  ", 1)[1] if "  " in default_and_doc else ""
+    return out
+
+
+def test_the_config_reference_says_what_help_says():
+    """Every key `fedtune run --help` lists is in the reference with the same description, and no other:
+    both come from the field docstrings, so a section registered under a name the generator does not derive
+    (or a docstring one of them reads differently) fails here."""
+    page = (DOCS / "configuration-reference.md").read_text()
+    rows = {}
+    for line in page.splitlines():
+        if m := re.match(r"^\| `([\w.]+)` \| .* \| `.*` \| (.*) \|$", line):
+            rows[m.group(1)] = m.group(2).replace("\\|", "|")
+    helps = _help_keys()
+    assert helps, "no config keys found in fedtune run --help"
+    assert sorted(helps) == sorted(rows), (
+        f"only in --help: {sorted(set(helps) - set(rows))}; only in the reference: {sorted(set(rows) - set(helps))}")
+    differ = [f"{k}: --help {helps[k]!r} vs reference {rows[k]!r}" for k in helps if helps[k] != rows[k]]
+    assert not differ, "\n".join(differ)

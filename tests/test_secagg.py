@@ -205,3 +205,10 @@ def test_a_secure_run_ends_where_the_plain_run_does(tiny, tmp_path, one_thread, 
     records = [json.loads(x) for x in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
     assert [r["summed"] for r in records if r["type"] == "secagg"] == [3]
     assert any(not torch.equal(adapter(tmp_path / "plain")[k], adapter(tmp_path / "secure")[k]) for k in ref)
+
+
+def test_secure_aggregation_with_differential_privacy_is_refused_by_name():
+    from fedtune import config as cfg
+
+    with pytest.raises(cfg.ConfigError, match=r"privacy.dp = 'central' with secagg.enabled"):
+        cfg.load(None, ["model.name=tiny-llama", "secagg.enabled=true", "privacy.dp=central"])

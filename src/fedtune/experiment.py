@@ -21,8 +21,10 @@ import torch
 from .version import __version__
 from . import checkpoint
 from . import config as cfg
-from . import paradigms
+from . import attacks, paradigms, registry
+from . import tracking
 from .data.demo import DEMO_LABELS, DEMO_PROMPT, make_demo_task
+from .data.demo_replies import make_reply_task
 from .data.partition import label_histogram, partition_indices, skew
 from .data.sources import load_records, require_fields
 from .data.tasks import ClassificationTask, Example, GenerationTask
@@ -32,7 +34,9 @@ from .grid import Grid
 from .models import attach_lora, load_base, resolve_device
 from .progress import Bars
 from .report import write_outputs
+from .html_report import run_page, write_partition
 from .runtime.local import BatchedLocalGrid, LocalGrid
+from . import safety, safety_eval
 from .runtime.model_client import RemoteModelService
 from .runtime.split_client import RemoteServices
 from .model_service import LocalModelService
@@ -64,6 +68,8 @@ class Prepared:
 def _load(d: cfg.DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     if d.source == "demo":
         return make_demo_task(seed=seed, n_train=d.demo_train_size, n_test=d.demo_test_size)
+    if d.source == "demo-replies":
+        return make_reply_task(seed=seed, n_train=d.demo_train_size, n_test=d.demo_test_size)
     records = load_records(d.source, split=d.split)
     if d.test_source:
         default_split = "test" if d.test_source.startswith("hf:") else None
@@ -155,6 +161,10 @@ def prepare_data(c: cfg.Config, tokenizer, bars: Bars) -> Prepared:
         held, extras = spec.held_data(c, task, train_rows, train)
         # Held back after partitioning, so these clients keep the partition the other frameworks get.
         parts = [[i for i in part if i not in held] for part in parts]
+    # Safety features: every example keeps its plain text; harmful pairs join each client (fedtune.safety).
+    train, parts, keys = safety.with_text(c, task, train_rows, train, parts, keys)
+    train, poisoned = attacks.poison(c, task, train_rows, train, parts, test_rows, target_field)  # simulated attacks only
+    extras.update(poisoned)
     if num_clients > 1:
         bars.print(label_histogram(parts, keys))
         bars.print(f"partition {d.partition}: {sum(map(len, parts))} train examples over {num_clients} clients, "
@@ -249,7 +259,7 @@ def local_grid(ctx: RunContext, paradigm: paradigms.Paradigm) -> Grid:
 
     With ``runtime.batch_clients`` K > 1, clients train K at a time in one pass (the paradigm's ``batched``).
     """
-    apps = paradigm.make_clients(ctx)
+    apps = registry.wrap_clients(ctx.config, paradigm.make_clients(ctx))
     k = ctx.config.runtime.batch_clients
     if k > 1:
         return BatchedLocalGrid(apps, paradigm.batched(apps), k, serialize=ctx.config.federation.serialize)
@@ -291,7 +301,7 @@ def load_model(c: cfg.Config) -> tuple[Any, Any, torch.device]:
     random.seed(c.seed)
     torch.manual_seed(c.seed)
     base, tokenizer = load_base(c.model.name, dtype=c.model.dtype, device=device,
-                                attn_implementation=c.model.attn_implementation)
+                                attn_implementation=c.model.attn_implementation, quantization=c.model.quantization)
     return attach_lora(base, c.peft, c.seed), tokenizer, device
 
 
@@ -348,21 +358,25 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
     folder = RunFolder(path, resume=resume)
     resolved = cfg.to_yaml(c) + f"# fedtune {__version__}, git commit {git_commit()}\n"
     (path / "config.resolved.yaml").write_text(resolved)
+    write_partition(path, data.parts, data.keys)  # report.html's per-client label histograms
 
     def score() -> float:
         return evaluate(model, data.task, data.test[: c.eval.max_examples], batch_size=c.eval.batch_size,
                         device=device, pad_id=tokenizer.pad_token_id)
 
-    ctx = context(c, model, tokenizer, data, device, bars, log=folder.log, score=score, path=path)
+    tracker = tracking.start(c, path)  # tracking.backend: the records go to TensorBoard/MLflow/W&B too
+    log = tracker.wrap(safety_eval.wrap_log(c, model, tokenizer, device, path, folder.log))  # + AdvBench harmless rate
+    ctx = context(c, model, tokenizer, data, device, bars, log=log, score=score, path=path)
     # A resumed run keeps the base evaluation it logged before round 1: a resume that then fails (an unreadable
     # checkpoint) must not leave another round-0 record each time it is tried.
     base_accuracy = folder.base_accuracy() if resume and c.eval.base else None
     if c.eval.base and base_accuracy is None:
         with model.disable_adapter():
             base_accuracy = score()
-        folder.log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
+        log({"type": "eval", "round": 0, "accuracy": base_accuracy, "model": "base"})
         bars.print(f"base model: accuracy {base_accuracy:.4f}")
 
+    attacks.announce(ctx)
     paradigm = paradigms.get(c.federation.paradigm)
     # The only place a runtime meets a paradigm: the paradigm makes client apps and a server loop,
     # the runtime carries the messages between them.
@@ -370,7 +384,14 @@ def _run_federation(c, model, tokenizer, data: Prepared, device, bars: Bars, pat
         grid = grid_factory(ctx, paradigm)
         with bars.live():
             evaluations = paradigm.run_server(ctx, grid)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
     finally:
         ctx.close()
         folder.close()
-    return write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
+    summary = write_outputs(path, c, base_accuracy, evaluations, time.perf_counter() - started, bars)
+    summary = safety_eval.add_to_summary(path, summary)
+    run_page(path)  # report.html beside report.md
+    tracker.finish(summary)
+    return summary

@@ -7,4 +7,9 @@ names it.
 """
 
 from __future__ import annotations
+
 from . import secagg  # noqa: F401  (secagg.*: secure aggregation, Flower SecAgg+)
+from . import tracking  # noqa: F401  (tracking.*: TensorBoard, MLflow, W&B)
+from . import privacy  # noqa: F401  (privacy: client-level DP)
+from . import attacks  # noqa: F401  (attack: simulated malicious clients; registered after privacy, so it wraps outermost)
+from . import safety  # noqa: F401  (the safety section: harmful data, filter, CAI, AdvBench)

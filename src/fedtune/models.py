@@ -27,10 +27,12 @@ from pathlib import Path
 
 from filelock import FileLock
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
+
+from . import peft_methods, quantize
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-llama"
@@ -166,6 +168,7 @@ def load_base(
     dtype: str = "float32",
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    quantization: str = "none",
 ) -> tuple[PreTrainedModel, object]:
     """Load (once per process) a frozen base model and its tokenizer.
 
@@ -174,14 +177,17 @@ def load_base(
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the base weights.
         device: Where the weights live.
         attn_implementation: ``sdpa`` or ``eager``.
+        quantization: ``none``, or ``nf4`` / ``int8`` for a QLoRA base (CUDA and bitsandbytes; `fedtune.quantize`),
+            with ``dtype`` as the compute dtype.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with every parameter frozen.
     """
     dev = torch.device(device) if not isinstance(device, torch.device) else device
-    key = (name, dtype, str(dev), attn_implementation)
+    key = (name, dtype, str(dev), attn_implementation) + ((quantization,) if quantization != "none" else ())
     if key in _CACHE:
         return _CACHE[key]
+    quantize.check_available(quantization, dev)  # before any loading: the error says what to do
     torch_dtype = DTYPES[dtype]
     if name not in (SMOLLM2, TINY) and not Path(name).exists() and name.count("/") != 1:
         raise ValueError(
@@ -221,6 +227,8 @@ def load_base(
             raise ValueError(f"model.name = {name!r} could not be loaded: {err}") from None
         # Recorded in adapter_config.json as the base to load the adapter onto.
         model.config._name_or_path = str(source)
+    if quantization != "none":
+        quantize.quantize_linears(model, quantization, torch_dtype, dev)
     model.to(dev)
     model.eval()
     for p in model.parameters():
@@ -243,15 +251,15 @@ def backbone(model: PreTrainedModel) -> torch.nn.Module:
 
 
 def attach_lora(model: PreTrainedModel, p, seed: int):
-    """Wrap the frozen base with a fresh LoRA adapter (seeded initialisation).
+    """Wrap the frozen base with a fresh adapter of ``p.method`` (LoRA by default; seeded initialisation).
 
     Args:
         model: The frozen base.
-        p: A `fedtune.config.PeftConfig` (r, alpha, dropout, target_modules).
+        p: A `fedtune.config.PeftConfig` (method, r, alpha, dropout, target_modules, ...).
         seed: Seed of the adapter initialisation.
     """
     available = linear_module_names(model)
-    missing = [t for t in p.target_modules if t not in available]
+    missing = [t for t in p.target_modules if t not in available] if p.method in peft_methods.INJECTED else []
     if missing:
         hints = {m: difflib.get_close_matches(m, available, n=1) for m in missing}
         hint = "; ".join(f"{m!r}: did you mean {h[0]!r}?" for m, h in hints.items() if h)
@@ -259,8 +267,8 @@ def attach_lora(model: PreTrainedModel, p, seed: int):
             f"peft.target_modules = {p.target_modules} names modules this model does not have: {missing}. "
             f"Its linear layers are {available}. {hint}".strip()
         )
-    lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules),
-                      task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, lora)
+        wrapped = get_peft_model(model, peft_methods.peft_config(p, list(p.target_modules)))
+    peft_methods.after_attach(wrapped, p.method)
+    return wrapped

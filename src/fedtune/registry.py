@@ -46,6 +46,10 @@ class Paradigm:
         batched: ``(clients) -> run_batch`` for ``runtime.batch_clients > 1`` (several clients in one pass), or None.
         needs: Why a runtime cannot run this config, or None: ``(config, runtime) -> str | None`` with
             runtime ``local``, ``flower`` or ``distributed``.
+        averages_updates: The server averages the clients' adapter updates through `rounds.aggregate` (what
+            client-level DP and the update attacks act on).
+        lora_ranks: Clients may train LoRA ranks of their own, aggregated rank-aware (``peft.client_ranks``,
+            ``peft.aggregation``; `fedtune.paradigms.fedpeft_ranks`).
     """
 
     name: str
@@ -65,6 +69,8 @@ class Paradigm:
     long_exchanges: bool = False
     batched: Callable[[dict[int, Any]], Callable] | None = None
     needs: Callable[[Any, str], str | None] | None = None
+    averages_updates: bool = False
+    lora_ranks: bool = False
 
     def __post_init__(self) -> None:
         assert self.access in ACCESS, f"paradigm {self.name}: access {self.access!r} is not one of {ACCESS}"
@@ -108,11 +114,14 @@ class Option:
         name: The section's key in the config file (``privacy``, ``attack``, ...).
         cls: The section's dataclass (field docstrings become ``--help``).
         validate: ``(config) -> None``: checks across sections, raising `ValueError` that names the field.
+        wrap_client: ``(config, node, app) -> app``: the client app as the feature makes it (local DP's noise, a
+            simulated attack), or None; `wrap_clients` applies every feature's in registration order.
     """
 
     name: str
     cls: type
     validate: Callable[[Any], None] | None = None
+    wrap_client: Callable[[Any, int, Any], Any] | None = None
 
 
 _OPTIONS: dict[str, Option] = {}
@@ -128,6 +137,14 @@ def register_option(option: Option) -> Option:
 def options() -> tuple[Option, ...]:
     """Every registered feature section, in registration order."""
     return tuple(_OPTIONS.values())
+
+
+def wrap_clients(config, apps: dict[int, Any]) -> dict[int, Any]:
+    """Every client app of a run as the features make it (`Option.wrap_client`), the last registered outermost."""
+    for o in _OPTIONS.values():
+        if o.wrap_client is not None:
+            apps = {node: o.wrap_client(config, node, app) for node, app in apps.items()}
+    return apps
 
 
 def sections() -> dict[str, type]:

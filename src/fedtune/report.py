@@ -94,7 +94,22 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any], base_accura
         "failed_client_rounds": len(clients) - len(ok),
         "wall_time_s": wall_time_s,
         "paradigm_metrics": paradigm_metrics(records),
+        **feature_fields(records, evals),
     }
+
+
+EVAL_FIELDS = ("epsilon", "delta", "noise_multiplier", "backdoor_asr")
+"""What features add to evaluation records (`fedtune.privacy`, `fedtune.attacks`); the summary keeps the last."""
+
+
+def feature_fields(records: list[dict[str, Any]], evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary's fields from features: the last evaluation's `EVAL_FIELDS`, and the simulated attack
+    (``attack``: its ``type: attack`` record), each only when the run has it."""
+    out = {k: evals[-1][k] for k in EVAL_FIELDS if evals and k in evals[-1]}
+    attack = next((r for r in records if r.get("type") == "attack"), None)
+    if attack is not None:
+        out["attack"] = {k: v for k, v in attack.items() if k != "type"}
+    return out
 
 
 def client_accuracy(ok_clients: list[dict[str, Any]]) -> float | None:
@@ -189,6 +204,10 @@ def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("client peak memory, first round", _mib(s.get("client_peak_memory_first_bytes"))),
         ("client time (total)", f"{s['client_seconds']:.1f} s"),
         ("wall time", f"{s['wall_time_s']:.1f} s"),
+        *([("differential privacy", f"epsilon {s['epsilon']:.3g} at delta {s['delta']:.3g}")] if "epsilon" in s else []),
+        *([("SIMULATED ATTACK", f"{s['attack']['kind']}, malicious clients {s['attack']['malicious']}")]
+          if "attack" in s else []),
+        *([("backdoor attack success rate", _fmt(s["backdoor_asr"]))] if "backdoor_asr" in s else []),
     ]
 
 
@@ -208,6 +227,7 @@ def write_summary(path: Path, s: dict[str, Any]) -> None:
     lines += [f"| {k} | {v} |" for k, v in summary_rows(s)]
     lines += ["", WARM_UP_NOTE, "",
               "![accuracy](plots/accuracy.png) ![communication](plots/communication.png)", "",
+              "Interactive plots, per-client rounds and label histograms: `report.html`.", "",
               "Files: `config.resolved.yaml`, `metrics.jsonl` (one line per client-round and evaluation), "
               "`summary.json`, `adapter/` (PEFT format).", ""]
     (path / "report.md").write_text("\n".join(lines))

@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import Checkpoint, Saved, rng_state, set_rng_state
 from .checkpoint import enabled as checkpointing
+from . import attacks, privacy as dp
 from .grid import is_error
 from .progress import Bars
 from .robust import cap_weights
@@ -39,6 +40,10 @@ class ServerHooks:
     bars: Bars
     checkpoint: Checkpoint | None = None
     """Where the round loop saves its state after every round and resumes from (``runtime.checkpoint``)."""
+    privacy: dp.ClientDP | None = None
+    """Client-level DP (``privacy.dp``): `aggregate` takes the private mean; its state is checkpointed."""
+    extras: Callable[[], dict[str, Any]] | None = None
+    """More fields for each evaluation record (epsilon, a backdoor's success rate), right after `evaluate`."""
 
     @classmethod
     def for_model(cls, ctx, load: Callable[[State], None] | None = None) -> "ServerHooks":
@@ -57,7 +62,13 @@ class ServerHooks:
             ctx.save_adapter()
 
         checkpoint = Checkpoint(ctx.path, ctx.config) if checkpointing(ctx.config) else None
-        return cls(evaluate=evaluate, log=ctx.log, save=save, bars=ctx.bars, checkpoint=checkpoint)
+        private = dp.from_config(ctx.config)
+
+        def extras() -> dict[str, Any]:
+            return {**(private.spent() if private is not None else {}), **attacks.eval_fields(ctx)}
+
+        return cls(evaluate=evaluate, log=ctx.log, save=save, bars=ctx.bars, checkpoint=checkpoint,
+                   privacy=private, extras=extras)
 
 
 class RoundLoop:
@@ -105,6 +116,8 @@ class RoundLoop:
         try:
             set_rng_state(self.sampler, saved.meta["sampler"])
             self.evaluations, self.done = list(saved.meta["evaluations"]), saved.round
+            if self.hooks.privacy is not None:
+                self.hooks.privacy.load(saved.meta["privacy"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{checkpoint.path} is not a readable fedtune checkpoint (its sampler or evaluations "
                              f"are malformed: {type(err).__name__} {err}); delete it to start this folder over.") from None
@@ -134,7 +147,8 @@ class RoundLoop:
         """
         hooks = self.hooks
         record = {"type": "round", "round": rnd, "replies": replies, "failed": sampled - replies,
-                  "aggregated": aggregated, **({"note": note} if note else {})}
+                  "aggregated": aggregated, **({"note": note} if note else {}),
+                  **(hooks.privacy.take() if hooks.privacy is not None else {})}
         bad = nonfinite_keys(state)
         if bad:
             hooks.log({**record, "error": f"non-finite global state ({bad[0]!r})"})
@@ -145,14 +159,17 @@ class RoundLoop:
         hooks.log(record)
         if rnd % self.eval_every == 0 or rnd == self.rounds:
             score = hooks.evaluate(state)
-            self.evaluations.append({"round": rnd, "accuracy": score})
-            hooks.log({"type": "eval", "round": rnd, "accuracy": score})
-            hooks.bars.print(f"round {rnd}: accuracy {score:.4f} ({replies}/{sampled} clients)")
+            extras = hooks.extras() if hooks.extras is not None else {}
+            self.evaluations.append({"round": rnd, "accuracy": score, **extras})
+            hooks.log({"type": "eval", "round": rnd, "accuracy": score, **extras})
+            hooks.bars.print(f"round {rnd}: accuracy {score:.4f} ({replies}/{sampled} clients)"
+                             + "".join(f", {k} {v:.3g}" for k, v in extras.items()))
         hooks.save(state, rnd)
         if hooks.checkpoint is not None:
             tensors, meta = checkpoint() if checkpoint is not None else ({}, {})
             hooks.checkpoint.save(rnd, tensors, {**meta, "sampler": rng_state(self.sampler),
-                                                 "evaluations": self.evaluations})
+                                                 "evaluations": self.evaluations,
+                                                 **({"privacy": hooks.privacy.state()} if hooks.privacy else {})})
         self.last_good = rnd
         hooks.bars.advance("rounds", info=f"acc {self.evaluations[-1]['accuracy']:.3f}" if self.evaluations else "")
 
@@ -162,20 +179,24 @@ def nonfinite_keys(state: State) -> list[str]:
     return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def aggregate(strategy, global_state: State, updates: list[tuple], *, min_replies: int) -> tuple[State, bool, str]:
+def aggregate(strategy, global_state: State, updates: list[tuple], *, min_replies: int,
+              privacy: dp.ClientDP | None = None) -> tuple[State, bool, str]:
     """One round's aggregation, as every paradigm that averages updates does it: ``(state, aggregated, note)``.
 
     Fewer than `min_replies` updates keep the previous global state. So does an aggregate that holds NaN
     or Inf (finite updates of 3e38 overflow a float32 sum): the strategy's own buffers are put back as they
     were, and the note says why, so one round of hostile updates never poisons the global model for good.
     A weight over ``federation.max_weight`` times the median weight is capped first (`robust.cap_weights`),
-    the note naming each cap.
+    the note naming each cap. With client-level DP (`privacy`), the strategy gets the private mean of the
+    updates (`fedtune.privacy.ClientDP.combine`) as its one update instead.
     """
     if len(updates) < min_replies:
         return global_state, False, f"{len(updates)} valid replies, fewer than federation.min_replies = {min_replies}"
     notes: list[str] = []
     agg = getattr(strategy, "aggregator", None)
-    if agg is not None and agg.max_weight is not None:
+    if privacy is not None:
+        updates = [(privacy.combine(global_state, [state for state, _ in updates]), 1.0)]
+    elif agg is not None and agg.max_weight is not None:
         weights, notes = cap_weights([n for _, n in updates], agg.max_weight)
         updates = [(state, w) for (state, _), w in zip(updates, weights)]
     before = strategy.state_dict()
@@ -240,6 +261,16 @@ def screen_metrics(meta: dict[str, Any]) -> dict[str, Any]:
     if dropped:
         fields["dropped_metrics"] = dropped
     return fields
+
+
+def update_norm(update: tuple | None, reference: State) -> dict[str, float]:
+    """``{"update_norm": ||update - reference||_2}`` over the reference's tensors (a client's change to the global
+    state, the figure DP clipping and norm bounding act on; trackers histogram it), or ``{}`` without an update."""
+    if update is None:
+        return {}
+    tensors = update[0]
+    total = sum(float((tensors[k].double() - v.double()).pow(2).sum()) for k, v in reference.items() if k in tensors)
+    return {"update_norm": math.sqrt(total)}
 
 
 def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[dict[str, Any], tuple | None]:

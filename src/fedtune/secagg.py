@@ -123,6 +123,11 @@ def validate(c) -> None:
     if f.paradigm not in PARADIGMS:
         raise ValueError(f"secagg.enabled = true works with federation.paradigm {' or '.join(PARADIGMS)} (the servers "
                          f"that average adapters through it), not {f.paradigm!r}: set secagg.enabled=false.")
+    dp = getattr(getattr(c, "privacy", None), "dp", "none")
+    if dp != "none":
+        raise ValueError(f"privacy.dp = {dp!r} with secagg.enabled = true is not supported: DP clips each update where "
+                         "the server would see it, and secure aggregation shows the server only their sum. Set "
+                         "privacy.dp=none or secagg.enabled=false.")
     if f.aggregator != "mean":
         raise ValueError(f"federation.aggregator = {f.aggregator!r} needs each client's update, which secure aggregation "
                          "hides from the server (it sees only their sum): set federation.aggregator=mean or "

@@ -24,15 +24,19 @@ from ..data.tasks import Example
 from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
 from ..progress import Bars
-from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
+from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply, update_norm
 from ..secagg import wrap_clients
 from ..strategies import aggregator_of, make_strategy
 from ..train.adapter import State, adapter_snapshot, adapter_state, load_adapter_state, pinned_copy
 from ..train.local_steps import TrainSettings, batches, round_rng, settings_from
 from ..train.step_runner import StepRunner, make_runner
 from ..wire import Message, check, encoded_size, meta_number, spec_of
+from .. import lora_aggregation as la
+from ..peft_methods import client_rank, ranked_in, ranks_apply
 from .fedpeft_batched import BatchedFedPeft
+from .fedpeft_ranks import run_ranked
 from ..registry import Paradigm, register
+from .. import cai, safety_filter
 
 
 # --------------------------------------------------------------------------- client side
@@ -59,6 +63,7 @@ class FedPeftClient(ClientApp):
         bars: Bars | None = None,
         persistent_optimizer: bool = False,
         runner: StepRunner | None = None,
+        rank: int | None = None,
     ) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
@@ -72,6 +77,7 @@ class FedPeftClient(ClientApp):
         self.bars = bars or Bars(quiet=True)
         self.persistent_optimizer = persistent_optimizer
         self.runner = runner or make_runner(model, settings, device=device, pad_id=pad_id)
+        self.rank = rank  # a LoRA rank of its own (peft.client_ranks): zero-padded in, truncated out
         self._trained = False
 
     def __call__(self, msg: Message) -> Message:
@@ -86,7 +92,7 @@ class FedPeftClient(ClientApp):
         host screens replies or prepares batches. Elsewhere the work is done when this returns.
         """
         rnd = int(meta_number(msg, "round", integer=True))
-        load_adapter_state(self.model, msg.tensors)
+        load_adapter_state(self.model, msg.tensors if self.rank is None else ranked_in(self.model, msg.tensors))
         runner = self.runner
         runner.reset(keep_optimizer=self.persistent_optimizer and self._trained)
         self._trained = True
@@ -119,7 +125,7 @@ class FedPeftClient(ClientApp):
         def reply() -> Message:
             wait()
             values = losses.tolist()
-            return Message(state, {
+            return Message(state if self.rank is None else la.truncate(state, self.rank), {
                 "kind": "fit_res",
                 "round": rnd,
                 "src": self.node_id,
@@ -158,6 +164,7 @@ def serve(
     min_replies: int = 1,
     counts_bytes: bool = True,
     secure=None,
+    after_aggregate: Callable[[int, State], State] | None = None,
 ) -> tuple[State, list[dict[str, Any]]]:
     """Run the FedLLM round loop and return the final global state and the evaluations.
 
@@ -174,6 +181,8 @@ def serve(
         counts_bytes: False for the centralized baseline, where nothing travels.
         secure: A `fedtune.secagg_server.SecAggServer`: each round's exchange and average run through secure
             aggregation instead (the server sees only the masked sum of the updates).
+        after_aggregate: ``(round, state) -> state``: the server's own step on a freshly aggregated state
+            (constitutional AI, `fedtune.cai`), or None.
     """
     expect = spec_of(global_state)
     loop = RoundLoop(hooks, "FedLLM", nodes=grid.node_ids(), rounds=rounds, clients_per_round=clients_per_round,
@@ -187,6 +196,8 @@ def serve(
             global_state, ok, aggregated, note = secure.round(
                 grid, rnd, chosen, global_state, strategy, log=hooks.log, min_replies=min_replies,
                 advance=lambda n: hooks.bars.advance("clients", by=n))
+            if aggregated and after_aggregate is not None:
+                global_state = after_aggregate(rnd, global_state)
             loop.end(rnd, global_state, replies=ok, sampled=len(chosen), aggregated=aggregated, note=note,
                      checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
             continue
@@ -198,10 +209,14 @@ def serve(
             fields, update = screen_reply(reply, lambda r: check(r, expect))
             hooks.log({"type": "client", "round": rnd, "client": node,
                        "bytes_down": msg_bytes if counts_bytes else 0,
-                       "bytes_up": encoded_size(reply) if counts_bytes else 0, **fields})
+                       "bytes_up": encoded_size(reply) if counts_bytes else 0, **fields,
+                       **update_norm(update, global_state)})
             if update is not None:
                 updates.append(update)
-        global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies)
+        global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies,
+                                                   privacy=hooks.privacy)
+        if aggregated and after_aggregate is not None:
+            global_state = after_aggregate(rnd, global_state)
         loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
                  checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
     return global_state, loop.evaluations
@@ -228,9 +243,11 @@ def make_clients(ctx) -> dict[int, FedPeftClient]:
     centralized = ctx.config.federation.paradigm == "centralized"
     # One runner for all: clients share the model, and so its optimizer buffers and CUDA graphs.
     runner = make_runner(ctx.model, settings, device=ctx.device, pad_id=ctx.pad_id)
+    ranked = ranks_apply(ctx.config) and not centralized
     return wrap_clients(ctx.config, {
-        i: FedPeftClient(i, ctx.model, ctx.client_examples(i), settings, device=ctx.device, pad_id=ctx.pad_id,
-                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner)
+        i: FedPeftClient(i, ctx.model, safety_filter.client_examples(ctx, i), settings, device=ctx.device,
+                         pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized,
+                         runner=runner, rank=client_rank(ctx.config.peft, i) if ranked else None)
         for i in range(len(ctx.data.parts))
     })
 
@@ -243,14 +260,22 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
         from ..secagg_server import server_for  # imports Flower: only for a run that asks for secure aggregation
         secure = server_for(ctx)
     centralized = f.paradigm == "centralized"
+    if ranks_apply(ctx.config) and not centralized:  # peft.client_ranks / peft.aggregation: fedpeft_ranks
+        final, evaluations = run_ranked(ctx, grid)
+        load_adapter_state(ctx.model, final)
+        return evaluations
     final, evaluations = serve(
         grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
         eval_every=ctx.config.eval.every, hooks=ServerHooks.for_model(ctx), min_replies=1 if centralized else f.min_replies,
-        counts_bytes=not centralized, secure=secure,
+        counts_bytes=not centralized, secure=secure, after_aggregate=cai.step_for(ctx),
     )
     load_adapter_state(ctx.model, final)
     return evaluations
+
+
+make_clients.screens_pairs = True  # clients screen their pairs (safety.filter: fedtune.safety)
+run_server.runs_cai = True  # the server's constitutional-AI step after aggregating (safety.cai: fedtune.cai)
 
 
 def _batched(clients: dict[int, Any]) -> BatchedFedPeft:
@@ -269,9 +294,10 @@ def _centralized_needs(config, runtime: str) -> str | None:
 
 
 register(Paradigm("fedpeft", "FedLLM", "LoRA adapters trained on clients and averaged by the server (FedAvg, "
-                  "FedAvgM, FedAdam)", make_clients, run_server, batched=_batched))
+                  "FedAvgM, FedAdam)", make_clients, run_server, batched=_batched, averages_updates=True,
+                  lora_ranks=True))
 register(Paradigm("fedprox", "FedLLM (FedProx)", "FedLLM whose clients add the proximal term federation.prox_mu",
-                  make_clients, run_server, batched=_batched))
+                  make_clients, run_server, batched=_batched, averages_updates=True, lora_ranks=True))
 register(Paradigm("centralized", "centralized", "all training data on one client, the same step budget: the "
                   "reference point", make_clients, run_server, single_client=True, stateful_clients=True,
                   checkpoints=lambda config: False, needs=_centralized_needs))

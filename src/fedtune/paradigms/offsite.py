@@ -39,7 +39,7 @@ from peft import LoraConfig, get_peft_model
 from ..evaluate import evaluate
 from ..grid import ClientApp, Grid, exchange
 from ..registry import Paradigm, register
-from ..rounds import RoundLoop, ServerHooks, screen_reply
+from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
 from ..strategies import make_strategy
 from ..train.adapter import State, adapter_state, load_adapter_state
 from ..train.local_steps import settings_from
@@ -301,10 +301,9 @@ def serve(grid: Grid, global_state: State, strategy, emulator: tuple[State, dict
                 has_emulator.discard(node)  # a client that lost its emulator gets it again
             if update is not None:
                 updates.append(update)
-        aggregated = len(updates) >= min_replies
-        if aggregated:
-            global_state = strategy.aggregate(global_state, updates)
-        loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated)
+        global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies,
+                                                   privacy=hooks.privacy)
+        loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note)
     return global_state, loop.evaluations
 
 
@@ -348,7 +347,8 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
             "emulator_weights_bytes": weight_bytes(emulator)})
         return accuracy
 
-    hooks = ServerHooks(evaluate=score, log=full.log, save=full.save, bars=full.bars)
+    hooks = ServerHooks(evaluate=score, log=full.log, save=full.save, bars=full.bars, privacy=full.privacy,
+                        extras=full.extras)
     final, evaluations = serve(grid, start, make_strategy(f.strategy, f.server_lr, f.server_momentum),
                                emulator_message_parts(config, weights, plan, layers, peft), rounds=f.rounds,
                                clients_per_round=f.clients_per_round, seed=c.seed, eval_every=c.eval.every,
@@ -393,11 +393,15 @@ def distil(ctx, config, weights: State, plan: list[int]) -> State:
 def _validate(config) -> None:
     if config.runtime.batch_clients > 1:
         raise ValueError("federation.paradigm = 'offsite' trains clients one after another: set runtime.batch_clients=1.")
+    if config.peft.method != "lora" or config.model.quantization != "none":
+        raise ValueError(f"federation.paradigm = 'offsite' builds its emulator from float weights with plain LoRA: "
+                         f"peft.method = {config.peft.method!r}, model.quantization = {config.model.quantization!r} "
+                         "are not supported; set peft.method=lora and model.quantization=none.")
 
 
 register(Paradigm(
     "offsite", "Offsite-tuning", "clients train adapters on an emulator (adapter blocks + a layer-dropped "
     "middle), the server plugs the average into the full model", make_clients, run_server, access="gray",
     backprop=True, section=("offsite", OffsiteConfig), validate=_validate, stateful_clients=True,
-    checkpoints=lambda config: False, strategy_label=None,
+    checkpoints=lambda config: False, strategy_label=None, averages_updates=True,
 ))

@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from peft import get_peft_model_state_dict
 
 from ..checkpoint import load_optimizer_state, optimizer_state
 from ..data.tasks import IGNORE, Example, collate
@@ -54,13 +53,14 @@ from ..grid import ClientApp, Grid
 from ..flops import FlopCache
 from ..meter import ComputeMeter
 from ..models import DTYPES, backbone
-from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply
+from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply, update_norm
 from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss
 from ..split_session import Activations, meta_number
 from ..strategies import aggregator_of, make_strategy
-from ..train.adapter import State, adapter_state, load_adapter_state
+from ..train.adapter import State, adapter_params, adapter_state, load_adapter_state
 from ..train.local_steps import TrainSettings, batches, clip_and_step, make_optimizer, round_rng, settings_from
 from ..wire import Message, WireError, check, encoded_size, spec_of
+from ..peft_methods import INJECTED, PROMPT_LEARNING
 from ..registry import Paradigm, register
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -83,7 +83,7 @@ class SplitConfig:
 
 def load_part(model, cut: Cut, side: str, state: State) -> None:
     """Copy one side's adapter state into the model; its key set must be exactly that side's keys."""
-    load_adapter_state(model, state, expected=set(cut.part(get_peft_model_state_dict(model), side)),
+    load_adapter_state(model, state, expected=set(cut.part(adapter_params(model), side)),
                        what=f"{side} adapter")
 
 
@@ -329,13 +329,13 @@ def serve(grid: Grid, bottom: State, main, strategy, want: Activations, *, round
         updates = []
         for node in chosen:
             record, update = train_client(grid, node, rnd, bottom, main, want, hooks.bars, max_steps=max_steps)
-            hooks.log(record)
+            hooks.log({**record, **update_norm(update, bottom)})
             if update is not None:
                 updates.append(update)
             hooks.bars.advance("clients")
         flops, seconds = main.take_compute()
         hooks.log({"type": "server", "round": rnd, "flops": flops, "seconds": seconds})
-        bottom, aggregated, note = aggregate(strategy, bottom, updates, min_replies=min_replies)
+        bottom, aggregated, note = aggregate(strategy, bottom, updates, min_replies=min_replies, privacy=hooks.privacy)
         loop.end(rnd, bottom, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
                  checkpoint=checkpoint)
     return bottom, loop.evaluations
@@ -414,10 +414,17 @@ def _needs(config, runtime: str) -> str | None:
     return None
 
 
+def _validate(config) -> None:
+    if config.peft.method in PROMPT_LEARNING:
+        raise ValueError(f"peft.method = {config.peft.method!r} does not run under federation.paradigm = 'split': "
+                         "virtual tokens act in the whole model's forward (prefix tuning in every layer, on both sides "
+                         f"of the cut). Use an injected method ({', '.join(INJECTED)}).")
+
+
 register(Paradigm(
     "split", "Split-FedLLM", "the model cut at split.cut_layer: clients train the bottom, the main server the top, "
     "activations and gradients every step", make_clients, run_server, section=("split", SplitConfig),
     # The top adapter and its optimizer live in the service's process when the main server is networked.
-    checkpoints=lambda config: config.runtime.checkpoint and not config.runtime.split_server,
-    strategy_label="fedavg (client part)", long_exchanges=True, needs=_needs,
+    checkpoints=lambda config: config.runtime.checkpoint and not config.runtime.split_server, averages_updates=True,
+    strategy_label="fedavg (client part)", long_exchanges=True, needs=_needs, validate=_validate,
 ))

@@ -330,7 +330,7 @@ def run_rank(c: cfg.Config, channel: Channel, out: str | Path | None, quiet: boo
         sticky = registry.get(c.federation.paradigm).stateful_clients
 
         def grid(ctx: RunContext, paradigm) -> DistributedGrid:
-            return DistributedGrid(paradigm.make_clients(ctx), channel, sticky=sticky)
+            return DistributedGrid(registry.wrap_clients(c, paradigm.make_clients(ctx)), channel, sticky=sticky)
 
         try:
             return experiment.run(c, out, quiet, grid_factory=grid)
@@ -342,7 +342,7 @@ def run_rank(c: cfg.Config, channel: Channel, out: str | Path | None, quiet: boo
         ctx = experiment.context(c, model, tokenizer, data, device, bars, log=lambda record: None, score=_server_only,
                                  path=Path(out or "."))
         try:
-            serve_worker(registry.get(c.federation.paradigm).make_clients(ctx), channel)
+            serve_worker(registry.wrap_clients(c, registry.get(c.federation.paradigm).make_clients(ctx)), channel)
         finally:
             ctx.close()
     finally:

@@ -336,7 +336,7 @@ def build_client(config_yaml: str, node_config: dict[str, Any]):
     ctx = experiment.context(c, model, tokenizer, data, device, bars, log=lambda record: None,
                              score=lambda: float("nan"), path=Path("."))
     try:
-        return registry.get(c.federation.paradigm).make_clients(ctx)[node], ctx
+        return registry.wrap_clients(c, registry.get(c.federation.paradigm).make_clients(ctx))[node], ctx
     except BaseException:
         ctx.close()
         model.unload()

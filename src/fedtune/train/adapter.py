@@ -30,18 +30,24 @@ _ADAPTER_PARAMS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.
 
 
 def adapter_params(model) -> dict[str, torch.nn.Parameter] | None:
-    """PEFT state-dict key -> the parameter that holds it, found once per model.
+    """The adapter's trainable state: key -> the parameter that holds it, found once per model.
 
-    ``get_peft_model_state_dict`` walks the whole model's state dict (~100 ms a call on the 135M model
-    on a CPU core), which would cost more than a client's training steps on a GPU. None when some
-    adapter entry is not a parameter of the model (then the PEFT functions are used).
+    The keys are PEFT's state-dict names, for the entries that train (FFA-LoRA's frozen A stays home).
+    When PEFT's saved entries are not the parameters themselves (prompt learning saves the virtual tokens'
+    embeddings, which P-tuning computes from its prompt encoder), the keys are the trainable parameters'
+    own names: what trains is what travels. ``get_peft_model_state_dict`` walks the whole model's state
+    dict (~100 ms a call on the 135M model on a CPU core), which would cost more than a client's training
+    steps on a GPU, hence the cache.
     """
     if model in _ADAPTER_PARAMS:
         return _ADAPTER_PARAMS[model]
     by_address = {p.data_ptr(): p for p in model.parameters() if p.numel()}
     state = get_peft_model_state_dict(model)
     found = {k: by_address.get(v.data_ptr()) for k, v in state.items()}
-    params = None if any(p is None or p.shape != state[k].shape for k, p in found.items()) else found
+    if any(p is None or p.shape != state[k].shape for k, p in found.items()):
+        params = {k: p for k, p in model.named_parameters() if p.requires_grad} or None
+    else:
+        params = {k: p for k, p in found.items() if p.requires_grad}
     _ADAPTER_PARAMS[model] = params
     return params
 

@@ -20,11 +20,18 @@ import torch.nn.functional as F
 
 from ..data.tasks import IGNORE
 from ..models import backbone
+from ..peft_methods import is_prompt_learning, prompt_hidden_states
 
 
 def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                   ) -> torch.Tensor:
-    """Last hidden states of the transformer body (no LM head), shape (batch, seq, hidden)."""
+    """Last hidden states of the transformer body (no LM head), shape (batch, seq, hidden).
+
+    A prompt-learning adapter's virtual tokens take part (`fedtune.peft_methods.prompt_hidden_states`);
+    the states returned are the input's positions either way.
+    """
+    if is_prompt_learning(model):
+        return prompt_hidden_states(model, backbone(model), input_ids, attention_mask)
     return backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
@@ -106,6 +113,8 @@ def label_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], token_i
     last = h[torch.arange(h.shape[0], device=h.device), batch["last"]]
     head = model.get_output_embeddings()
     ids = torch.tensor(token_ids, device=h.device)
+    if not head.weight.is_floating_point():  # a quantized head (QLoRA): its rows are packed, so run it whole
+        return head(last)[:, ids].float()
     logits = last @ head.weight[ids].T
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias[ids]

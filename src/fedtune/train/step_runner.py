@@ -53,6 +53,7 @@ from ..data.tasks import IGNORE, collate
 from ..flops import FlopCache
 from ..meter import ComputeMeter
 from ..models import backbone
+from ..peft_methods import graph_safe
 from .local_steps import TrainSettings, clip_and_step, make_optimizer
 from .losses import lm_loss, proximal_term, static_loss
 
@@ -307,8 +308,13 @@ class StepRunner:
 
 
 def make_runner(model, s: TrainSettings, *, device: torch.device, pad_id: int) -> StepRunner:
-    """The step runner clients of one shared model use (CUDA graphs on CUDA unless turned off)."""
+    """The step runner clients of one shared model use (CUDA graphs on CUDA unless turned off, or unless the
+    PEFT method is not plain LoRA: `fedtune.peft_methods.graph_safe`; those steps run eagerly, with a warning)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda and (s.cuda_graphs or s.compile) and not graph_safe(model):
+        warnings.warn("train.cuda_graphs / train.compile apply to plain LoRA (lora, rslora, ffa_lora); this "
+                      "peft.method runs its steps eagerly.", stacklevel=2)
+        cuda = False
     return StepRunner(model, lambda params, capturable: make_optimizer(params, s, capturable),
                       max_grad_norm=s.max_grad_norm, prox_mu=s.prox_mu, device=device, pad_id=pad_id,
-                      graphs=s.cuda_graphs and torch.device(device).type == "cuda", count_flops=s.count_flops,
-                      compile=s.compile and torch.device(device).type == "cuda")
+                      graphs=s.cuda_graphs and cuda, count_flops=s.count_flops, compile=s.compile and cuda)
