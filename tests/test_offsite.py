@@ -127,3 +127,76 @@ def test_end_to_end_run_counts_the_emulator_once_per_client(tmp_path):
         assert ("emulator_bytes" in r) == (r["client"] not in firsts)
         firsts.setdefault(r["client"], r["round"])
     assert summary["bytes_down"] == sum(r["bytes_down"] for r in clients)
+
+
+# --------------------------------------------------------------------------- the distilled emulator
+
+
+def test_distillation_lowers_the_middle_mse_on_held_out_text(six):
+    from fedtune.paradigms import offsite_distill as od
+
+    plan = off.layer_plan(6, 1, 1, 1)  # [0, 1, 5]: one of the four middle blocks kept
+    config, weights = off.build_emulator(six, plan)
+    student = off.plain_emulator(config.to_json_string(use_diff=False), weights, CPU)
+    g = torch.Generator().manual_seed(3)
+    train, held = torch.randint(0, 1000, (32, 12), generator=g), torch.randint(0, 1000, (8, 12), generator=g)
+    # The hook captures the state entering a block: check it against an independent forward with hidden states.
+    with torch.no_grad(), six.disable_adapter():
+        hs = six.get_base_model().model(input_ids=held[:2], output_hidden_states=True).hidden_states
+        torch.testing.assert_close(od.hidden_before(six, 5, held[:2]), hs[5], rtol=0, atol=0)
+    undistilled = od.middle_mse(six, student, held, 5, 2, 8, CPU)
+    bottom = {k: v.clone() for k, v in student.state_dict().items() if ".layers.1." not in k}
+    got = od.distil_middle(six, student, middle=[1], teacher_index=5, student_index=2, train_ids=train, held_ids=held,
+                           steps=40, lr=3e-3, batch_size=8, seed=0, device=CPU)
+    assert got["mse_before"] == pytest.approx(undistilled)
+    assert got["mse_after"] < 0.7 * undistilled  # on rows it never trained on
+    assert got["mse_after"] == pytest.approx(od.middle_mse(six, student, held, 5, 2, 8, CPU))
+    assert got["flops"] > 0 and len(got["losses"]) == 40 and got["losses"][-1] < got["losses"][0]
+    after = student.state_dict()
+    for k, v in bottom.items():  # only the middle block moved: adapter blocks, embeddings and head are the model's
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    new = od.weights_of(student, weights)
+    assert set(new) == set(weights)
+    assert not torch.equal(new["model.layers.1.mlp.up_proj.weight"], weights["model.layers.1.mlp.up_proj.weight"])
+    # The distilled emulator still takes the full model's adapters by name.
+    emulator = off.emulator_model(config.to_json_string(use_diff=False), new, PEFT, [0, 2], CPU)
+    assert set(off.to_emulator(adapter_state(six), plan, [0, 2])) == set(adapter_state(emulator))
+
+
+def test_distill_text_continues_the_public_prompt_prefix(tiny):
+    from fedtune.paradigms import offsite_distill as od
+
+    model, tokenizer = tiny
+    assert od.prompt_prefix("Support ticket: {text}\nIntent:") == "Support ticket: "
+    ids = od.distill_text(model, tokenizer, "Support ticket: ", 3, 10, 0, CPU, batch_size=2)
+    start = tokenizer("Support ticket: ")["input_ids"]
+    assert ids.shape == (3, 10) and ids[:, : len(start)].tolist() == [start] * 3
+    again = od.distill_text(model, tokenizer, "Support ticket: ", 3, 10, 0, CPU, batch_size=2)
+    assert torch.equal(ids, again)  # seeded
+
+
+def test_end_to_end_run_with_distillation_logs_its_cost(tmp_path, monkeypatch):
+    from fedtune import models
+
+    assert off.middle_blocks([0, 1, 3, 5], 1, 1, 3) == [1, 2]
+    with pytest.raises(ValueError, match="offsite.distill_steps = 3 needs middle blocks"):
+        off.middle_blocks([0, 1], 1, 1, 3)  # the 2-block tiny Llama has no middle
+    two = models.tiny_llama_config
+
+    def four_blocks(vocab_size):  # 1 + 2 middle + 1: the emulator keeps one middle block
+        config = two(vocab_size)
+        config.num_hidden_layers = 4
+        return config
+
+    monkeypatch.setattr(models, "tiny_llama_config", four_blocks)
+    monkeypatch.setattr(models, "_CACHE", {})  # load_base keeps the 2-block model per process
+    four = ["offsite.distill_steps=3", "offsite.distill_samples=8"]
+    four += ["offsite.distill_length=12", "federation.rounds=1"]
+    experiment.run(cfg.load(None, SMALL + four), tmp_path, quiet=True)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    m = saved["paradigm_metrics"]
+    assert m["distill_steps"] == 3 and m["distill_seconds"] > 0 and m["distill_flops"] > 0
+    assert m["distill_mse_before"] >= 0 and m["distill_mse_after"] >= 0
+    assert saved["server_flops"] >= m["distill_flops"]
+    with pytest.raises(ValueError, match="offsite.distill_steps"):
+        cfg.load(None, SMALL + ["offsite.distill_steps=-1"])

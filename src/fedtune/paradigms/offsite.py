@@ -59,12 +59,31 @@ class OffsiteConfig:
     """Blocks at the top of the model that carry adapters and are trained."""
     middle: int | None = None
     """Middle blocks the emulator keeps by uniform layer drop, frozen (null: a quarter of them, at least 1)."""
+    distill_steps: int = 0
+    """Steps the model owner distils the kept middle blocks to mimic the full middle before sending the emulator (0: plain layer drop)."""
+    distill_lr: float = 1e-4
+    """AdamW learning rate of the distillation."""
+    distill_samples: int = 64
+    """Public text rows the distillation trains on: continuations the full model samples from the start of ``data.prompt``."""
+    distill_length: int = 64
+    """Tokens per distillation row."""
+    distill_batch_size: int = 8
+    """Rows per distillation step."""
 
     def __post_init__(self) -> None:
         for name in ("bottom", "top"):
             if getattr(self, name) < 1:
                 raise ValueError(f"offsite.{name} = {getattr(self, name)!r} is not allowed: a positive integer "
                                  "(the adapter blocks).")
+        for name in ("distill_steps",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"offsite.{name} = {getattr(self, name)!r} is not allowed: 0 (no distillation) or "
+                                 "a positive integer.")
+        for name in ("distill_samples", "distill_length", "distill_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"offsite.{name} = {getattr(self, name)!r} is not allowed: a positive integer.")
+        if not self.distill_lr > 0:
+            raise ValueError(f"offsite.distill_lr = {self.distill_lr!r} is not allowed: a positive number.")
         if self.middle is not None and self.middle < 1:
             raise ValueError(f"offsite.middle = {self.middle!r} is not allowed: a positive integer, or null for a "
                              "quarter of the middle blocks.")
@@ -155,6 +174,14 @@ def lora_for(peft, layers: list[int]) -> LoraConfig:
 def emulator_model(config_json: str, weights: State, peft: dict[str, Any], layers: list[int],
                    device: torch.device, seed: int = 0):
     """The emulator as a frozen model with LoRA on its adapter blocks, from its config (JSON) and weights."""
+    model = plain_emulator(config_json, weights, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora_for(peft, layers))
+
+
+def plain_emulator(config_json: str, weights: State, device: torch.device):
+    """The emulator as a frozen plain causal LM (no adapter), from its config (JSON) and weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = json.loads(config_json)
@@ -171,9 +198,7 @@ def emulator_model(config_json: str, weights: State, peft: dict[str, Any], layer
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_peft_model(model, lora_for(peft, layers))
+    return model
 
 
 def emulator_message_parts(config, weights: State, plan: list[int], layers: list[int], peft: dict) -> tuple[State, dict]:
@@ -298,6 +323,8 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     plan = layer_plan(ctx.model.get_base_model().config.num_hidden_layers, o.bottom, o.top, o.middle)
     layers = adapter_layers(plan, o.bottom, o.top)
     config, weights = build_emulator(ctx.model, plan)
+    if o.distill_steps:
+        weights = distil(ctx, config, weights, plan)
     peft = _peft_dict(c.peft)
     emulator = emulator_model(config.to_json_string(use_diff=False), weights, peft, layers, ctx.device)
     full0 = adapter_state(ctx.model)
@@ -328,6 +355,39 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
                                hooks=hooks, min_replies=f.min_replies)
     plug(final)
     return evaluations
+
+
+def middle_blocks(plan: list[int], bottom: int, top: int, steps: int) -> list[int]:
+    """The emulator's middle block indices, which distillation trains; a clear error when there are none."""
+    middle = list(range(bottom, len(plan) - top))
+    if not middle:
+        raise ValueError(f"offsite.distill_steps = {steps} needs middle blocks to distil, and the emulator of this "
+                         f"{len(plan)}-block model with offsite.bottom = {bottom} and offsite.top = {top} has none: "
+                         "set offsite.distill_steps=0 or lower bottom/top.")
+    return middle
+
+
+def distil(ctx, config, weights: State, plan: list[int]) -> State:
+    """The emulator's weights with its kept middle blocks distilled (`offsite_distill`); logs the cost."""
+    from .offsite_distill import distil_middle, distill_text, prompt_prefix, weights_of
+
+    c, o = ctx.config, ctx.config.offsite
+    held = max(1, o.distill_samples // 4)
+    ids = distill_text(ctx.model, ctx.tokenizer, prompt_prefix(c.data.prompt), o.distill_samples + held,
+                       o.distill_length, c.seed + 3, ctx.device, batch_size=max(o.distill_batch_size, 16))
+    student = plain_emulator(config.to_json_string(use_diff=False), weights, ctx.device)
+    middle = middle_blocks(plan, o.bottom, o.top, o.distill_steps)
+    got = distil_middle(ctx.model, student, middle=middle, teacher_index=plan[-o.top], student_index=len(plan) - o.top,
+                        train_ids=ids[:o.distill_samples], held_ids=ids[o.distill_samples:], steps=o.distill_steps,
+                        lr=o.distill_lr, batch_size=o.distill_batch_size, seed=c.seed, device=ctx.device,
+                        count_flops=c.train.count_flops)
+    ctx.log({"type": "server", "round": 0, "what": "emulator distillation", "flops": got["flops"],
+             "seconds": got["seconds"]})
+    ctx.log({"type": "paradigm", "distill_steps": o.distill_steps, "distill_seconds": got["seconds"],
+             "distill_flops": got["flops"], "distill_mse_before": got["mse_before"],
+             "distill_mse_after": got["mse_after"], "distill_loss_first": got["losses"][0],
+             "distill_loss_last": got["losses"][-1]})
+    return weights_of(student, weights)
 
 
 def _validate(config) -> None:
