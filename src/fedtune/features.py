@@ -7,3 +7,5 @@ names it.
 """
 
 from __future__ import annotations
+
+from . import compression  # noqa: F401  (compression.kind | ratio | direction)

@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from .. import client_state
+from ..checkpoint import ClientStore
+from ..compression import ServerLink
 from ..data.tasks import Example
 from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
@@ -58,6 +61,7 @@ class FedPeftClient(ClientApp):
         bars: Bars | None = None,
         persistent_optimizer: bool = False,
         runner: StepRunner | None = None,
+        extras: client_state.ClientState | None = None,
     ) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
@@ -72,6 +76,7 @@ class FedPeftClient(ClientApp):
         self.persistent_optimizer = persistent_optimizer
         self.runner = runner or make_runner(model, settings, device=device, pad_id=pad_id)
         self._trained = False
+        self.extras = extras  # state kept between rounds (SCAFFOLD, compression), or None
 
     def __call__(self, msg: Message) -> Message:
         return self.start(msg)()
@@ -85,9 +90,12 @@ class FedPeftClient(ClientApp):
         host screens replies or prepares batches. Elsewhere the work is done when this returns.
         """
         rnd = int(meta_number(msg, "round", integer=True))
-        load_adapter_state(self.model, msg.tensors)
+        extras = self.extras
+        load_adapter_state(self.model, msg.tensors if extras is None else extras.open(rnd, msg.tensors))
         runner = self.runner
         runner.reset(keep_optimizer=self.persistent_optimizer and self._trained)
+        if extras is not None:
+            extras.correct(runner, self.model)
         self._trained = True
         steps = self.settings.steps_for(len(self.examples))
         # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
@@ -118,7 +126,8 @@ class FedPeftClient(ClientApp):
         def reply() -> Message:
             wait()
             values = losses.tolist()
-            return Message(state, {
+            tensors = state if extras is None else extras.close(rnd, state, len(values))
+            return Message(tensors, {
                 "kind": "fit_res",
                 "round": rnd,
                 "src": self.node_id,
@@ -156,6 +165,7 @@ def serve(
     hooks: ServerHooks,
     min_replies: int = 1,
     counts_bytes: bool = True,
+    link: ServerLink | None = None,
 ) -> tuple[State, list[dict[str, Any]]]:
     """Run the FedLLM round loop and return the final global state and the evaluations.
 
@@ -170,21 +180,30 @@ def serve(
         hooks: Evaluation, logging, checkpointing and progress.
         min_replies: Fewer valid replies than this keep the previous global state.
         counts_bytes: False for the centralized baseline, where nothing travels.
+        link: Compresses what goes down and decodes what comes up (`fedtune.compression`), or None.
     """
     expect = spec_of(global_state)
+    # SCAFFOLD sends its control variate beside the adapter and gets the clients' changes of theirs back.
+    payload = getattr(strategy, "payload", lambda state: state)
+    expect_up = strategy.reply_spec(expect) if hasattr(strategy, "reply_spec") else expect
     loop = RoundLoop(hooks, "FedLLM", nodes=grid.node_ids(), rounds=rounds, clients_per_round=clients_per_round,
                      seed=seed, eval_every=eval_every)
     saved = loop.resume({"global": expect}, device=next(iter(global_state.values())).device)
     if saved is not None:
         global_state = saved.tensors["global"]
         strategy.load_state_dict(saved.tensors.get("strategy", {}))
+        if link is not None:
+            link.load_state_dict(saved.tensors.get("link", {}))
     for rnd, chosen in loop:
-        messages = [Message(global_state, {"kind": "fit_ins", "round": rnd, "dst": n}) for n in chosen]
+        sent = payload(global_state)
+        messages = [Message(sent if link is None else link.send(n, rnd, sent), {"kind": "fit_ins", "round": rnd,
+                                                                                 "dst": n}) for n in chosen]
         down = [encoded_size(m) for m in messages]
         replies = exchange(grid, messages, lambda n: hooks.bars.advance("clients", by=n))
         updates = []
         for node, msg_bytes, reply in zip(chosen, down, replies):
-            fields, update = screen_reply(reply, lambda r: check(r, expect))
+            fields, update = screen_reply(reply, lambda r: check(r, expect_up), None if link is None else
+                                          lambda r: link.receive(node, r.tensors, expect_up))
             hooks.log({"type": "client", "round": rnd, "client": node,
                        "bytes_down": msg_bytes if counts_bytes else 0,
                        "bytes_up": encoded_size(reply) if counts_bytes else 0, **fields})
@@ -192,7 +211,8 @@ def serve(
                 updates.append(update)
         global_state, aggregated, note = aggregate(strategy, global_state, updates, min_replies=min_replies)
         loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
-                 checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
+                 checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict(),
+                                      **({"link": link.state_dict()} if link is not None else {})}, {}))
     return global_state, loop.evaluations
 
 
@@ -204,6 +224,7 @@ def fedpeft_settings(ctx) -> TrainSettings:
     c = ctx.config
     f, t = c.federation, c.train
     s = settings_from(c, prox_mu=f.prox_mu if f.paradigm == "fedprox" else 0.0)
+    s.control_variates = f.strategy == "scaffold"
     if f.paradigm == "centralized":
         # Same budget as the federation: per round, the steps (or examples) all sampled clients would take.
         s.local_steps = t.local_steps * f.clients_per_round if t.local_steps else None
@@ -217,9 +238,17 @@ def make_clients(ctx) -> dict[int, FedPeftClient]:
     centralized = ctx.config.federation.paradigm == "centralized"
     # One runner for all: clients share the model, and so its optimizer buffers and CUDA graphs.
     runner = make_runner(ctx.model, settings, device=ctx.device, pad_id=ctx.pad_id)
+    keeps, stores = client_state.needed(ctx.config), client_state.store_dir(ctx)
+    initial = adapter_state(ctx.model) if keeps else {}
+
+    def extras(i: int) -> client_state.ClientState | None:
+        store = ClientStore(stores / f"client-{i}.safetensors", ctx.config) if stores else None
+        return client_state.ClientState(i, ctx.config, initial, store) if keeps else None
+
     return {
         i: FedPeftClient(i, ctx.model, ctx.client_examples(i), settings, device=ctx.device, pad_id=ctx.pad_id,
-                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner)
+                         seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized, runner=runner,
+                         extras=extras(i))
         for i in range(len(ctx.data.parts))
     }
 
@@ -228,11 +257,13 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
     """The server side of a whole run; leaves the final global adapter in ``ctx.model`` and on disk."""
     f = ctx.config.federation
     centralized = f.paradigm == "centralized"
+    start = adapter_state(ctx.model)
     final, evaluations = serve(
-        grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
+        grid, start, make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f), f.num_clients),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
         eval_every=ctx.config.eval.every, hooks=ServerHooks.for_model(ctx), min_replies=1 if centralized else f.min_replies,
         counts_bytes=not centralized,
+        link=client_state.server_link(ctx.config, start) if ctx.config.compression.kind != "none" else None,
     )
     load_adapter_state(ctx.model, final)
     return evaluations
@@ -254,9 +285,10 @@ def _centralized_needs(config, runtime: str) -> str | None:
 
 
 register(Paradigm("fedpeft", "FedLLM", "LoRA adapters trained on clients and averaged by the server (FedAvg, "
-                  "FedAvgM, FedAdam)", make_clients, run_server, batched=_batched))
+                  "FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD)", make_clients, run_server, batched=_batched,
+                  needs=client_state.needs))
 register(Paradigm("fedprox", "FedLLM (FedProx)", "FedLLM whose clients add the proximal term federation.prox_mu",
-                  make_clients, run_server, batched=_batched))
+                  make_clients, run_server, batched=_batched, needs=client_state.needs))
 register(Paradigm("centralized", "centralized", "all training data on one client, the same step budget: the "
                   "reference point", make_clients, run_server, single_client=True, stateful_clients=True,
                   checkpoints=lambda config: False, needs=_centralized_needs))
