@@ -32,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from . import registry
 from .registry import Option, register_option
 from .wire import WireError
 
@@ -64,7 +65,7 @@ def _validate(config) -> None:
     if not 0 < c.ratio <= 1:
         raise ValueError(f"compression.ratio = {c.ratio!r} is not allowed: a fraction in (0, 1] of the update's "
                          "entries (e.g. 0.01).")
-    if config.federation.paradigm not in ("fedpeft", "fedprox"):
+    if not registry.get(config.federation.paradigm).update_link:
         raise ValueError(f"compression.kind = {c.kind!r} is not allowed with federation.paradigm = "
                          f"{config.federation.paradigm!r}: update compression applies to FedLLM (fedpeft, fedprox). "
                          "Set compression.kind: none.")

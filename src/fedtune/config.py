@@ -110,7 +110,7 @@ class FederationConfig:
     clients_per_round: int = 5
     rounds: int = 5
     strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"] = "fedavg"
-    """Server aggregation: FedAvg (weighted by examples), FedAvgM (server momentum), FedAdam, FedYogi, FedAdagrad, or SCAFFOLD (control variates on clients and server; fedpeft and fedprox, local runtime); see docs/strategies.md."""
+    """Server aggregation: FedAvg (weighted by examples), FedAvgM (server momentum), FedAdam, FedYogi, FedAdagrad, or SCAFFOLD (control variates on clients and server; fedpeft and fedprox with train.optimizer sgd, local runtime); see docs/paradigms.md."""
     server_lr: float | None = None
     """Server learning rate of FedAvgM / FedAdam / FedYogi / FedAdagrad / SCAFFOLD (null: their defaults, 1.0, 1e-3, 1e-3, 1e-2 and 1.0: `DEFAULT_SERVER_LR` in strategies.py; FedAvg ignores it)."""
     server_momentum: float = 0.9
@@ -323,7 +323,7 @@ def validate(c: Config) -> None:
         _fail("federation.max_weight", f.max_weight, "a multiple >= 1 of the median weight, or null (no cap)")
     if f.prox_mu < 0:
         _fail("federation.prox_mu", f.prox_mu, "a number >= 0")
-    if f.strategy == "scaffold" and f.paradigm not in ("fedpeft", "fedprox"):
+    if f.strategy == "scaffold" and not registry.get(f.paradigm).update_link:
         _fail("federation.strategy", f.strategy, "fedavg, fedavgm or fedadam with this paradigm: SCAFFOLD's clients "
               "keep control variates, which only federation.paradigm fedpeft and fedprox have")
     if f.strategy == "scaffold" and t.optimizer != "sgd":

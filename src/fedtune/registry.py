@@ -46,6 +46,8 @@ class Paradigm:
         batched: ``(clients) -> run_batch`` for ``runtime.batch_clients > 1`` (several clients in one pass), or None.
         needs: Why a runtime cannot run this config, or None: ``(config, runtime) -> str | None`` with
             runtime ``local``, ``flower`` or ``distributed``.
+        update_link: Its clients' adapter updates go through update compression (``compression.*``) and
+            may carry SCAFFOLD's control variates (`fedtune.client_state`).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Paradigm:
     long_exchanges: bool = False
     batched: Callable[[dict[int, Any]], Callable] | None = None
     needs: Callable[[Any, str], str | None] | None = None
+    update_link: bool = False
 
     def __post_init__(self) -> None:
         assert self.access in ACCESS, f"paradigm {self.name}: access {self.access!r} is not one of {ACCESS}"

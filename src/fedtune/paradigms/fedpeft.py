@@ -286,9 +286,9 @@ def _centralized_needs(config, runtime: str) -> str | None:
 
 register(Paradigm("fedpeft", "FedLLM", "LoRA adapters trained on clients and averaged by the server (FedAvg, "
                   "FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD)", make_clients, run_server, batched=_batched,
-                  needs=client_state.needs))
+                  needs=client_state.needs, update_link=True))
 register(Paradigm("fedprox", "FedLLM (FedProx)", "FedLLM whose clients add the proximal term federation.prox_mu",
-                  make_clients, run_server, batched=_batched, needs=client_state.needs))
+                  make_clients, run_server, batched=_batched, needs=client_state.needs, update_link=True))
 register(Paradigm("centralized", "centralized", "all training data on one client, the same step budget: the "
                   "reference point", make_clients, run_server, single_client=True, stateful_clients=True,
                   checkpoints=lambda config: False, needs=_centralized_needs))
