@@ -91,10 +91,16 @@ def main() -> None:
         results[name] = c
     (out / "compression_sst2.json").write_text(json.dumps(
         {"what": "examples/sst2-dirichlet.yaml, FedAvg, client lr 3e-3 (AdamW) unless the run says otherwise, "
-                 "12 rounds, every run in its own process on one GPU", "target": a.target,
+                 "every run in its own process, all at once", "overrides": a.set, "device": _device(),
+         "target": a.target,
          "wall_s": time.time() - start, "runs": results}, indent=1))
     for name, c in results.items():
         print(name, c.get("returncode"), list(c["accuracy"].values())[-3:], c["bytes_to_target"])
+
+
+def _device() -> str:
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
 
 def plot(path: Path) -> None:
@@ -110,6 +116,9 @@ def plot(path: Path) -> None:
         ax.plot([c["bytes"][r] / 2**20 for r in rounds], [c["accuracy"][r] for r in rounds], marker="o", ms=3,
                 label=name)
     ax.axhline(d["target"], color="grey", ls="--", lw=0.8)
+    fp32 = d["runs"].get("fp32", {}).get("bytes_to_target")
+    if fp32:
+        ax.axvline(0.1 * fp32 / 2**20, color="grey", ls=":", lw=0.8, label="0.1 x fp32's bytes to target")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative MiB, up + down, all clients")
     ax.set_ylabel("SST-2 accuracy (300 dev rows)")
