@@ -35,7 +35,7 @@ class ConfigError(ValueError):
     """A user mistake in a config file or an override."""
 
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")
 MAX_LR = 10.0
 """Largest ``train.lr`` accepted: anything above trains nothing but noise."""
 MAX_LENGTH = 1_048_576
@@ -112,12 +112,12 @@ class FederationConfig:
     num_clients: int = 10
     clients_per_round: int = 5
     rounds: int = 5
-    strategy: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
-    """Server aggregation: FedAvg (weighted by examples), FedAvgM (server momentum) or FedAdam."""
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"] = "fedavg"
+    """Server aggregation: FedAvg (weighted by examples), FedAvgM (server momentum), FedAdam, FedYogi, FedAdagrad, or SCAFFOLD (control variates on clients and server; fedpeft and fedprox with train.optimizer sgd, local runtime); see docs/paradigms.md."""
     server_lr: float | None = None
-    """Server learning rate of FedAvgM / FedAdam (null: their defaults, 1.0 and 1e-3: `DEFAULT_SERVER_LR` in strategies.py; FedAvg ignores it)."""
+    """Server learning rate of FedAvgM / FedAdam / FedYogi / FedAdagrad / SCAFFOLD (null: their defaults, 1.0, 1e-3, 1e-3, 1e-2 and 1.0: `DEFAULT_SERVER_LR` in strategies.py; FedAvg ignores it)."""
     server_momentum: float = 0.9
-    """FedAvgM momentum, FedAdam beta1."""
+    """FedAvgM momentum; beta1 of FedAdam, FedYogi and FedAdagrad."""
     prox_mu: float = 0.01
     """FedProx proximal coefficient (used when paradigm is fedprox)."""
     min_replies: int = 1
@@ -336,6 +336,15 @@ def validate(c: Config) -> None:
         _fail("federation.max_weight", f.max_weight, "a multiple >= 1 of the median weight, or null (no cap)")
     if f.prox_mu < 0:
         _fail("federation.prox_mu", f.prox_mu, "a number >= 0")
+    if f.strategy == "scaffold" and not registry.get(f.paradigm).update_link:
+        _fail("federation.strategy", f.strategy, "fedavg, fedavgm or fedadam with this paradigm: SCAFFOLD's clients "
+              "keep control variates, which only federation.paradigm fedpeft and fedprox have")
+    if f.strategy == "scaffold" and t.optimizer != "sgd":
+        _fail("train.optimizer", t.optimizer, "sgd with federation.strategy scaffold: its control variates (option "
+              "II, (x - y) / (K lr)) are the mean gradient only for SGD steps", "Set train.optimizer: sgd.")
+    if f.strategy == "scaffold" and c.runtime.batch_clients > 1:
+        _fail("runtime.batch_clients", c.runtime.batch_clients, "1 with federation.strategy scaffold (its clients "
+              "correct their gradients one at a time)")
     if not 0 < d.test_fraction < 1:
         _fail("data.test_fraction", d.test_fraction, "a number strictly between 0 and 1")
     if not 0 < d.validation_fraction < 1:

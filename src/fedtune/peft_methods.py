@@ -140,6 +140,8 @@ def validate(c) -> None:
         raise ValueError(f"peft.client_ranks / peft.aggregation = {p.aggregation!r} apply to federation.paradigm "
                          f"{' or '.join(allowed)}, not {f.paradigm!r}.")
     for field, on in (("privacy.dp", getattr(getattr(c, "privacy", None), "dp", "none") != "none"),
+                      ("compression.kind", getattr(getattr(c, "compression", None), "kind", "none") != "none"),
+                      ("federation.strategy=scaffold", f.strategy == "scaffold"),
                       ("secagg.enabled", getattr(getattr(c, "secagg", None), "enabled", False))):
         if on:
             raise ValueError(f"{field} does not apply to the rank-aware round loop of peft.client_ranks / "

@@ -325,6 +325,10 @@ def validate(config) -> None:
         raise ValueError(f"privacy.dp = {p.dp!r} needs a paradigm that averages client updates ({', '.join(averaging)}), "
                          f"not federation.paradigm = {config.federation.paradigm!r}: set privacy.dp=none or change "
                          "the paradigm.")
+    if config.federation.strategy == "scaffold":
+        raise ValueError(f"privacy.dp = {p.dp!r} with federation.strategy = 'scaffold' is not supported: SCAFFOLD's "
+                         "control variates travel beside the update unclipped. Choose fedavg, fedavgm, fedadam, "
+                         "fedyogi or fedadagrad, or set privacy.dp=none.")
     if config.federation.aggregator != "mean":
         raise ValueError(f"privacy.dp = {p.dp!r} with federation.aggregator = {config.federation.aggregator!r}: DP-FedAvg's "
                          "guarantee is for the noisy mean of clipped updates (the clipping already bounds each "

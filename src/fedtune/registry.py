@@ -50,6 +50,8 @@ class Paradigm:
             client-level DP and the update attacks act on).
         lora_ranks: Clients may train LoRA ranks of their own, aggregated rank-aware (``peft.client_ranks``,
             ``peft.aggregation``; `fedtune.paradigms.fedpeft_ranks`).
+        update_link: Its clients' adapter updates go through update compression (``compression.*``) and
+            may carry SCAFFOLD's control variates (`fedtune.client_state`).
     """
 
     name: str
@@ -71,6 +73,7 @@ class Paradigm:
     needs: Callable[[Any, str], str | None] | None = None
     averages_updates: bool = False
     lora_ranks: bool = False
+    update_link: bool = False
 
     def __post_init__(self) -> None:
         assert self.access in ACCESS, f"paradigm {self.name}: access {self.access!r} is not one of {ACCESS}"

@@ -273,17 +273,21 @@ def update_norm(update: tuple | None, reference: State) -> dict[str, float]:
     return {"update_norm": math.sqrt(total)}
 
 
-def screen_reply(reply: Message, validate: Callable[[Message], None]) -> tuple[dict[str, Any], tuple | None]:
+def screen_reply(reply: Message, validate: Callable[[Message], None],
+                 decode: Callable[[Message], dict[str, torch.Tensor]] | None = None) -> tuple[dict[str, Any], tuple | None]:
     """Sort a client's reply into ok / rejected / failed.
 
     Returns the fields for its metrics record and, when it is usable, the update
     ``(tensors, num_examples)``; `validate` raises `WireError` for a malformed reply. ``num_examples``
     must be an integer in [1, 2**53] (not a bool, a string, NaN, Infinity or 10**400); reported metrics
-    of the wrong type or range are dropped with the reason (`screen_metrics`).
+    of the wrong type or range are dropped with the reason (`screen_metrics`). ``decode`` gives a compressed
+    reply's full tensors (`fedtune.compression`), validated and returned in its place.
     """
     if is_error(reply):
         return {"status": "failed", "error": str(reply.meta.get("error", ""))[:500]}, None
     try:
+        if decode is not None:
+            reply = Message(decode(reply), reply.meta)
         validate(reply)
         n = meta_number(reply, "num_examples", integer=True, maximum=MAX_NUM_EXAMPLES)
     except (WireError, KeyError, TypeError, ValueError, OverflowError) as err:

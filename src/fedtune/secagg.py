@@ -123,6 +123,12 @@ def validate(c) -> None:
     if f.paradigm not in PARADIGMS:
         raise ValueError(f"secagg.enabled = true works with federation.paradigm {' or '.join(PARADIGMS)} (the servers "
                          f"that average adapters through it), not {f.paradigm!r}: set secagg.enabled=false.")
+    comp = getattr(getattr(c, "compression", None), "kind", "none")
+    if comp != "none" or f.strategy == "scaffold":
+        what = f"compression.kind = {comp!r}" if comp != "none" else "federation.strategy = 'scaffold'"
+        raise ValueError(f"{what} with secagg.enabled = true is not supported: secure aggregation masks the plain "
+                         "adapter update. Set compression.kind=none and a strategy other than scaffold, or "
+                         "secagg.enabled=false.")
     dp = getattr(getattr(c, "privacy", None), "dp", "none")
     if dp != "none":
         raise ValueError(f"privacy.dp = {dp!r} with secagg.enabled = true is not supported: DP clips each update where "

@@ -166,6 +166,132 @@ class FedAdam:
         _load_buffers(self, state, ("m", "v"))
 
 
+class FedYogi:
+    """FedYogi (Reddi et al., 2021, Algorithm 2): FedAdam with Yogi's additive second moment,
+    v = v - (1 - beta2) g^2 sign(v - g^2), which grows or shrinks v by at most (1 - beta2) g^2 a round.
+
+    Buffers start at zero, as in Flower's FedYogi (the paper starts v at tau^2 or more; from zero the first
+    round's v is (1 - beta2) g^2, as FedAdam's).
+    """
+
+    name = "fedyogi"
+    DEFAULT_SERVER_LR = 1e-3
+    """``federation.server_lr`` when unset (FedAdam's; Flower's FedYogi uses 1e-2 on full models)."""
+
+    def __init__(self, server_lr: float = DEFAULT_SERVER_LR, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3) -> None:
+        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        self.m: State = {}
+        self.v: State = {}
+        self.aggregator: Aggregator | None = None
+
+    def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        def second_moment(v: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+            return v.sub_((1 - self.beta2) * g2 * torch.sign(v - g2))
+        return _adaptive_step(self, global_state, updates, second_moment)
+
+    def state_dict(self) -> State:
+        return _buffers(self, ("m", "v"))
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_buffers(self, state, ("m", "v"))
+
+
+class FedAdagrad:
+    """FedAdagrad (Reddi et al., 2021, Algorithm 2): v = v + g^2, the sum of every round's squared
+    pseudo-gradient; m = beta1 m + (1 - beta1) g (``federation.server_momentum``; 0 gives Flower's FedAdagrad,
+    which has no momentum); w += lr m / (sqrt(v) + tau)."""
+
+    name = "fedadagrad"
+    DEFAULT_SERVER_LR = 1e-2
+    """``federation.server_lr`` when unset: ten times FedAdam's, since v only grows (Flower's is 1e-1)."""
+
+    def __init__(self, server_lr: float = DEFAULT_SERVER_LR, beta1: float = 0.9, tau: float = 1e-9) -> None:
+        self.server_lr, self.beta1, self.tau = server_lr, beta1, tau
+        self.m: State = {}
+        self.v: State = {}
+        self.aggregator: Aggregator | None = None
+
+    def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        return _adaptive_step(self, global_state, updates, lambda v, g2: v.add_(g2))
+
+    def state_dict(self) -> State:
+        return _buffers(self, ("m", "v"))
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_buffers(self, state, ("m", "v"))
+
+
+def _adaptive_step(strategy, global_state: State, updates: Sequence[Update], second_moment) -> State:
+    """One round of an adaptive server optimizer (Reddi et al., 2021, Algorithm 2) with pseudo-gradient
+    g = mean - w: m = beta1 m + (1 - beta1) g; v = second_moment(v, g^2) (in place); w += lr m / (sqrt(v) + tau)."""
+    s = strategy
+    mean = average(global_state, updates, s.aggregator)
+    new: State = {}
+    for k, w in global_state.items():
+        g = mean[k].to(w.device) - w.float()
+        m = s.m.get(k, torch.zeros_like(g)).mul_(s.beta1).add_(g, alpha=1 - s.beta1)
+        v = second_moment(s.v.get(k, torch.zeros_like(g)), g * g)
+        s.m[k], s.v[k] = m, v
+        new[k] = (w.float() + s.server_lr * m / (v.sqrt() + s.tau)).to(w.dtype)
+    return new
+
+
+CONTROL = "scaffold/"
+"""Prefix of the control-variate tensors in SCAFFOLD's messages: the server's ``c`` goes down beside the
+adapter, each client's change ``delta c_i`` comes back beside its adapter (the payload doubles)."""
+
+
+class Scaffold:
+    """SCAFFOLD (Karimireddy et al., 2020, Algorithm 1), the server side.
+
+    Clients correct every local gradient by ``c - c_i`` and reply their adapter ``y_i`` and the change of
+    their control variate ``delta c_i`` (`fedtune.scaffold`). The server moves
+    ``w += lr * (mean(y) - w)`` (the example-weighted mean, or the robust average; the paper's uniform
+    mean is the equal-sizes case) and ``c += (1 / N) * sum(delta c_i)`` over the round's clients, N being
+    all clients (``federation.num_clients``).
+    """
+
+    name = "scaffold"
+    DEFAULT_SERVER_LR = 1.0
+    """``federation.server_lr`` when unset (the paper's eta_g = 1: the new global is the clients' mean)."""
+
+    def __init__(self, server_lr: float = DEFAULT_SERVER_LR, num_clients: int = 1) -> None:
+        if num_clients < 1:
+            raise ValueError(f"SCAFFOLD needs num_clients >= 1, got {num_clients}")
+        self.server_lr, self.num_clients = server_lr, num_clients
+        self.c: State = {}
+        self.aggregator: Aggregator | None = None
+
+    def payload(self, global_state: State) -> State:
+        """What goes down to a client: the global adapter and the server's control variate (zero at first)."""
+        return {**global_state, **{CONTROL + k: self.c[k] if k in self.c else torch.zeros_like(w, dtype=torch.float32)
+                                   for k, w in global_state.items()}}
+
+    def reply_spec(self, spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict:
+        """What a client's reply holds: the adapter and one float32 ``delta c_i`` per adapter tensor."""
+        return {**spec, **{CONTROL + k: (shape, torch.float32) for k, (shape, _) in spec.items()}}
+
+    def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        adapters = [({k: s[k] for k in global_state}, n) for s, n in updates]
+        mean = average(global_state, adapters, self.aggregator)
+        new: State = {}
+        for k, w in global_state.items():
+            new[k] = (w.float() + self.server_lr * (mean[k].to(w.device) - w.float())).to(w.dtype)
+            c = self.c.get(k, torch.zeros_like(w, dtype=torch.float32))
+            total = torch.zeros_like(c)
+            for s, _ in updates:
+                total.add_(s[CONTROL + k].to(c.device, torch.float32))
+            self.c[k] = c + total / self.num_clients
+        return new
+
+    def state_dict(self) -> State:
+        return _buffers(self, ("c",))
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_buffers(self, state, ("c",))
+
+
 def _buffers(strategy, names: tuple[str, ...]) -> State:
     """The strategy's buffer dicts flattened to ``"<buffer>:<key>" -> tensor`` (copies)."""
     return {f"{b}:{k}": t.detach().clone() for b in names for k, t in getattr(strategy, b).items()}
@@ -184,10 +310,13 @@ def _load_buffers(strategy, state: Mapping[str, torch.Tensor], names: tuple[str,
         setattr(strategy, b, buf)
 
 
-def make_strategy(name: str, server_lr: float | None, momentum: float, aggregator: Aggregator | None = None):
+def make_strategy(name: str, server_lr: float | None, momentum: float, aggregator: Aggregator | None = None,
+                  num_clients: int | None = None):
     """Build a strategy from its config name (``federation.strategy``); ``server_lr=None`` picks its default.
 
     ``aggregator`` (``federation.aggregator`` and its parameters) is the average the strategy starts from.
+    ``num_clients`` (all clients, ``federation.num_clients``) is SCAFFOLD's N; only a paradigm whose clients
+    keep control variates (fedpeft, fedprox) passes it.
     """
     if name == "fedavg":
         strategy = FedAvg()
@@ -195,8 +324,20 @@ def make_strategy(name: str, server_lr: float | None, momentum: float, aggregato
         strategy = FedAvgM(server_lr=FedAvgM.DEFAULT_SERVER_LR if server_lr is None else server_lr, momentum=momentum)
     elif name == "fedadam":
         strategy = FedAdam(server_lr=FedAdam.DEFAULT_SERVER_LR if server_lr is None else server_lr, beta1=momentum)
+    elif name == "fedyogi":
+        strategy = FedYogi(server_lr=FedYogi.DEFAULT_SERVER_LR if server_lr is None else server_lr, beta1=momentum)
+    elif name == "fedadagrad":
+        strategy = FedAdagrad(server_lr=FedAdagrad.DEFAULT_SERVER_LR if server_lr is None else server_lr,
+                              beta1=momentum)
+    elif name == "scaffold":
+        if num_clients is None:
+            raise ValueError("federation.strategy = 'scaffold' needs clients that keep control variates: use it "
+                             "with federation.paradigm fedpeft or fedprox.")
+        strategy = Scaffold(server_lr=Scaffold.DEFAULT_SERVER_LR if server_lr is None else server_lr,
+                            num_clients=num_clients)
     else:
-        raise ValueError(f"federation.strategy = {name!r} is not one of fedavg, fedavgm, fedadam")
+        raise ValueError(f"federation.strategy = {name!r} is not one of fedavg, fedavgm, fedadam, fedyogi, "
+                         "fedadagrad, scaffold")
     strategy.aggregator = aggregator
     return strategy
 

@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from .. import client_state
+from ..checkpoint import ClientStore
+from ..compression import ServerLink
 from ..data.tasks import Example
 from ..grid import ClientApp, Grid, exchange
 from ..meter import ComputeMeter
@@ -64,6 +67,7 @@ class FedPeftClient(ClientApp):
         persistent_optimizer: bool = False,
         runner: StepRunner | None = None,
         rank: int | None = None,
+        extras: client_state.ClientState | None = None,
     ) -> None:
         if not examples:
             raise ValueError(f"client {node_id} has no training examples")
@@ -79,6 +83,7 @@ class FedPeftClient(ClientApp):
         self.runner = runner or make_runner(model, settings, device=device, pad_id=pad_id)
         self.rank = rank  # a LoRA rank of its own (peft.client_ranks): zero-padded in, truncated out
         self._trained = False
+        self.extras = extras  # state kept between rounds (SCAFFOLD, compression), or None
 
     def __call__(self, msg: Message) -> Message:
         return self.start(msg)()
@@ -92,9 +97,13 @@ class FedPeftClient(ClientApp):
         host screens replies or prepares batches. Elsewhere the work is done when this returns.
         """
         rnd = int(meta_number(msg, "round", integer=True))
-        load_adapter_state(self.model, msg.tensors if self.rank is None else ranked_in(self.model, msg.tensors))
+        extras = self.extras
+        tensors = msg.tensors if extras is None else extras.open(rnd, msg.tensors)
+        load_adapter_state(self.model, tensors if self.rank is None else ranked_in(self.model, tensors))
         runner = self.runner
         runner.reset(keep_optimizer=self.persistent_optimizer and self._trained)
+        if extras is not None:
+            extras.correct(runner, self.model)
         self._trained = True
         steps = self.settings.steps_for(len(self.examples))
         # Seeded by (run seed, round, client) so results do not depend on the order clients run in.
@@ -125,7 +134,9 @@ class FedPeftClient(ClientApp):
         def reply() -> Message:
             wait()
             values = losses.tolist()
-            return Message(state if self.rank is None else la.truncate(state, self.rank), {
+            mine = state if self.rank is None else la.truncate(state, self.rank)
+            tensors = mine if extras is None else extras.close(rnd, mine, len(values))
+            return Message(tensors, {
                 "kind": "fit_res",
                 "round": rnd,
                 "src": self.node_id,
@@ -165,6 +176,7 @@ def serve(
     counts_bytes: bool = True,
     secure=None,
     after_aggregate: Callable[[int, State], State] | None = None,
+    link: ServerLink | None = None,
 ) -> tuple[State, list[dict[str, Any]]]:
     """Run the FedLLM round loop and return the final global state and the evaluations.
 
@@ -183,14 +195,20 @@ def serve(
             aggregation instead (the server sees only the masked sum of the updates).
         after_aggregate: ``(round, state) -> state``: the server's own step on a freshly aggregated state
             (constitutional AI, `fedtune.cai`), or None.
+        link: Compresses what goes down and decodes what comes up (`fedtune.compression`), or None.
     """
     expect = spec_of(global_state)
+    # SCAFFOLD sends its control variate beside the adapter and gets the clients' changes of theirs back.
+    payload = getattr(strategy, "payload", lambda state: state)
+    expect_up = strategy.reply_spec(expect) if hasattr(strategy, "reply_spec") else expect
     loop = RoundLoop(hooks, "FedLLM", nodes=grid.node_ids(), rounds=rounds, clients_per_round=clients_per_round,
                      seed=seed, eval_every=eval_every)
     saved = loop.resume({"global": expect}, device=next(iter(global_state.values())).device)
     if saved is not None:
         global_state = saved.tensors["global"]
         strategy.load_state_dict(saved.tensors.get("strategy", {}))
+        if link is not None:
+            link.load_state_dict(saved.tensors.get("link", {}))
     for rnd, chosen in loop:
         if secure is not None:  # secure aggregation: the round's exchange and average in one (fedtune.secagg)
             global_state, ok, aggregated, note = secure.round(
@@ -201,12 +219,15 @@ def serve(
             loop.end(rnd, global_state, replies=ok, sampled=len(chosen), aggregated=aggregated, note=note,
                      checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
             continue
-        messages = [Message(global_state, {"kind": "fit_ins", "round": rnd, "dst": n}) for n in chosen]
+        sent = payload(global_state)
+        messages = [Message(sent if link is None else link.send(n, rnd, sent), {"kind": "fit_ins", "round": rnd,
+                                                                                 "dst": n}) for n in chosen]
         down = [encoded_size(m) for m in messages]
         replies = exchange(grid, messages, lambda n: hooks.bars.advance("clients", by=n))
         updates = []
         for node, msg_bytes, reply in zip(chosen, down, replies):
-            fields, update = screen_reply(reply, lambda r: check(r, expect))
+            fields, update = screen_reply(reply, lambda r: check(r, expect_up), None if link is None else
+                                          lambda r: link.receive(node, r.tensors, expect_up))
             hooks.log({"type": "client", "round": rnd, "client": node,
                        "bytes_down": msg_bytes if counts_bytes else 0,
                        "bytes_up": encoded_size(reply) if counts_bytes else 0, **fields,
@@ -218,7 +239,8 @@ def serve(
         if aggregated and after_aggregate is not None:
             global_state = after_aggregate(rnd, global_state)
         loop.end(rnd, global_state, replies=len(updates), sampled=len(chosen), aggregated=aggregated, note=note,
-                 checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict()}, {}))
+                 checkpoint=lambda: ({"global": global_state, "strategy": strategy.state_dict(),
+                                      **({"link": link.state_dict()} if link is not None else {})}, {}))
     return global_state, loop.evaluations
 
 
@@ -230,6 +252,7 @@ def fedpeft_settings(ctx) -> TrainSettings:
     c = ctx.config
     f, t = c.federation, c.train
     s = settings_from(c, prox_mu=f.prox_mu if f.paradigm == "fedprox" else 0.0)
+    s.control_variates = f.strategy == "scaffold"
     if f.paradigm == "centralized":
         # Same budget as the federation: per round, the steps (or examples) all sampled clients would take.
         s.local_steps = t.local_steps * f.clients_per_round if t.local_steps else None
@@ -244,10 +267,17 @@ def make_clients(ctx) -> dict[int, FedPeftClient]:
     # One runner for all: clients share the model, and so its optimizer buffers and CUDA graphs.
     runner = make_runner(ctx.model, settings, device=ctx.device, pad_id=ctx.pad_id)
     ranked = ranks_apply(ctx.config) and not centralized
+    keeps, stores = client_state.needed(ctx.config), client_state.store_dir(ctx)
+    initial = adapter_state(ctx.model) if keeps else {}
+
+    def extras(i: int) -> client_state.ClientState | None:
+        store = ClientStore(stores / f"client-{i}.safetensors", ctx.config) if stores else None
+        return client_state.ClientState(i, ctx.config, initial, store) if keeps else None
+
     return wrap_clients(ctx.config, {
         i: FedPeftClient(i, ctx.model, safety_filter.client_examples(ctx, i), settings, device=ctx.device,
                          pad_id=ctx.pad_id, seed=ctx.config.seed, bars=ctx.bars, persistent_optimizer=centralized,
-                         runner=runner, rank=client_rank(ctx.config.peft, i) if ranked else None)
+                         runner=runner, rank=client_rank(ctx.config.peft, i) if ranked else None, extras=extras(i))
         for i in range(len(ctx.data.parts))
     })
 
@@ -264,11 +294,13 @@ def run_server(ctx, grid: Grid) -> list[dict[str, Any]]:
         final, evaluations = run_ranked(ctx, grid)
         load_adapter_state(ctx.model, final)
         return evaluations
+    start = adapter_state(ctx.model)
     final, evaluations = serve(
-        grid, adapter_state(ctx.model), make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f)),
+        grid, start, make_strategy(f.strategy, f.server_lr, f.server_momentum, aggregator_of(f), f.num_clients),
         rounds=f.rounds, clients_per_round=1 if centralized else f.clients_per_round, seed=ctx.config.seed,
         eval_every=ctx.config.eval.every, hooks=ServerHooks.for_model(ctx), min_replies=1 if centralized else f.min_replies,
         counts_bytes=not centralized, secure=secure, after_aggregate=cai.step_for(ctx),
+        link=client_state.server_link(ctx.config, start) if ctx.config.compression.kind != "none" else None,
     )
     load_adapter_state(ctx.model, final)
     return evaluations
@@ -294,10 +326,11 @@ def _centralized_needs(config, runtime: str) -> str | None:
 
 
 register(Paradigm("fedpeft", "FedLLM", "LoRA adapters trained on clients and averaged by the server (FedAvg, "
-                  "FedAvgM, FedAdam)", make_clients, run_server, batched=_batched, averages_updates=True,
-                  lora_ranks=True))
+                  "FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD)", make_clients, run_server, batched=_batched,
+                  needs=client_state.needs, update_link=True, averages_updates=True, lora_ranks=True))
 register(Paradigm("fedprox", "FedLLM (FedProx)", "FedLLM whose clients add the proximal term federation.prox_mu",
-                  make_clients, run_server, batched=_batched, averages_updates=True, lora_ranks=True))
+                  make_clients, run_server, batched=_batched, needs=client_state.needs, update_link=True,
+                  averages_updates=True, lora_ranks=True))
 register(Paradigm("centralized", "centralized", "all training data on one client, the same step budget: the "
                   "reference point", make_clients, run_server, single_client=True, stateful_clients=True,
                   checkpoints=lambda config: False, needs=_centralized_needs))

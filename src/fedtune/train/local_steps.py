@@ -25,6 +25,8 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     prox_mu: float = 0.0
+    control_variates: bool = False
+    """SCAFFOLD: the runner adds a per-parameter correction to every gradient (`fedtune.scaffold`)."""
     count_flops: bool = True
     cuda_graphs: bool = True
     compile: bool = False
@@ -73,13 +75,17 @@ def round_rng(seed: int, rnd: int, node: int) -> tuple[random.Random, int]:
 
 
 def clip_and_step(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
-                  clip: Callable[[Sequence[torch.Tensor], float], object] | None = None) -> None:
+                  clip: Callable[[Sequence[torch.Tensor], float], object] | None = None,
+                  correction: Sequence[torch.Tensor] | None = None) -> None:
     """Clip the gradients of `params` to `max_grad_norm` (one norm over all; none when unset) and step.
 
     ``clip`` replaces the one-norm clipping (batched clients clip each client's slices by its own norm).
+    ``correction`` (one tensor per parameter) is added to the clipped gradients: SCAFFOLD's ``c - c_i``.
     """
     if max_grad_norm:
         (clip or torch.nn.utils.clip_grad_norm_)(params, max_grad_norm)
+    if correction is not None:
+        torch._foreach_add_([p.grad for p in params], list(correction))
     optimizer.step()
 
 

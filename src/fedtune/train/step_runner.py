@@ -96,13 +96,14 @@ class StepRunner:
             It must not synchronise with the host (it is captured in the graph).
         clip: ``clip(params, max_norm)`` clips the gradients in place; default: one norm over all ``params``
             (`torch.nn.utils.clip_grad_norm_`).
+        correction: Keep one buffer per parameter (`correction`) added to every clipped gradient (SCAFFOLD).
     """
 
     def __init__(self, model, make_optimizer, *, max_grad_norm: float | None, prox_mu: float,
                  device: torch.device, pad_id: int, graphs: bool | None = None, bucket: int = 64,
                  count_flops: bool = True, compile: bool = False, static: bool | None = None,
                  params: list[torch.Tensor] | None = None, loss: Callable | None = None,
-                 clip: Callable[[list[torch.Tensor], float], Any] | None = None) -> None:
+                 clip: Callable[[list[torch.Tensor], float], Any] | None = None, correction: bool = False) -> None:
         self.model = model
         self.params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.device = torch.device(device)
@@ -126,6 +127,8 @@ class StepRunner:
         self._loss = torch.compile(self._loss_eager, dynamic=False) if compile else self._loss_eager
         self._clip = clip or _clip_all
         self.anchor = [torch.zeros_like(p) for p in self.params] if prox_mu > 0 else None
+        # SCAFFOLD's c - c_i, added to each clipped gradient; static buffers a client fills before its steps.
+        self.correction = [torch.zeros_like(p) for p in self.params] if correction else None
         dtypes = {p.dtype for p in backbone(model).parameters() if not p.requires_grad}
         low = [d for d in dtypes if d in (torch.bfloat16, torch.float16)]
         self.autocast_dtype = low[0] if low and self.device.type == "cuda" else None
@@ -217,7 +220,7 @@ class StepRunner:
     def _finish_step(self, loss: torch.Tensor) -> None:
         total = loss + proximal_term(self.params, self.anchor, self.prox_mu) if self.anchor is not None else loss
         total.backward()
-        clip_and_step(self.params, self.optimizer, self.max_grad_norm, self._clip)
+        clip_and_step(self.params, self.optimizer, self.max_grad_norm, self._clip, self.correction)
 
     def _static_loss(self, ids: torch.Tensor, labels: torch.Tensor, eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(the scalar to minimise, what the step records as its loss) of the static step."""
@@ -317,4 +320,5 @@ def make_runner(model, s: TrainSettings, *, device: torch.device, pad_id: int) -
         cuda = False
     return StepRunner(model, lambda params, capturable: make_optimizer(params, s, capturable),
                       max_grad_norm=s.max_grad_norm, prox_mu=s.prox_mu, device=device, pad_id=pad_id,
-                      graphs=s.cuda_graphs and cuda, count_flops=s.count_flops, compile=s.compile and cuda)
+                      graphs=s.cuda_graphs and cuda, count_flops=s.count_flops, compile=s.compile and cuda,
+                      correction=s.control_variates)
