@@ -217,9 +217,10 @@ def test_secure_aggregation_with_differential_privacy_is_refused_by_name():
 @pytest.mark.parametrize("other", ["compression.kind=int8", "federation.strategy=scaffold"])
 def test_secure_aggregation_refuses_compression_and_scaffold_by_name(other):
     with pytest.raises(cfg.ConfigError, match=r"with secagg.enabled = true is not supported"):
-        cfg.load(None, ["model.name=tiny-llama", "secagg.enabled=true", other])
+        cfg.load(None, ["model.name=tiny-llama", "secagg.enabled=true", "train.optimizer=sgd", other])
 
 
 def test_differential_privacy_refuses_scaffold_by_name():
     with pytest.raises(cfg.ConfigError, match=r"federation.strategy = 'scaffold' is not supported"):
-        cfg.load(None, ["model.name=tiny-llama", "privacy.dp=central", "federation.strategy=scaffold"])
+        cfg.load(None, ["model.name=tiny-llama", "privacy.dp=central", "federation.strategy=scaffold",
+                        "train.optimizer=sgd"])

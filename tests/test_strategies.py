@@ -100,4 +100,7 @@ def test_server_lr_defaults_are_one_value_each_in_class_factory_and_config_docs(
     # the field docstring of federation.server_lr states the same defaults
     source = Path(config.__file__).read_text()
     doc = source[source.index("server_lr: float | None = None"):].split('"""')[1]
-    assert "1.0 and 1e-3" in doc and float("1e-3") == FedAdam.DEFAULT_SERVER_LR
+    rest = doc[doc.index("their defaults, ") + len("their defaults, "):]
+    defaults = rest[:rest.index(":")]
+    assert [float(v) for v in defaults.replace(" and ", ", ").split(", ")[:2]] == [FedAvgM.DEFAULT_SERVER_LR,
+                                                                                  FedAdam.DEFAULT_SERVER_LR]
