@@ -18,6 +18,10 @@ round 2, the device synchronised at both ends.
   distillation tokens (``kd.server_steps`` steps); they are inside the round's seconds, not in ``tokens_per_s``.
 * Split: the cut is the middle block; activations and gradients travel in the model's dtype; the main server's
   top steps are inside the round's seconds (every client step is one top step).
+* ``client_s`` and ``server_s``: the clients' own metered seconds and the server's (KD: its distillation; split:
+  the main server's top steps) inside ``round_s``; the rest is messages, validation and adapter swaps.
+* KD and split run their steps on the fast path (`fedtune.train.graphed`: static shapes, per-shape CUDA graphs)
+  since ``train.cuda_graphs`` is on, as FedLLM runs on `StepRunner`; ``graphed_shapes`` counts their graphs.
 
 Nothing here needs CUDA unless ``--device cuda``.
 """
@@ -97,7 +101,12 @@ class RoundClock:
         assert len(clients) == CLIENTS and not bad, f"round 2 clients did not all train: {bad[:1]}"
         seconds = self.ends[2] - self.ends[1]
         tokens = sum(r["examples_seen"] for r in clients) * tokens_per_example
-        return {"round_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+        # Where the round's time goes: the clients' own metered work, the server's (KD: its distillation; split:
+        # the main server's top steps), and the rest (messages, validation, adapter swaps, scheduling).
+        client_s = sum(r.get("seconds") or 0.0 for r in clients)
+        server_s = sum(r.get("seconds") or 0.0 for r in self.records if r["type"] == "server" and r["round"] == 2)
+        return {"round_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "client_s": client_s,
+                "server_s": server_s}
 
 
 def settings(batch: int) -> TrainSettings:
@@ -161,6 +170,10 @@ def kd_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
     kd.serve(LocalGrid(apps, serialize=False), public, model, init, s, server_steps=KD_SERVER_STEPS, rounds=2,
              clients_per_round=CLIENTS, seed=SEED, eval_every=10**9, device=device, hooks=clock.hooks)
     out = clock.timed_round(seq)
+    fast = kd.fast_for(model, public, s, device)
+    out["graphed_shapes"] = None if fast is None else {
+        "train": fast.train.captured, "distil": fast.distil.captured, "logits": fast.logits.captured,
+        "failures": [f.failure for f in (fast.train, fast.distil, fast.logits) if f.failure]}
     clients = [r for r in clock.records if r["type"] == "client" and r["round"] == 2]
     distill_steps = sum(r["distill_steps"] for r in clients)
     assert distill_steps == CLIENTS * KD_DISTILL_STEPS, "round 2's clients should all have distilled"
@@ -196,6 +209,9 @@ def split_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
                 want, rounds=2, clients_per_round=CLIENTS, seed=SEED, eval_every=10**9, hooks=clock.hooks)
     out = {**clock.timed_round(seq), "cut_layer": cut.layer, "wire_dtype": str(wire_dtype).removeprefix("torch."),
            "peak_gb": peak_gb(device)}
+    top, bottom = main.main.top, apps[0].bottom
+    out["graphed_shapes"] = None if top is None else {
+        "bottom": bottom.captured, "top": top.captured, "failures": [f.failure for f in (bottom, top) if f.failure]}
     del model, apps, main
     free(device)
     return out
