@@ -304,7 +304,8 @@ class MainServer:
 
     @contextmanager
     def _metered(self, key: tuple):
-        self.model.train()
+        if not self.model.training:  # Module.train() walks every module: thousands of calls, each step
+            self.model.train()
         meter = ComputeMeter(self.device, count_flops=False)
         with meter, self.flops.block(key):
             yield
