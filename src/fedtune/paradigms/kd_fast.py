@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .. import distill
-from ..data.tasks import collate
+from ..data.tasks import IGNORE, collate
 from ..models import backbone
 from ..train.graphed import BUCKET, GraphedFn, fast_path, flop_counts, pad_width, padded_width, shared, to_device
 from ..train.losses import hidden_states, static_loss
@@ -78,7 +78,7 @@ class KDFast:
         """A collated private batch, right-padded: (input_ids, labels) on the device."""
         width = padded_width(batch["input_ids"].shape[1])
         return (to_device(pad_width(batch["input_ids"], width, 0), self.device),
-                to_device(pad_width(batch["labels"], width, -100), self.device))
+                to_device(pad_width(batch["labels"], width, IGNORE), self.device))
 
     def public_args(self, public, idx: list[int]) -> tuple[torch.Tensor, ...]:
         """Prompts `idx` right-padded, and where their logits are read: ``last`` (labels) or the positions."""
@@ -100,7 +100,7 @@ class KDFast:
 
     def teacher_args(self, public, idx: list[int], labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The soft labels of prompts `idx`' rows (`padded_labels` first for top-k)."""
-        rows = public.rows_of(idx).to(self.device)
+        rows = to_device(public.rows_of(idx), self.device)  # pinned: a pageable copy would wait for the GPU
         if public.mode == "topk":
             return labels["ids"][rows], labels["probs"][rows]
         return (labels["probs"][rows],)
