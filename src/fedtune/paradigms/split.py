@@ -16,9 +16,8 @@ Round r, as the fed server sees it (`serve`), one sampled client at a time:
      the client's; FedAvg the valid bottom adapters (weighted by num_examples); evaluate and save the
      combined adapter (global bottom + the main server's top); checkpoint (in-process main server only).
 
-Where the main server lives is not this module's business: ``ctx.services`` (built by the experiment
-or runtime layer) hands the fed server its main server and the clients their stream to it, in
-process (`split_session.LocalServices`) or over gRPC (the split client of the gRPC runtime, `RemoteServices`).
+Where the main server lives is not this module's business: ``ctx.services`` hands the fed server its main server
+and the clients their stream to it, in process (`split_session.LocalServices`) or over gRPC (`RemoteServices`).
 
 Messages:
 
@@ -32,10 +31,9 @@ Messages:
   split_grad      stream, down  grad (b, s, hidden): gradient at the cut         round, step, last, loss
   fit_res         Grid, up      the client's bottom adapter                      num_examples, steps, flops, ...
 
-Activations and gradients travel in ``split.wire_dtype``; the computation runs in the model's dtype.
-A client that fails or sends an invalid message ends its round there: its bottom adapter is not
-aggregated, while the main server keeps the steps it already took on that client's valid batches.
-Bytes are the exact encoded sizes of the Grid messages plus the stream's.
+Activations and gradients travel in ``split.wire_dtype``; the computation runs in the model's dtype. A client
+that fails or sends an invalid message ends its round there: its bottom adapter is not aggregated, while the main
+server keeps the steps it already took on that client's valid batches. Bytes: the Grid messages plus the stream's.
 """
 
 from __future__ import annotations
