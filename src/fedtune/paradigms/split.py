@@ -20,7 +20,6 @@ Where the main server lives is not this module's business: ``ctx.services`` hand
 and the clients their stream to it, in process (`split_session.LocalServices`) or over gRPC (`RemoteServices`).
 
 Messages:
-
   kind            dir           tensors                                          meta
   split_fit_ins   Grid, down    the global bottom adapter (PEFT keys)            round, cut_layer, u_shaped, wire_dtype
   split_act       stream, up    activations (b, s, hidden) in the wire dtype,    round, step, steps, num_examples
