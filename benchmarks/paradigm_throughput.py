@@ -18,6 +18,10 @@ round 2, the device synchronised at both ends.
   distillation tokens (``kd.server_steps`` steps); they are inside the round's seconds, not in ``tokens_per_s``.
 * Split: the cut is the middle block; activations and gradients travel in the model's dtype; the main server's
   top steps are inside the round's seconds (every client step is one top step).
+* ``client_s`` and ``server_s``: the clients' own metered seconds and the server's (KD: its distillation; split:
+  the main server's top steps) inside ``round_s``; the rest is messages, validation and adapter swaps.
+* KD and split run their steps on the fast path (`fedtune.train.graphed`: static shapes, per-shape CUDA graphs)
+  since ``train.cuda_graphs`` is on, as FedLLM runs on `StepRunner`; ``graphed_shapes`` counts their graphs.
 
 Nothing here needs CUDA unless ``--device cuda``.
 """
@@ -90,6 +94,11 @@ class RoundClock:
             self.ends[record["round"]] = time.perf_counter()
         self.records.append(record)
 
+    def losses(self) -> list[float]:
+        """Every client's first and last training loss and distillation loss, and the server's, in order."""
+        keys = ("train_loss_first", "train_loss_last", "distill_loss")
+        return [r[k] for r in self.records if r["type"] in ("client", "server") for k in keys if r.get(k) is not None]
+
     def timed_round(self, tokens_per_example: int) -> dict:
         """Seconds, client training tokens and tokens/s of round 2; every client must have trained."""
         clients = [r for r in self.records if r["type"] == "client" and r["round"] == 2]
@@ -97,12 +106,18 @@ class RoundClock:
         assert len(clients) == CLIENTS and not bad, f"round 2 clients did not all train: {bad[:1]}"
         seconds = self.ends[2] - self.ends[1]
         tokens = sum(r["examples_seen"] for r in clients) * tokens_per_example
-        return {"round_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+        # Where the round's time goes: the clients' own metered work, the server's (KD: its distillation; split:
+        # the main server's top steps), and the rest (messages, validation, adapter swaps, scheduling).
+        client_s = sum(r.get("seconds") or 0.0 for r in clients)
+        server_s = sum(r.get("seconds") or 0.0 for r in self.records if r["type"] == "server" and r["round"] == 2)
+        return {"round_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "client_s": client_s,
+                "server_s": server_s}
 
 
-def settings(batch: int) -> TrainSettings:
-    return TrainSettings(local_steps=STEPS, local_epochs=None, batch_size=batch, lr=common.LR,
-                                 count_flops=False)
+def settings(batch: int, graphs: bool = True) -> TrainSettings:
+    """The clients' settings; ``graphs=False`` runs KD's and split's static steps eagerly (the check's reference)."""
+    return TrainSettings(local_steps=STEPS, local_epochs=None, batch_size=batch, lr=common.LR, count_flops=False,
+                         cuda_graphs=graphs, static_steps=None if graphs else True)
 
 
 def model_for(shape: str, device: torch.device):
@@ -140,11 +155,11 @@ def fedllm_round(shape: str, batch: int, seq: int, device: torch.device) -> dict
     return out
 
 
-def kd_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
+def kd_round(shape: str, batch: int, seq: int, device: torch.device, graphs: bool = True) -> dict:
     """KD-FedLLM: clients distil toward the soft labels, train, reply with top-k logits; the server distils."""
     model = model_for(shape, device)
     vocab = model.get_input_embeddings().weight.shape[0]
-    s = settings(batch)
+    s = settings(batch, graphs)
     g = torch.Generator().manual_seed(SEED + 2)
     prompt_len = max(2, seq // 4)
     public = kd.PublicSet([Example(prompt_ids=row.tolist(), target_ids=[])
@@ -160,7 +175,11 @@ def kd_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
     reset_peak(device)
     kd.serve(LocalGrid(apps, serialize=False), public, model, init, s, server_steps=KD_SERVER_STEPS, rounds=2,
              clients_per_round=CLIENTS, seed=SEED, eval_every=10**9, device=device, hooks=clock.hooks)
-    out = clock.timed_round(seq)
+    out = {**clock.timed_round(seq), "losses": clock.losses()}
+    fast = kd.fast_for(model, public, s, device)
+    out["graphed_shapes"] = None if fast is None else {
+        "train": fast.train.captured, "distil": fast.distil.captured, "logits": fast.logits.captured,
+        "failures": [f.failure for f in (fast.train, fast.distil, fast.logits) if f.failure]}
     clients = [r for r in clock.records if r["type"] == "client" and r["round"] == 2]
     distill_steps = sum(r["distill_steps"] for r in clients)
     assert distill_steps == CLIENTS * KD_DISTILL_STEPS, "round 2's clients should all have distilled"
@@ -178,11 +197,11 @@ def kd_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
     return out
 
 
-def split_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
+def split_round(shape: str, batch: int, seq: int, device: torch.device, graphs: bool = True) -> dict:
     """Split-FedLLM: the clients run blocks [0, c), the main server the rest, one client after another."""
     model = model_for(shape, device)
     body = model.get_base_model().model.config
-    s = settings(batch)
+    s = settings(batch, graphs)
     cut = Cut(model, body.num_hidden_layers // 2)
     wire_dtype = next(model.get_base_model().parameters()).dtype  # the model's dtype: no cast at the cut
     data = client_data(body.vocab_size, batch, seq)
@@ -194,8 +213,11 @@ def split_round(shape: str, batch: int, seq: int, device: torch.device) -> dict:
     reset_peak(device)
     split.serve(LocalGrid(apps, serialize=False), cut.part(adapter_state(model), CLIENT), main, FedAvg(),
                 want, rounds=2, clients_per_round=CLIENTS, seed=SEED, eval_every=10**9, hooks=clock.hooks)
-    out = {**clock.timed_round(seq), "cut_layer": cut.layer, "wire_dtype": str(wire_dtype).removeprefix("torch."),
+    out = {**clock.timed_round(seq), "losses": clock.losses(), "cut_layer": cut.layer, "wire_dtype": str(wire_dtype).removeprefix("torch."),
            "peak_gb": peak_gb(device)}
+    top, bottom = main.main.top, apps[0].bottom
+    out["graphed_shapes"] = None if top is None else {
+        "bottom": bottom.captured, "top": top.captured, "failures": [f.failure for f in (bottom, top) if f.failure]}
     del model, apps, main
     free(device)
     return out
@@ -210,6 +232,20 @@ def _case(paradigm, shape: str, batch: int, seq: int | None, device: str) -> dic
     return {"shape": shape, "batch": batch, "seq": seq, "clients": CLIENTS, "steps": STEPS, "device": str(dev),
             **ours, "fedllm_tokens_per_s": fedllm["tokens_per_s"], "fedllm_round_s": fedllm["round_s"],
             "ratio_to_fedllm": ours["tokens_per_s"] / fedllm["tokens_per_s"]}
+
+
+def fast_path_check(device: str = "cuda") -> dict:
+    """KD's and split's rounds on the ``tiny`` shape with CUDA graphs against the same static steps run eagerly:
+    the largest relative difference of any client's or server's loss over both rounds."""
+    dev = torch.device(device)
+    out = {}
+    for name, fn in (("kd", kd_round), ("split", split_round)):
+        eager, graphed = (fn("tiny", 4, 64, dev, graphs=g) for g in (False, True))
+        pairs = list(zip(eager["losses"], graphed["losses"]))
+        assert len(eager["losses"]) == len(graphed["losses"]) > 0
+        out[name] = {"losses": len(pairs), "graphed_shapes": graphed["graphed_shapes"],
+                     "max_rel_diff": max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)}
+    return out
 
 
 def kd_throughput(shape: str, batch: int, seq: int | None = None, device: str = "cuda") -> dict:
@@ -229,18 +265,27 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512; tiny: 64)")
     ap.add_argument("--out", default=None, help="also write the results here as JSON")
+    ap.add_argument("--check", action="store_true", help="first compare the graphed rounds with the static eager "
+                    "ones on the tiny shape (fast_path_check)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda needs a CUDA GPU; use --device cpu --shape tiny for the smoke test.")
     if args.device == "cpu":
         torch.set_num_threads(1)
     results = {}
+    if args.check:
+        t = time.perf_counter()
+        results["fast_path_check"] = fast_path_check(args.device)
+        results["fast_path_check"]["bench_s"] = round(time.perf_counter() - t, 1)
+        print(json.dumps(results["fast_path_check"]), flush=True)
     for name, fn in (("kd", kd_throughput), ("split", split_throughput)):
         t = time.perf_counter()
         results[f"{name}_throughput_{args.shape}"] = r = fn(args.shape, args.batch, args.seq, args.device)
         r["bench_s"] = round(time.perf_counter() - t, 1)
         print(json.dumps(r), flush=True)
     for name, r in results.items():
+        if name == "fast_path_check":
+            continue
         print(f"{name:24s} {r['tokens_per_s']:12.0f} tokens/s   FedLLM {r['fedllm_tokens_per_s']:12.0f}   "
               f"ratio {r['ratio_to_fedllm']:.3f}")
     if args.out:

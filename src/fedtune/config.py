@@ -152,7 +152,7 @@ class TrainConfig:
     count_flops: bool = True
     """Count FLOPs of the real client steps with torch's FlopCounterMode (a little slower)."""
     cuda_graphs: bool = True
-    """On CUDA, FedLLM clients run each batch shape's step as one captured CUDA graph (see fedtune.train.step_runner); ignored on the CPU."""
+    """On CUDA, clients run each batch shape's step as captured CUDA graphs: FedLLM's whole step (fedtune.train.step_runner), KD's private, distillation and public-logits steps and split learning's bottom and top steps (fedtune.train.graphed); ignored on the CPU."""
     compile: bool = False
     """On CUDA, also torch.compile the step (fuses elementwise work: 1.8x on a 1B model; 1-2 minutes of compilation per batch shape)."""
 

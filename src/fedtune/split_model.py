@@ -28,8 +28,9 @@ from .flops import FlopCache
 from .meter import ComputeMeter
 from .models import backbone
 from .train.adapter import State, adapter_state
+from .train.graphed import GraphedFn, fast_path, pad_width, padded_width
 from .train.local_steps import TrainSettings, clip_and_step, make_optimizer
-from .train.losses import lm_loss_from_hidden
+from .train.losses import lm_loss_from_hidden, mean_token_loss
 
 CLIENT, SERVER = "client", "server"
 
@@ -157,6 +158,32 @@ def head_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return loss
 
 
+# --------------------------------------------------------------------------- the fast path's static steps
+#
+# Right-padded to a multiple of `graphed.BUCKET` tokens and run without an attention mask (causal attention
+# alone: no real token attends to a pad), so they are captured as CUDA graphs (`fedtune.train.graphed`). What
+# travels keeps the real width: the activations are cut back to it, the main server pads them again.
+
+
+def static_bottom(model, cut: int):
+    """``f(input_ids) -> activations at the cut`` of a right-padded batch, unmasked."""
+    return lambda input_ids: bottom_forward(model, cut, input_ids, None)
+
+
+def static_top_loss(model, cut: int):
+    """``f(activations, labels) -> loss``: blocks [cut, L), the norm and the static LM loss, unmasked."""
+    def loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        top = run_blocks(model, hidden, None, cut, len(backbone(model).layers))
+        return mean_token_loss(model, backbone(model).norm(top), labels, static=True)
+    return loss
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row is ones then zeros (what the static steps assume; one host synchronisation)."""
+    m = attention_mask.bool()
+    return not bool((m[:, 1:] & ~m[:, :-1]).any())
+
+
 # --------------------------------------------------------------------------- the main server
 
 
@@ -195,6 +222,10 @@ class MainServer:
         self.optimizer = make_optimizer(self.params, settings)
         self.count_flops = count_flops
         self.flops = FlopCache(count_flops)  # counted once per (step kind, batch shape), then reused
+        # The fast path (standard split): the top's forward and backward as per-shape CUDA graphs.
+        static, graphs = fast_path(settings, device)
+        self.top = (GraphedFn(static_top_loss(model, cut.layer), self.params, graphs=graphs, model=model,
+                              name="split main server step") if static and not cut.u_shaped else None)
         self._seconds = 0.0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # U-shaped: (input leaf, top output)
 
@@ -202,6 +233,8 @@ class MainServer:
                          labels: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Top forward, loss, backward and optimizer step; returns the gradient at the cut and the loss."""
         assert not self.cut.u_shaped, "U-shaped split uses forward() and backward()"
+        if self.top is not None and right_padded(attention_mask):
+            return self._static_step(activations, labels)
         with self._metered(("forward_backward", *activations.shape[:2], int((labels[:, 1:] != IGNORE).sum()))):
             x = self._leaf(activations)
             loss = head_loss(self.model, top_forward(self.model, self.cut.layer, x, attention_mask.to(self.device)),
@@ -248,6 +281,20 @@ class MainServer:
 
     # ------------------------------------------------------------------ internals
 
+    def _static_step(self, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """`forward_backward` on the fast path: padded to the static width, graphed, cut back to the real width."""
+        b, width = activations.shape[:2]
+        padded = padded_width(width)
+        with self._metered(("forward_backward", b, padded)):
+            x = pad_width(activations.to(self.device, compute_dtype(self.model)), padded, 0)
+            x = x.detach().requires_grad_(True)
+            loss = self.top(x, pad_width(labels.to(self.device, torch.long), padded, IGNORE))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._step()
+            grad = x.grad[:, :width].to(activations.dtype, copy=True)
+        return grad, float(loss.detach())
+
     def _leaf(self, activations: torch.Tensor) -> torch.Tensor:
         # The received activations start a fresh graph: gradients stop at the cut.
         return activations.to(self.device, compute_dtype(self.model)).detach().requires_grad_(True)
@@ -257,7 +304,8 @@ class MainServer:
 
     @contextmanager
     def _metered(self, key: tuple):
-        self.model.train()
+        if not self.model.training:  # Module.train() walks every module: thousands of calls, each step
+            self.model.train()
         meter = ComputeMeter(self.device, count_flops=False)
         with meter, self.flops.block(key):
             yield

@@ -83,6 +83,7 @@ from ..train.local_steps import (TrainSettings, batches, make_optimizer, round_r
 from ..train.losses import lm_loss
 from ..wire import Message, encoded_size, spec_of
 from ..registry import Paradigm, register
+from .kd_fast import fast_for, key_of
 from .kd_public import (ADAPTER, PublicSet, SoftLabels, average_adapters, distil, distil_keep_best,  # noqa: F401
                         distill_spans, held_data, label_counts, make_public_set, step)
 
@@ -218,6 +219,10 @@ class KDClient(ClientApp):
         self.hybrid = hybrid
         self.score = score
         self.flops = FlopCache(settings.count_flops)
+        # The fast path (static shapes, CUDA graphs; `kd_fast`), shared with every client and the server on this model.
+        self.fast = fast_for(model, public, settings, device)
+        if self.fast is not None:
+            self.flops.per_key = self.fast.flop_counts
         self.node_id = node_id
         self.model = model
         self.examples = examples
@@ -263,20 +268,13 @@ class KDClient(ClientApp):
             kd_losses: list[float] = []
             if labels is not None:
                 kd_losses = distil(self.model, opt, self.public, labels, k_steps, rng, device=self.device,
-                                   max_grad_norm=self.settings.max_grad_norm, flops=flops,
-                                   on_step=lambda v: self.bars.advance("steps", info=f"{info} KL {v:.3f}"))
-            losses: list[float] = []
-            seen = 0
+                                   max_grad_norm=self.settings.max_grad_norm, flops=flops, fast=self.fast,
+                                   on_step=lambda v: self.bars.advance(
+                                       "steps", info=None if v is None else f"{info} KL {v:.3f}"))
             self.model.train()
-            for chunk in batches(self.examples, self.settings.batch_size, steps, rng):
-                batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
-                with flops.block(("train", *batch["input_ids"].shape, int((batch["labels"][:, 1:] != IGNORE).sum()))):
-                    loss, _ = lm_loss(self.model, batch)
-                    step(loss, params, opt, self.settings.max_grad_norm)
-                losses.append(float(loss.detach()))
-                seen += len(chunk)
-                self.bars.advance("steps", info=f"{info} loss {losses[-1]:.3f}")
-            tensors = self.public.reply_tensors(self.model, self.device, prior=self.prior, flops=flops)
+            losses, seen = self._train(params, opt, steps, rng, info)
+            tensors = self.public.reply_tensors(self.model, self.device, prior=self.prior, flops=flops,
+                                                fast=self.fast)
         self.model.eval()
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state(self.model).items()}
         if self.store is not None:
@@ -302,6 +300,36 @@ class KDClient(ClientApp):
             },
         )
 
+
+    def _train(self, params, opt, steps: int, rng, info: str) -> tuple[list[float], int]:
+        """The private training steps (FedLLM's loss); returns their losses and the examples seen.
+
+        On the fast path the batch is right-padded (`kd_fast.KDFast.train_args`), the step replays a graph and
+        the losses are read once, at the end.
+        """
+        losses: list = []
+        seen = 0
+        flops, fast = self.flops, self.fast
+        for chunk in batches(self.examples, self.settings.batch_size, steps, rng):
+            batch = collate(chunk, self.pad_id)
+            if fast is not None:
+                args = fast.train_args(batch)
+                with flops.block(key_of("train", args)):
+                    loss = fast.train(*args)
+                    step(loss, params, opt, self.settings.max_grad_norm)
+                losses.append(loss.detach().clone())
+                self.bars.advance("steps")
+            else:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with flops.block(("train", *batch["input_ids"].shape, int((batch["labels"][:, 1:] != IGNORE).sum()))):
+                    loss, _ = lm_loss(self.model, batch)
+                    step(loss, params, opt, self.settings.max_grad_norm)
+                losses.append(float(loss.detach()))
+                self.bars.advance("steps", info=f"{info} loss {losses[-1]:.3f}")
+            seen += len(chunk)
+        if fast is not None:
+            losses = torch.stack(losses).tolist()
+        return losses, seen
 
     def reply_extras(self) -> dict[str, torch.Tensor]:
         """What travels beside the logits: label counts (``kd.class_weighting``), the adapter (hybrid)."""
@@ -378,6 +406,9 @@ def serve(
 
     # The server's FLOPs: each distillation batch shape counted once, and one pass over the validation split.
     server_flops = FlopCache(settings.count_flops)
+    fast = fast_for(model, public, settings, device)  # the clients' fast path (same model in a simulation)
+    if fast is not None:
+        server_flops.per_key = fast.flop_counts
 
     def counted_score() -> float:
         with server_flops.block(("validation score",)):
@@ -426,11 +457,12 @@ def serve(
                 torch.manual_seed(round_seed(seed, rnd, -1))
                 if val_score is None:
                     kd_losses = distil(model, opt, public, labels, server_steps, rng, device=device,
-                                       max_grad_norm=settings.max_grad_norm, flops=server_flops)
+                                       max_grad_norm=settings.max_grad_norm, flops=server_flops, fast=fast)
                 else:
                     kd_losses, kept = distil_keep_best(model, opt, public, labels, server_steps, rng, device=device,
                                                        max_grad_norm=settings.max_grad_norm, score=counted_score,
-                                                       every=val_every, patience=patience, flops=server_flops)
+                                                       every=val_every, patience=patience, flops=server_flops,
+                                                       fast=fast)
                 model.eval()
                 global_state = adapter_state(model)
         hooks.log({"type": "server", "round": rnd, "flops": server_flops.take(), "seconds": meter.seconds,

@@ -118,11 +118,11 @@ class PublicSet:
 
     @torch.no_grad()
     def reply_tensors(self, model, device: torch.device, prior: torch.Tensor | None = None,
-                      flops: FlopCache | None = None) -> dict[str, torch.Tensor]:
+                      flops: FlopCache | None = None, fast=None) -> dict[str, torch.Tensor]:
         """What a client sends up: its compressed logits on the whole public set.
 
         ``prior`` (``labels`` mode): the client's label prior; its logits are then prior-corrected before they travel.
-        ``flops``: counts each batch shape's forward once.
+        ``flops``: counts each batch shape's forward once. ``fast``: the `kd_fast.KDFast` of the fast path.
         """
         flops = flops or FlopCache(enabled=False)
         was_training = model.training
@@ -130,8 +130,13 @@ class PublicSet:
         parts: list[tuple[torch.Tensor, ...]] = []
         for start in range(0, len(self.examples), self.batch_size):
             idx = list(range(start, min(start + self.batch_size, len(self.examples))))
-            with flops.block(("public logits", *self.shape_key(idx))):
-                logits = self.student_logits(model, idx, device)
+            if fast is not None:
+                args = fast.public_args(self, idx)
+                with flops.block(("public logits", *(tuple(a.shape) for a in args))):
+                    logits = fast.logits(*args)
+            else:
+                with flops.block(("public logits", *self.shape_key(idx))):
+                    logits = self.student_logits(model, idx, device)
             if prior is not None:
                 logits = distill.prior_correct_logits(logits, prior, self.temperature)
             parts.append(distill.topk_compress(logits, self.top_k) if self.mode == "topk" else (logits.half(),))
@@ -246,29 +251,42 @@ def step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimi
 
 
 def distil(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
-           device: torch.device, max_grad_norm, on_step: Callable[[float], None] | None = None,
-           flops: FlopCache | None = None) -> list[float]:
+           device: torch.device, max_grad_norm, on_step: Callable[[float | None], None] | None = None,
+           flops: FlopCache | None = None, fast=None) -> list[float]:
     """`steps` optimizer steps of the distillation loss on batches of public prompts; returns the losses.
 
-    ``flops``: counts each batch shape's step once (`flops.FlopCache`).
+    ``flops``: counts each batch shape's step once (`flops.FlopCache`). ``fast``: the `kd_fast.KDFast` of the
+    fast path (static shapes, graphs); its losses stay on the device until the end, and ``on_step`` gets None.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     flops = flops or FlopCache(enabled=False)
     losses: list[float] = []
+    kept: list[torch.Tensor] = []
     model.train()
+    teacher = fast.padded_labels(labels) if fast is not None else labels
     for idx in batches(list(range(len(public.examples))), public.batch_size, steps, rng):
+        if fast is not None:
+            args = (*fast.public_args(public, idx), *fast.teacher_args(public, idx, teacher))
+            with flops.block(("distil", *(tuple(a.shape) for a in args))):
+                loss = fast.distil(*args)
+                step(loss, params, opt, max_grad_norm)
+            kept.append(loss.detach().clone())  # the graph's output buffer is overwritten by the next replay
+            if on_step:
+                on_step(None)
+            continue
         with flops.block(("distil", *public.shape_key(idx))):
             loss = public.loss(model, idx, labels, device)
             step(loss, params, opt, max_grad_norm)
         losses.append(float(loss.detach()))
         if on_step:
             on_step(losses[-1])
-    return losses
+    return torch.stack(kept).tolist() if kept else losses
 
 
 def distil_keep_best(model, opt, public: PublicSet, labels: SoftLabels, steps: int, rng: random.Random, *,
                      device: torch.device, max_grad_norm, score: Callable[[], float], every: int,
-                     patience: int | None = None, flops: FlopCache | None = None) -> tuple[list[float], dict[str, Any]]:
+                     patience: int | None = None, flops: FlopCache | None = None,
+                     fast=None) -> tuple[list[float], dict[str, Any]]:
     """`distil` with keep-best: score the model (on the server's validation split) before distilling and every
     `every` steps, and leave it at the best-scoring adapter seen, the starting one included.
 
@@ -282,7 +300,7 @@ def distil_keep_best(model, opt, public: PublicSet, labels: SoftLabels, steps: i
     best_state, best_step, scores, losses, stale = adapter_state(model), 0, [start], [], 0
     while len(losses) < steps and (patience is None or stale < patience):
         losses += distil(model, opt, public, labels, min(every, steps - len(losses)), rng, device=device,
-                         max_grad_norm=max_grad_norm, flops=flops)
+                         max_grad_norm=max_grad_norm, flops=flops, fast=fast)
         scores.append(score())
         if scores[-1] > best:
             best, best_state, best_step, stale = scores[-1], adapter_state(model), len(losses), 0

@@ -16,12 +16,10 @@ Round r, as the fed server sees it (`serve`), one sampled client at a time:
      the client's; FedAvg the valid bottom adapters (weighted by num_examples); evaluate and save the
      combined adapter (global bottom + the main server's top); checkpoint (in-process main server only).
 
-Where the main server lives is not this module's business: ``ctx.services`` (built by the experiment
-or runtime layer) hands the fed server its main server and the clients their stream to it, in
-process (`split_session.LocalServices`) or over gRPC (the split client of the gRPC runtime, `RemoteServices`).
+Where the main server lives is not this module's business: ``ctx.services`` hands the fed server its main server
+and the clients their stream to it, in process (`split_session.LocalServices`) or over gRPC (`RemoteServices`).
 
 Messages:
-
   kind            dir           tensors                                          meta
   split_fit_ins   Grid, down    the global bottom adapter (PEFT keys)            round, cut_layer, u_shaped, wire_dtype
   split_act       stream, up    activations (b, s, hidden) in the wire dtype,    round, step, steps, num_examples
@@ -32,10 +30,9 @@ Messages:
   split_grad      stream, down  grad (b, s, hidden): gradient at the cut         round, step, last, loss
   fit_res         Grid, up      the client's bottom adapter                      num_examples, steps, flops, ...
 
-Activations and gradients travel in ``split.wire_dtype``; the computation runs in the model's dtype.
-A client that fails or sends an invalid message ends its round there: its bottom adapter is not
-aggregated, while the main server keeps the steps it already took on that client's valid batches.
-Bytes are the exact encoded sizes of the Grid messages plus the stream's.
+Activations and gradients travel in ``split.wire_dtype``; the computation runs in the model's dtype. A client
+that fails or sends an invalid message ends its round there: its bottom adapter is not aggregated, while the main
+server keeps the steps it already took on that client's valid batches. Bytes: the Grid messages plus the stream's.
 """
 
 from __future__ import annotations
@@ -54,10 +51,11 @@ from ..flops import FlopCache
 from ..meter import ComputeMeter
 from ..models import DTYPES, backbone
 from ..rounds import RoundLoop, ServerHooks, aggregate, screen_reply, update_norm
-from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss
+from ..split_model import CLIENT, SERVER, Cut, bottom_forward, compute_dtype, head_loss, static_bottom
 from ..split_session import Activations, meta_number
 from ..strategies import aggregator_of, make_strategy
 from ..train.adapter import State, adapter_params, adapter_state, load_adapter_state
+from ..train.graphed import GraphedFn, fast_path, flop_counts, pad_width, padded_width, shared, to_device
 from ..train.local_steps import TrainSettings, batches, clip_and_step, make_optimizer, round_rng, settings_from
 from ..wire import Message, WireError, check, encoded_size, spec_of
 from ..peft_methods import INJECTED, PROMPT_LEARNING
@@ -102,6 +100,7 @@ class _Round:
     step: int = 0  # batches sent so far
     seen: int = 0
     cut_out: torch.Tensor | None = None  # activations at the cut, still attached to the bottom's graph
+    wire_shape: tuple[int, ...] = ()  # the activations' shape as they travel (the fast path pads cut_out)
     labels: torch.Tensor | None = None  # U-shaped: the labels stay here
     flops: int = 0
     seconds: float = 0.0
@@ -134,6 +133,15 @@ class SplitClient(ClientApp):
         self.seed = seed
         self.dial = dial
         self.flops = FlopCache(settings.count_flops)  # counted once per (part, batch shape), then reused
+        # The fast path (standard split): the bottom's forward and backward as per-shape CUDA graphs, shared by
+        # the clients of this model (and so is each shape's FLOP count).
+        static, graphs = fast_path(settings, device)
+        self.bottom = None
+        if static and not cut.u_shaped:
+            self.bottom = shared(model, ("split bottom", cut.layer, graphs), lambda: GraphedFn(
+                static_bottom(model, cut.layer), cut.params(model, CLIENT), graphs=graphs, model=model,
+                name="split client step"))
+            self.flops.per_key = flop_counts(model)
         self._round: _Round | None = None
 
     def __call__(self, msg: Message) -> Message:
@@ -177,12 +185,23 @@ class SplitClient(ClientApp):
         """Bottom part on the next batch; the message carries the activations at the cut."""
         r = self._round
         chunk = next(r.batches)
-        batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
-        with self._metered(("bottom forward", *batch["input_ids"].shape)):
-            r.optimizer.zero_grad(set_to_none=True)
-            r.cut_out = bottom_forward(self.model, self.cut.layer, batch["input_ids"], batch["attention_mask"])
-            tensors = {"activations": r.cut_out.detach().to(self.wire_dtype),
-                       "attention_mask": batch["attention_mask"].bool()}
+        if self.bottom is not None:  # the fast path: right-padded and graphed; the real width travels
+            batch = collate(chunk, self.pad_id)
+            width = batch["input_ids"].shape[1]
+            ids = to_device(pad_width(batch["input_ids"], padded_width(width), 0), self.device)
+            batch = {k: to_device(batch[k], self.device) for k in ("attention_mask", "labels")}
+            with self._metered(("bottom forward", *ids.shape)):
+                r.optimizer.zero_grad(set_to_none=True)
+                r.cut_out = self.bottom(ids)
+                act = r.cut_out.detach()[:, :width].to(self.wire_dtype, copy=True)
+        else:
+            batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+            with self._metered(("bottom forward", *batch["input_ids"].shape)):
+                r.optimizer.zero_grad(set_to_none=True)
+                r.cut_out = bottom_forward(self.model, self.cut.layer, batch["input_ids"], batch["attention_mask"])
+                act = r.cut_out.detach().to(self.wire_dtype)
+        r.wire_shape = tuple(act.shape)
+        tensors = {"activations": act, "attention_mask": batch["attention_mask"].bool()}
         r.step += 1
         r.seen += len(chunk)
         if self.cut.u_shaped:
@@ -195,7 +214,7 @@ class SplitClient(ClientApp):
     def _head(self, msg: Message) -> Message:
         """U-shaped: norm, head and loss on the server's top activations; reply with their gradient."""
         r = self._round
-        check(msg, {"top_activations": (tuple(r.cut_out.shape), self.wire_dtype)})
+        check(msg, {"top_activations": (r.wire_shape, self.wire_dtype)})
         with self._metered(("head", *r.labels.shape, int((r.labels[:, 1:] != IGNORE).sum()))):
             top = msg.tensors["top_activations"].to(self.device, compute_dtype(self.model)).detach()
             top.requires_grad_(True)
@@ -209,9 +228,10 @@ class SplitClient(ClientApp):
     def _backward(self, msg: Message) -> None:
         """Backpropagate the gradient at the cut through the bottom part and step."""
         r = self._round
-        check(msg, {"grad": (tuple(r.cut_out.shape), self.wire_dtype)})
+        check(msg, {"grad": (r.wire_shape, self.wire_dtype)})
         with self._metered(("bottom backward", *r.cut_out.shape[:2])):
-            r.cut_out.backward(msg.tensors["grad"].to(self.device, r.cut_out.dtype))
+            grad = msg.tensors["grad"].to(self.device, r.cut_out.dtype)
+            r.cut_out.backward(pad_width(grad, r.cut_out.shape[1], 0))  # the fast path: zeros at the padding
             clip_and_step(r.params, r.optimizer, self.settings.max_grad_norm)
         r.cut_out = None
 

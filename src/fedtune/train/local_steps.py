@@ -30,6 +30,9 @@ class TrainSettings:
     count_flops: bool = True
     cuda_graphs: bool = True
     compile: bool = False
+    static_steps: bool | None = None
+    """KD and split: run the static-shape steps of the fast path (`fedtune.train.graphed`); None: on CUDA with
+    ``cuda_graphs``. True on the CPU runs them without graphs (how the tests check their math)."""
 
     def steps_for(self, num_examples: int) -> int:
         if self.local_steps is not None:
